@@ -1,0 +1,1 @@
+"""Open vSwitch: private instances, bridges and ports."""

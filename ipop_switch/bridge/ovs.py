@@ -1,0 +1,246 @@
+"""A private Open vSwitch instance (ovsdb-server + ovs-vswitchd) with its own files.
+
+Each instance lives in its own run directory (database, sockets, pid and log
+files), optionally with ovs-vswitchd inside a network namespace, so that several
+run side by side on one machine (one per lab host). Facts that cost us hours
+(see shared/datapath-facts.md): OVS_RUNDIR/OVS_DBDIR/OVS_LOGDIR must be exported
+to ovs-vswitchd itself; the db socket path must be absolute; ovs-vswitchd must
+run in the namespace whose interfaces it uses; creating a bridge can fail while
+``ovs-vsctl`` exits 0, so the ``error`` and ``ofport`` columns are checked; with
+the userspace datapath TSO must be enabled before ovs-vswitchd starts, or TCP
+through the bridge hangs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import CommandError, IpopError
+from .. import proc
+
+SCHEMA_PATHS = ("/usr/share/openvswitch/vswitch.ovsschema", "/usr/local/share/openvswitch/vswitch.ovsschema")
+
+
+class OvsError(IpopError):
+    """Open vSwitch is missing, broken or refused a change."""
+
+
+def kernel_datapath_available() -> bool:
+    """The kernel datapath needs the openvswitch module; without it we use ``netdev``."""
+    return Path("/sys/module/openvswitch").exists()
+
+
+def default_datapath() -> str:
+    return "system" if kernel_datapath_available() else "netdev"
+
+
+@dataclass
+class OvsInstance:
+    """One private OVS. ``start()`` then use, ``stop()`` removes every process and file."""
+
+    rundir: Path
+    netns: str | None = None
+    datapath: str = field(default_factory=default_datapath)
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self.rundir = Path(self.rundir).absolute()
+
+    # -- paths -----------------------------------------------------------
+    @property
+    def db_sock(self) -> Path:
+        return self.rundir / "db.sock"
+
+    @property
+    def db_path(self) -> Path:
+        return self.rundir / "conf.db"
+
+    def _env(self) -> dict[str, str]:
+        d = str(self.rundir)
+        return {"OVS_RUNDIR": d, "OVS_DBDIR": d, "OVS_LOGDIR": d, "OVS_SYSCONFDIR": d}
+
+    # -- lifecycle ---------------------------------------------------------
+    def start(self, *, timeout: float = 10.0) -> "OvsInstance":
+        for b in ("ovsdb-server", "ovs-vswitchd", "ovsdb-tool", "ovs-vsctl"):
+            proc.require(b, "openvswitch-switch")
+        schema = next((p for p in SCHEMA_PATHS if os.path.exists(p)), None)
+        if schema is None:
+            raise OvsError("Open vSwitch schema vswitch.ovsschema not found: reinstall openvswitch-switch")
+        if self.running():
+            raise OvsError(f"an OVS instance already runs in {self.rundir}")
+        self.rundir.mkdir(parents=True, exist_ok=True)
+        for stale in self.rundir.iterdir():
+            if stale.is_file() or stale.is_socket():
+                stale.unlink()
+        env = self._env()
+        proc.run(["ovsdb-tool", "create", str(self.db_path), schema], env=env)
+        self.procs["ovsdb-server"] = proc.spawn(
+            [
+                "ovsdb-server", str(self.db_path),
+                f"--remote=punix:{self.db_sock}",
+                f"--pidfile={self.rundir / 'ovsdb-server.pid'}",
+                f"--unixctl={self.rundir / 'ovsdb-server.ctl'}",
+                f"--log-file={self.rundir / 'ovsdb-server.log'}",
+            ],
+            env=env,
+            log=self.rundir / "ovsdb-server.out",
+        )
+        try:
+            proc.wait_for(self.db_sock.exists, timeout=timeout, what="ovsdb-server socket")
+            self.vsctl("--no-wait", "init")
+            if self.datapath == "netdev":
+                # Must be set before ovs-vswitchd starts (read once at start-up).
+                self.vsctl("--no-wait", "set", "Open_vSwitch", ".", "other_config:userspace-tso-enable=true")
+            self.procs["ovs-vswitchd"] = proc.spawn(
+                [
+                    "ovs-vswitchd", f"unix:{self.db_sock}",
+                    f"--pidfile={self.rundir / 'ovs-vswitchd.pid'}",
+                    f"--unixctl={self.rundir / 'ovs-vswitchd.ctl'}",
+                    f"--log-file={self.rundir / 'ovs-vswitchd.log'}",
+                ],
+                netns=self.netns,
+                env=env,
+                log=self.rundir / "ovs-vswitchd.out",
+            )
+            proc.wait_for(
+                lambda: (self.rundir / "ovs-vswitchd.ctl").exists() or self.procs["ovs-vswitchd"].poll() is not None,
+                timeout=timeout,
+                what="ovs-vswitchd control socket",
+            )
+            if self.procs["ovs-vswitchd"].poll() is not None:
+                raise OvsError(f"ovs-vswitchd exited at start: {self._log_tail('ovs-vswitchd')}")
+        except Exception:
+            self.stop()
+            raise
+        return self
+
+    def running(self) -> bool:
+        pids = [proc.read_pidfile(self.rundir / f"{n}.pid") for n in ("ovsdb-server", "ovs-vswitchd")]
+        return any(p is not None and proc.alive(p) for p in pids)
+
+    def stop(self) -> None:
+        """Stop both daemons (also ones started by another process) and remove the run directory."""
+        for name in ("ovs-vswitchd", "ovsdb-server"):
+            popen = self.procs.pop(name, None)
+            pid = popen.pid if popen else proc.read_pidfile(self.rundir / f"{name}.pid")
+            if pid is not None:
+                proc.terminate(pid)
+            if popen:
+                try:
+                    popen.wait(timeout=2)
+                except subprocess.TimeoutExpired:
+                    pass
+        shutil.rmtree(self.rundir, ignore_errors=True)
+
+    def __enter__(self) -> "OvsInstance":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- commands ----------------------------------------------------------
+    def vsctl(self, *args: str, timeout: float = 10.0) -> str:
+        try:
+            cp = proc.run(
+                ["ovs-vsctl", f"--db=unix:{self.db_sock}", f"--timeout={int(timeout)}", *args],
+                env=self._env(),
+                timeout=timeout + 5,
+            )
+        except CommandError as e:
+            raise OvsError(f"ovs-vsctl {' '.join(args[:3])}: {e.stderr.splitlines()[-1] if e.stderr else e}") from e
+        return cp.stdout
+
+    def ofctl(self, *args: str, bridge: str | None = None) -> str:
+        """ovs-ofctl against a bridge of this instance (its mgmt socket is in our run directory)."""
+        argv = ["ovs-ofctl", "-O", "OpenFlow13", *args]
+        return proc.run(argv, env=self._env(), netns=self.netns).stdout
+
+    def appctl(self, *args: str) -> str:
+        return proc.run(
+            ["ovs-appctl", "-t", str(self.rundir / "ovs-vswitchd.ctl"), *args], env=self._env()
+        ).stdout
+
+    # -- bridges and ports -------------------------------------------------
+    def add_bridge(self, name: str, *, fail_mode: str = "secure") -> None:
+        """Create a bridge; ``fail_mode=standalone`` makes it a learning switch without a controller."""
+        self.vsctl(
+            "--may-exist", "add-br", name,
+            "--", "set", "bridge", name, f"datapath_type={self.datapath}", f"fail_mode={fail_mode}",
+        )
+        self._check_interface(name)
+
+    def del_bridge(self, name: str) -> None:
+        self.vsctl("--if-exists", "del-br", name)
+
+    def bridges(self) -> list[str]:
+        return self.vsctl("list-br").split()
+
+    def add_port(self, bridge: str, port: str, *, ofport: int | None = None) -> int:
+        """Add an existing interface as a port; return its OpenFlow port number."""
+        extra = ["--", "set", "interface", port, f"ofport_request={ofport}"] if ofport else []
+        self.vsctl("--may-exist", "add-port", bridge, port, *extra)
+        return self._check_interface(port)
+
+    def del_port(self, bridge: str, port: str) -> None:
+        self.vsctl("--if-exists", "del-port", bridge, port)
+
+    def ports(self, bridge: str) -> list[str]:
+        return self.vsctl("list-ports", bridge).split()
+
+    def _check_interface(self, name: str) -> int:
+        """ovs-vsctl exits 0 even when the datapath refused the interface: look at the columns."""
+        out = self.vsctl("--format=json", "--columns=ofport,error", "list", "Interface", name)
+        row = json.loads(out)["data"][0]
+        ofport, error = row[0], row[1]
+        if isinstance(error, str) and error:
+            raise OvsError(f"interface {name}: {error}")
+        if not isinstance(ofport, int) or ofport < 0:
+            raise OvsError(f"interface {name} got no OpenFlow port (ofport={ofport}); see {self.rundir}/ovs-vswitchd.log")
+        return ofport
+
+    def _log_tail(self, name: str) -> str:
+        for f in (self.rundir / f"{name}.log", self.rundir / f"{name}.out"):
+            try:
+                lines = [l for l in f.read_text().splitlines() if "ERR" in l or "EMER" in l]
+                if lines:
+                    return lines[-1]
+            except FileNotFoundError:
+                continue
+        return "no log"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m ipop_switch.bridge.ovs start|stop|status RUNDIR [--netns NS]`` (used by ovs_scripts/)."""
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(prog="ovs-private", description="a private Open vSwitch instance")
+    ap.add_argument("action", choices=("start", "stop", "status"))
+    ap.add_argument("rundir", type=Path)
+    ap.add_argument("--netns", help="run ovs-vswitchd inside this network namespace")
+    ap.add_argument("--datapath", choices=("system", "netdev"), default=None)
+    a = ap.parse_args(argv)
+    inst = OvsInstance(a.rundir, netns=a.netns, **({"datapath": a.datapath} if a.datapath else {}))
+    try:
+        if a.action == "start":
+            inst.start()
+            inst.procs.clear()  # leave the daemons running after we exit
+            print(f"OVS running in {inst.rundir} (datapath {inst.datapath}); db unix:{inst.db_sock}")
+        elif a.action == "stop":
+            inst.stop()
+        else:
+            print("running" if inst.running() else "stopped")
+            return 0 if inst.running() else 3
+    except IpopError as e:
+        print(f"ovs-private: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,159 @@
+"""The ``ipop-switch`` command. Errors are one line and a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from .errors import IpopError
+
+console = Console()
+
+
+class Main(click.Group):
+    """Turns IpopError (and Ctrl-C) into one line on stderr and exit status 1 (130)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except IpopError as e:
+            click.echo(f"ipop-switch: error: {e}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("ipop-switch: interrupted", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=Main)
+@click.version_option(package_name="ipop-switch")
+def cli() -> None:
+    """ipop-switch: a self-configuring peer-to-peer Layer-2 overlay."""
+
+
+# -- lab -----------------------------------------------------------------------
+@cli.group()
+def lab() -> None:
+    """A small internet with NATs in network namespaces, for tests, demos and benchmarks."""
+
+
+def _spec(name, sites, nat, hosts, hairpin, cgnat, loss, udp_blocked, config):
+    from .lab import LabSpec
+    if config:
+        return LabSpec.from_toml(Path(config), name=name)
+    return LabSpec.from_flags(name=name, sites=sites, nat=nat, hosts=hosts, hairpin=hairpin,
+                              cgnat=cgnat, loss=loss, udp_blocked=udp_blocked)
+
+
+_lab_opts = [
+    click.option("--name", default="lab", show_default=True, help="lab name (several labs can coexist)"),
+    click.option("--sites", default=3, show_default=True, type=click.IntRange(1, 200)),
+    click.option("--nat", default="none,easy,hard", show_default=True,
+                 help="NAT kind per site, comma separated: none, one2one, easy, hard (the last repeats)"),
+    click.option("--hosts", default=1, show_default=True, type=click.IntRange(1, 50), help="hosts per site"),
+    click.option("--hairpin/--no-hairpin", default=False, help="NATs hairpin (LAN hosts reach each other's public mappings)"),
+    click.option("--cgnat/--no-cgnat", default=False, help="a second, carrier-grade NAT in front of each NATed site"),
+    click.option("--loss", default=0.0, show_default=True, type=click.FloatRange(0, 100), help="packet loss %% at each site's edge"),
+    click.option("--udp-blocked/--udp-allowed", default=False, help="no UDP in or out of the sites (TURN over TCP only)"),
+    click.option("-c", "--config", type=click.Path(dir_okay=False), help="lab topology TOML (overrides the flags)"),
+]
+
+
+def lab_options(f):
+    for opt in reversed(_lab_opts):
+        f = opt(f)
+    return f
+
+
+@lab.command("up")
+@lab_options
+def lab_up(**kw) -> None:
+    """Build the lab and start its services; it stays up until 'lab down'."""
+    from .lab import Lab
+    t0 = time.monotonic()
+    with console.status("building the lab ..."):
+        lab_ = Lab(_spec(**kw)).up()
+    console.print(f"lab [bold]{lab_.spec.name}[/] up in {time.monotonic() - t0:.1f}s")
+    _print_status(lab_.status())
+
+
+@lab.command("down")
+@click.option("--name", default="lab", show_default=True)
+@click.option("--all", "all_", is_flag=True, help="every lab on this machine")
+def lab_down(name: str, all_: bool) -> None:
+    """Remove everything a lab made (also after a crash)."""
+    from .lab import destroy_lab, list_labs
+    from .proc import require_root
+    require_root()
+    names = list_labs() if all_ else [name]
+    for n in names:
+        removed = destroy_lab(n)
+        click.echo(f"lab {n}: removed {len([r for r in removed if r.startswith('netns')])} namespaces, "
+                   f"{len([r for r in removed if r.startswith('pid')])} processes")
+
+
+@lab.command("status")
+@click.option("--name", default="lab", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def lab_status(name: str, as_json: bool) -> None:
+    """Hosts (LAN and public addresses, NAT kind) and services of a lab."""
+    from .lab import Lab
+    st = Lab.load(name).status()
+    if as_json:
+        click.echo(json.dumps(st, indent=1))
+    else:
+        _print_status(st)
+
+
+@lab.command("exec", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.option("--name", default="lab", show_default=True)
+@click.argument("host")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def lab_exec(name: str, host: str, command: tuple[str, ...]) -> None:
+    """Run COMMAND in HOST's namespace (a host, 'core', or a router such as 's2r')."""
+    from .lab import Lab
+    ns = Lab.load(name).netns_of(host)
+    rc = subprocess.call(["ip", "netns", "exec", ns, *command])
+    sys.exit(rc)
+
+
+@lab.command("demo")
+@lab_options
+@click.option("--keep", is_flag=True, help="leave the lab up afterwards")
+def lab_demo(keep: bool, **kw) -> None:
+    """Bring a lab up, show what it is and how each NAT behaves, and tear it down."""
+    from .lab.demo import run_demo
+    run_demo(_spec(**kw), console=console, keep=keep)
+
+
+def _print_status(st: dict) -> None:
+    t = Table(title=f"lab {st['name']}: hosts")
+    for col in ("host", "site", "NAT", "LAN address", "public address", "namespace", "up"):
+        t.add_column(col)
+    for h in st["hosts"]:
+        t.add_row(h["name"], h["site"], h["nat"], h["lan_ip"], h["public_ip"], h["netns"], "yes" if h["up"] else "NO")
+    console.print(t)
+    s = Table(title="services (core namespace)")
+    for col in ("service", "address", "details", "running"):
+        s.add_column(col)
+    x, tu = st["services"]["xmpp"], st["services"]["turn"]
+    s.add_row("XMPP (Prosody)", f"{x['address']}:{x['port']}", f"domain {x['domain']}, MUC {x['muc']}, CA {x['ca']}",
+              "yes" if x["running"] else "NO")
+    s.add_row("STUN/TURN (coturn)", f"{tu['address']}:{tu['port']}", f"also STUN on {tu['stun2']}; user {tu['user']}",
+              "yes" if tu["running"] else "NO")
+    console.print(s)
+
+
+def main() -> None:
+    cli(prog_name="ipop-switch")
+
+
+if __name__ == "__main__":
+    main()

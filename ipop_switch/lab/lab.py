@@ -1,0 +1,354 @@
+"""Build, inspect and tear down a lab: namespaces, veths, NAT routers, services.
+
+Layout (site i, host j):
+- ``ipsw-<lab>-core``: a Linux bridge ``pub`` on 198.18.0.0/15 holding the XMPP
+  server (198.18.0.1), STUN/TURN (198.18.0.2) and a second STUN address (198.18.0.3);
+- public host (nat none): ``ipsw-<lab>-<site>h<j>`` on the core bridge, 198.18.i.(10+j);
+- NATed site: router ``ipsw-<lab>-<site>r`` (WAN 198.18.i.1, LAN 100.64.i.1/24)
+  and hosts on 100.64.i.(10+j); with CGNAT a carrier NAT ``ipsw-<lab>-<site>c``
+  (WAN 198.18.i.1) in front, the router's WAN then on 100.100.i.2/24.
+The root namespace gets no interface and no route into any of it. Everything the
+lab makes is named with its prefix and listed in ``state.json``, so ``down``
+finds it again after a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .. import proc
+from ..errors import IpopError
+from . import nat, services
+from .netns import NS_PREFIX, Namespaces, ip as _ip, list_namespaces, ns_name, sysctl as _sysctl
+from .spec import LabSpec, SiteSpec
+
+STATE_ROOT = Path(os.environ.get("IPSW_LAB_STATE", "/run/ipop-switch/lab"))
+PUBLIC_PREFIX = 15           # 198.18.0.0/15, one L2 segment on the core bridge
+TURN_USER = "lab"
+
+
+class LabError(IpopError):
+    pass
+
+
+@dataclass
+class HostInfo:
+    name: str
+    site: str
+    nat: str
+    netns: str
+    lan_ip: str
+    public_ip: str
+    gateway: str | None
+    xmpp_user: str
+    xmpp_password: str
+
+
+class Lab:
+    """A running (or to-be-built) lab. ``with Lab(spec) as lab:`` builds and always tears down."""
+
+    def __init__(self, spec: LabSpec, *, state_root: Path = STATE_ROOT) -> None:
+        self.spec = spec
+        self.dir = Path(state_root) / spec.name
+        self.hosts: dict[str, HostInfo] = {}
+        self.pids: dict[str, int] = {}
+        self._ns = Namespaces(spec.name, on_add=lambda ns: self._save())
+        self.namespaces = self._ns.names
+        self.turn_password = ""
+        self._children: list[subprocess.Popen[bytes]] = []
+
+    # -- public API ---------------------------------------------------------
+    @property
+    def core_ns(self) -> str:
+        return ns_name(self.spec.name, "core")
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.dir / "ca" / "ca.crt"
+
+    def host(self, name: str) -> HostInfo:
+        try:
+            return self.hosts[name]
+        except KeyError:
+            raise LabError(f"no host {name!r} in lab {self.spec.name}; hosts: {', '.join(self.hosts)}") from None
+
+    def services(self) -> dict[str, dict]:
+        return {
+            "xmpp": {"address": services.XMPP_ADDR, "port": services.XMPP_PORT, "domain": services.XMPP_DOMAIN,
+                     "muc": services.MUC_DOMAIN, "ca": str(self.ca_cert), "pid": self.pids.get("prosody")},
+            "turn": {"address": services.TURN_ADDR, "port": services.TURN_PORT, "stun2": services.STUN_ADDR2,
+                     "user": TURN_USER, "password": self.turn_password, "pid": self.pids.get("coturn")},
+        }
+
+    def up(self) -> "Lab":
+        proc.require_root()
+        for b, pkg in (("ip", "iproute2"), ("nft", "nftables"), ("prosody", "prosody"), ("turnserver", "coturn")):
+            proc.require(b, pkg)
+        if (self.dir / "state.json").exists() or any(n.startswith(ns_name(self.spec.name, "")) for n in list_namespaces()):
+            raise LabError(f"lab {self.spec.name} already exists: run 'ipop-switch lab down --name {self.spec.name}' first")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._save()  # so that a crash half-way is still cleaned up by down
+        try:
+            self._build_core()
+            for i, site in enumerate(self.spec.sites, start=1):
+                self._build_site(i, site)
+            self._start_services()
+            self._save()
+        except BaseException:
+            self.down()
+            raise
+        return self
+
+    def down(self) -> None:
+        for p in self._children:
+            proc.terminate(p.pid)
+        self._children.clear()
+        destroy_lab(self.spec.name, state_root=self.dir.parent)
+
+    def __enter__(self) -> "Lab":
+        return self.up()
+
+    def __exit__(self, *exc: object) -> None:
+        self.down()
+
+    def exec(self, host: str, argv: list[str], *, check: bool = True, timeout: float = 60.0,
+             input: str | None = None) -> subprocess.CompletedProcess[str]:
+        """Run a command in a host's (or 'core', or a router's) namespace."""
+        return proc.run(argv, netns=self.netns_of(host), check=check, timeout=timeout, input=input)
+
+    def popen(self, host: str, argv: list[str], **kw) -> subprocess.Popen:
+        """Start a command in a namespace; the lab kills it on down (it runs in the lab's namespace)."""
+        return subprocess.Popen(proc.netns_prefix(self.netns_of(host)) + list(argv), **kw)
+
+    def netns_of(self, name: str) -> str:
+        if name in self.hosts:
+            return self.hosts[name].netns
+        ns = ns_name(self.spec.name, name)
+        if ns in self.namespaces:
+            return ns
+        raise LabError(f"no host or namespace {name!r} in lab {self.spec.name}; hosts: {', '.join(self.hosts)}")
+
+    def add_account(self, user: str) -> str:
+        """Register one more XMPP account (Prosody reads accounts from disk on login)."""
+        pw = services.new_password()
+        services.Prosody(self.dir / "prosody", self.core_ns, self.dir / "ca").register(user, pw)
+        return pw
+
+    # -- loading ------------------------------------------------------------
+    @classmethod
+    def load(cls, name: str, *, state_root: Path = STATE_ROOT) -> "Lab":
+        path = Path(state_root) / name / "state.json"
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise LabError(f"no lab named {name!r} is up (no {path})") from None
+        spec = LabSpec.from_dict({"site": data["spec"]["sites"], "accounts": list(data["spec"]["accounts"])}, name=name)
+        lab = cls(spec, state_root=state_root)
+        lab.hosts = {h["name"]: HostInfo(**h) for h in data["hosts"]}
+        lab.pids = data["pids"]
+        lab._ns.names[:] = data["namespaces"]
+        lab.turn_password = data["turn_password"]
+        return lab
+
+    def _save(self) -> None:
+        data = {
+            "spec": {"sites": [asdict(s) for s in self.spec.sites], "accounts": list(self.spec.accounts)},
+            "hosts": [asdict(h) for h in self.hosts.values()],
+            "pids": self.pids,
+            "namespaces": self.namespaces,
+            "turn_password": self.turn_password,
+            "created": time.time(),
+        }
+        tmp = self.dir / "state.json.tmp"
+        tmp.write_text(json.dumps(data, indent=1))
+        tmp.chmod(0o600)
+        tmp.replace(self.dir / "state.json")
+
+    # -- building -------------------------------------------------------------
+    def _add_ns(self, what: str) -> str:
+        return self._ns.add(what)
+
+    def _veth(self, ns_a: str, if_a: str, ns_b: str, if_b: str) -> None:
+        self._ns.veth(ns_a, if_a, ns_b, if_b, up=False)
+
+    def _uplink(self, ns: str, dev: str, core_if: str) -> None:
+        """Connect ``ns`` (interface ``dev``) to the core bridge through ``core_if``."""
+        self._veth(ns, dev, self.core_ns, core_if)
+        _ip(self.core_ns, "link", "set", core_if, "master", "pub", "up")
+        _ip(ns, "link", "set", dev, "up")
+
+    def _build_core(self) -> None:
+        core = self._add_ns("core")
+        _ip(core, "link", "add", "pub", "type", "bridge")
+        _ip(core, "link", "set", "pub", "up")
+        for a in (services.XMPP_ADDR, services.TURN_ADDR, services.STUN_ADDR2):
+            _ip(core, "addr", "add", f"{a}/{PUBLIC_PREFIX}", "dev", "pub")
+
+    def _build_site(self, i: int, site: SiteSpec) -> None:
+        lab = self.spec.name
+        if site.nat == "none":
+            for j, hname in enumerate(site.host_names(), start=1):
+                ns = self._add_ns(hname)
+                pub = f"198.18.{i}.{10 + j}"
+                self._uplink(ns, "eth0", f"s{i}h{j}")
+                _ip(ns, "addr", "add", f"{pub}/{PUBLIC_PREFIX}", "dev", "eth0")
+                rules = nat.host_edge_ruleset("eth0", loss=site.loss, udp_blocked=site.udp_blocked)
+                if rules:
+                    proc.run(["nft", "-f", "-"], netns=ns, input=rules)
+                self._add_host(hname, site, ns, pub, pub, None)
+            return
+        wan_ip = f"198.18.{i}.1"
+        router = self._add_ns(f"{site.name}r")
+        _sysctl(router, "net.ipv4.ip_forward", "1")
+        if site.cgnat:
+            carrier = self._add_ns(f"{site.name}c")
+            _sysctl(carrier, "net.ipv4.ip_forward", "1")
+            self._uplink(carrier, "wan", f"s{i}c")
+            _ip(carrier, "addr", "add", f"{wan_ip}/{PUBLIC_PREFIX}", "dev", "wan")
+            self._veth(carrier, "lan", router, "wan")
+            _ip(carrier, "link", "set", "lan", "up")
+            _ip(carrier, "addr", "add", f"100.100.{i}.1/24", "dev", "lan")
+            _ip(router, "link", "set", "wan", "up")
+            _ip(router, "addr", "add", f"100.100.{i}.2/24", "dev", "wan")
+            _ip(router, "route", "add", "default", "via", f"100.100.{i}.1")
+            cg = nat.RouterPlan(nat="easy", wan_if="wan", lan_if="lan", lan_net=f"100.100.{i}.0/24",
+                                wan_ip=wan_ip, hosts=())
+            proc.run(["nft", "-f", "-"], netns=carrier, input=nat.router_ruleset(cg))
+            router_wan = f"100.100.{i}.2"
+        else:
+            self._uplink(router, "wan", f"s{i}r")
+            _ip(router, "addr", "add", f"{wan_ip}/{PUBLIC_PREFIX}", "dev", "wan")
+            router_wan = wan_ip
+        _ip(router, "link", "add", "lan", "type", "bridge")
+        _ip(router, "link", "set", "lan", "up")
+        _ip(router, "addr", "add", f"100.64.{i}.1/24", "dev", "lan")
+        pairs = []
+        for j, hname in enumerate(site.host_names(), start=1):
+            ns = self._add_ns(hname)
+            lan_ip = f"100.64.{i}.{10 + j}"
+            self._veth(ns, "eth0", router, f"h{j}")
+            _ip(router, "link", "set", f"h{j}", "master", "lan", "up")
+            _ip(ns, "link", "set", "eth0", "up")
+            _ip(ns, "addr", "add", f"{lan_ip}/24", "dev", "eth0")
+            _ip(ns, "route", "add", "default", "via", f"100.64.{i}.1")
+            if site.nat == "one2one" and not site.cgnat:
+                pub = f"198.18.{i}.{10 + j}"
+                _ip(router, "addr", "add", f"{pub}/32", "dev", "wan")
+            elif site.nat == "one2one":
+                pub = f"100.100.{i}.{10 + j}"
+                _ip(router, "addr", "add", f"{pub}/32", "dev", "wan")
+            else:
+                pub = router_wan
+            pairs.append((lan_ip, pub))
+            self._add_host(hname, site, ns, lan_ip, wan_ip if site.cgnat else pub, f"100.64.{i}.1")
+        plan = nat.RouterPlan(nat=site.nat, wan_if="wan", lan_if="lan", lan_net=f"100.64.{i}.0/24",
+                              wan_ip=router_wan, hosts=tuple(pairs), hairpin=site.hairpin,
+                              loss=site.loss, udp_blocked=site.udp_blocked)
+        proc.run(["nft", "-f", "-"], netns=router, input=nat.router_ruleset(plan))
+
+    def _add_host(self, name: str, site: SiteSpec, ns: str, lan: str, pub: str, gw: str | None) -> None:
+        self.hosts[name] = HostInfo(name=name, site=site.name, nat=site.nat + ("+cgnat" if site.cgnat else ""),
+                                    netns=ns, lan_ip=lan, public_ip=pub, gateway=gw,
+                                    xmpp_user=name, xmpp_password=services.new_password())
+
+    def _start_services(self) -> None:
+        services.make_lab_ca(self.dir / "ca")
+        pros = services.Prosody(self.dir / "prosody", self.core_ns, self.dir / "ca")
+        pros.write_config()
+        for h in self.hosts.values():
+            pros.register(h.xmpp_user, h.xmpp_password)
+        self.turn_password = services.new_password()
+        self._save()
+        self.pids["prosody"] = pros.start()
+        self._save()
+        turn = services.Coturn(self.dir / "coturn", self.core_ns, TURN_USER, self.turn_password)
+        self.pids["coturn"] = turn.start()
+        self._save()
+
+    def restart_prosody(self, *, down_for: float = 0.0) -> None:
+        """Stop Prosody and start it again (tests of reconnection)."""
+        self.stop_service("prosody")
+        if down_for:
+            time.sleep(down_for)
+        self.start_service("prosody")
+
+    def stop_service(self, which: str) -> None:
+        pid = self.pids.pop(which, None)
+        if pid:
+            proc.terminate(pid)
+        self._save()
+
+    def start_service(self, which: str) -> None:
+        if which == "prosody":
+            self.pids["prosody"] = services.Prosody(self.dir / "prosody", self.core_ns, self.dir / "ca").start()
+        elif which == "coturn":
+            self.pids["coturn"] = services.Coturn(self.dir / "coturn", self.core_ns, TURN_USER, self.turn_password).start()
+        else:
+            raise LabError(f"unknown service {which!r}")
+        self._save()
+
+    # -- status -----------------------------------------------------------------
+    def status(self) -> dict:
+        return {
+            "name": self.spec.name,
+            "hosts": [asdict(h) | {"up": h.netns in list_namespaces()} for h in self.hosts.values()],
+            "services": {k: v | {"running": bool(v["pid"]) and proc.alive(v["pid"])} for k, v in self.services().items()},
+        }
+
+
+def list_labs(state_root: Path = STATE_ROOT) -> list[str]:
+    """Labs with state on disk or namespaces still present."""
+    names = {p.name for p in Path(state_root).glob("*") if p.is_dir()}
+    for ns in list_namespaces():
+        if ns.startswith(NS_PREFIX) and "-" in ns[len(NS_PREFIX):]:
+            names.add(ns[len(NS_PREFIX):].split("-", 1)[0])
+    return sorted(names)
+
+
+def destroy_lab(name: str, *, state_root: Path = STATE_ROOT) -> list[str]:
+    """Remove everything of lab ``name``: processes in its namespaces, pid-file daemons,
+    namespaces (and with them their veths, bridges and nft rules), its state directory.
+    Works from name prefix and pid files alone, so also after a crash. Returns what it removed."""
+    removed: list[str] = []
+    ldir = Path(state_root) / name
+    prefix = ns_name(name, "")
+    namespaces = [ns for ns in list_namespaces() if ns.startswith(prefix)]
+    # 1. daemons named in pid files under the lab's state (Prosody, coturn, OVS, agents)
+    for pidfile in ldir.rglob("*.pid") if ldir.exists() else []:
+        pid = proc.read_pidfile(pidfile)
+        if pid and proc.alive(pid) and _pid_in(pid, namespaces + [None]):
+            proc.terminate(pid)
+            removed.append(f"pid {pid} ({pidfile.name})")
+    # 2. anything still running inside the lab's namespaces
+    for ns in namespaces:
+        pids = proc.run(["ip", "netns", "pids", ns], check=False).stdout.split()
+        for pid in map(int, pids):
+            proc.terminate(pid, grace=1.0)
+            removed.append(f"pid {pid} in {ns}")
+    # 3. the namespaces: deleting one removes its interfaces and peers of its veths
+    for ns in namespaces:
+        proc.run(["ip", "netns", "del", ns], check=False)
+        removed.append(f"netns {ns}")
+    if ldir.exists():
+        import shutil
+        shutil.rmtree(ldir, ignore_errors=True)
+        removed.append(f"dir {ldir}")
+    return removed
+
+
+def _pid_in(pid: int, namespaces: list[str | None]) -> bool:
+    """Only kill a pid-file process if it still looks like ours (it runs a known daemon)."""
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except FileNotFoundError:
+        return False
+    names = {b"ovsdb-server", b"ovs-vswitchd", b"turnserver", b"lua5.4", b"lua5.3", b"lua5.2", b"lua5.1", b"prosody"}
+    text = b" ".join(cmd)
+    return any(n in text for n in names) or b"ipop" in text or b"ipop_switch" in text

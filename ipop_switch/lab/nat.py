@@ -1,0 +1,97 @@
+"""nftables rule sets for the lab's NAT routers and site-edge impairments.
+
+Mapping behaviours (RFC 4787 terms):
+- ``one2one``: static 1:1 (each host its own public address, ports kept), no filtering;
+- ``easy``: masquerade, which keeps the source port: endpoint-independent mapping,
+  with conntrack's address-and-port-dependent filtering;
+- ``hard``: masquerade ``fully-random``: a new port per destination (endpoint-dependent).
+Hairpinning (a LAN host reaching another through the public mapping) is done for
+one2one with static rules and for easy/hard with a dynamic map filled from the
+translated packets (public port -> LAN address), since masquerade itself keeps no
+reverse lookup usable from the LAN side (UDP only).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RouterPlan:
+    nat: str                       # one2one | easy | hard
+    wan_if: str
+    lan_if: str
+    lan_net: str                   # e.g. 100.64.1.0/24
+    wan_ip: str                    # the router's own public address
+    hosts: tuple[tuple[str, str], ...]  # (lan ip, public ip) per host (public = wan_ip unless one2one)
+    hairpin: bool = False
+    loss: float = 0.0
+    udp_blocked: bool = False
+
+
+def _loss_rule(loss: float) -> str:
+    """Drop ``loss`` percent of packets (nftables numgen; resolution 0.01%)."""
+    if loss <= 0:
+        return ""
+    return f"numgen random mod 10000 < {int(round(loss * 100))} counter drop"
+
+
+def router_ruleset(p: RouterPlan) -> str:
+    pre: list[str] = []
+    post: list[str] = []
+    post_late: list[str] = []
+    fwd: list[str] = []
+    sets = ""
+    if p.nat == "one2one":
+        for lan, pub in p.hosts:
+            pre.append(f'ip daddr {pub} dnat to {lan}' if p.hairpin else f'iifname "{p.wan_if}" ip daddr {pub} dnat to {lan}')
+            post.append(f'oifname "{p.wan_if}" ip saddr {lan} snat to {pub}')
+            if p.hairpin:
+                post.append(f'oifname "{p.lan_if}" ip saddr {lan} ct status dnat snat to {pub}')
+    else:
+        flags = " fully-random" if p.nat == "hard" else ""
+        post.append(f'oifname "{p.wan_if}" ip saddr {p.lan_net} masquerade{flags}')
+        fwd.append(f'iifname "{p.wan_if}" ct state new counter drop')  # no unsolicited inbound
+        if p.hairpin:
+            sets = "  map hairpin { type inet_service : ipv4_addr; flags dynamic,timeout; timeout 180s; }\n"
+            post_late.append(f'oifname "{p.wan_if}" meta l4proto udp update @hairpin {{ udp sport : ct original ip saddr }}')
+            pre.append(f'iifname "{p.lan_if}" ip daddr {p.wan_ip} meta l4proto udp dnat to udp dport map @hairpin')
+            post.append(f'oifname "{p.lan_if}" ip saddr {p.lan_net} ct status dnat snat to {p.wan_ip}')
+    if p.udp_blocked:
+        fwd.insert(0, "meta l4proto udp counter drop")
+    if p.loss > 0:
+        fwd.insert(0, _loss_rule(p.loss))
+
+    def chain(name: str, hook: str, prio: str, kind: str, rules: list[str]) -> str:
+        body = "".join(f"    {r}\n" for r in rules)
+        return f"  chain {name} {{\n    type {kind} hook {hook} priority {prio}; policy accept;\n{body}  }}\n"
+
+    return (
+        "table ip ipsw {\n" + sets
+        + chain("pre", "prerouting", "dstnat", "nat", pre)
+        + chain("post", "postrouting", "srcnat", "nat", post)
+        + chain("post_late", "postrouting", "srcnat + 10", "filter", post_late)
+        + chain("filter_fwd", "forward", "filter", "filter", fwd)
+        + "}\n"
+    )
+
+
+def host_edge_ruleset(dev: str, *, loss: float, udp_blocked: bool) -> str:
+    """Impairments for a public host (no router): applied on its uplink both ways."""
+    rules_in, rules_out = [], []
+    if udp_blocked:
+        rules_in.append(f'iifname "{dev}" meta l4proto udp counter drop')
+        rules_out.append(f'oifname "{dev}" meta l4proto udp counter drop')
+    if loss > 0:
+        rules_in.append(f'iifname "{dev}" {_loss_rule(loss)}')
+        rules_out.append(f'oifname "{dev}" {_loss_rule(loss)}')
+    if not rules_in:
+        return ""
+    i = "".join(f"    {r}\n" for r in rules_in)
+    o = "".join(f"    {r}\n" for r in rules_out)
+    return (
+        "table inet ipsw_edge {\n"
+        f"  chain edge_in {{\n    type filter hook input priority filter; policy accept;\n{i}  }}\n"
+        f"  chain edge_out {{\n    type filter hook output priority filter; policy accept;\n{o}  }}\n"
+        "}\n"
+    )
