@@ -151,6 +151,10 @@ def _print_status(st: dict) -> None:
     console.print(s)
 
 
+# -- commands defined in other modules: one import + add_command line each -------------
+# (keep this block at the end; each part owns its own cli module)
+
+
 def main() -> None:
     cli(prog_name="ipop-switch")
 
