@@ -15,7 +15,7 @@ from rich.table import Table
 
 from .errors import IpopError
 
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 140)
 
 
 class Main(click.Group):
@@ -149,6 +149,24 @@ def _print_status(st: dict) -> None:
     s.add_row("STUN/TURN (coturn)", f"{tu['address']}:{tu['port']}", f"also STUN on {tu['stun2']}; user {tu['user']}",
               "yes" if tu["running"] else "NO")
     console.print(s)
+
+
+@cli.command()
+@click.option("--runs", default=3, show_default=True, type=click.IntRange(1, 20), help="rounds (each system measured once per round)")
+@click.option("--seconds", default=10.0, show_default=True, type=click.FloatRange(1, 120), help="length of each iperf3 run")
+@click.option("--systems", default=None, help="comma list (default: all available)")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="also write the results as JSON to this file ('-': stdout)")
+def bench(runs: int, seconds: float, systems: str | None, json_path: str | None) -> None:
+    """Measure ipop-switch beside the underlay, wireguard-go and tinc, in one lab, interleaved."""
+    from .bench.run import PEERS, print_table, run_bench
+    from .bench import systems as extra
+    names = systems.split(",") if systems else [*PEERS, *extra.available()]
+    report = run_bench(systems=names, runs=runs, seconds=seconds, console=console, extra_systems=extra.available())
+    print_table(report, console)
+    if json_path == "-":
+        click.echo(json.dumps(report, indent=1))
+    elif json_path:
+        Path(json_path).write_text(json.dumps(report, indent=1))
 
 
 # -- commands defined in other modules: one import + add_command line each -------------

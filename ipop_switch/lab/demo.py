@@ -31,8 +31,8 @@ def describe_mapping(mapped: list) -> str:
     if not all(mapped):
         return "no answer"
     if mapped[0] == mapped[1]:
-        return "endpoint-independent (same mapping for both servers)"
-    return "endpoint-dependent (a new port per destination)"
+        return "same port for both (endpoint-independent)"
+    return "new port per destination (endpoint-dependent)"
 
 
 def run_demo(spec: LabSpec, *, console: Console, keep: bool = False) -> None:

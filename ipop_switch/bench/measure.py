@@ -1,0 +1,79 @@
+"""One measurement each: iperf3 TCP throughput, ping RTT, CPU seconds of a set of pids."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import time
+from dataclasses import dataclass
+
+from .. import proc
+from ..lab import Lab
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """utime + stime of the given processes and their reaped children's (from /proc)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        total += sum(int(fields[i]) for i in (11, 12, 13, 14))  # utime stime cutime cstime
+    return total / CLK_TCK
+
+
+@dataclass
+class Throughput:
+    mbit: float
+    retransmits: int
+    cpu_a: float
+    cpu_b: float
+
+
+def iperf3(lab: Lab, a: str, b: str, addr_b: str, *, streams: int = 1, seconds: float = 10,
+           pids_a: list[int] = (), pids_b: list[int] = (), port: int = 5201) -> Throughput:
+    """TCP from a to b for ``seconds``; the server lives only for this run."""
+    server = lab.popen(b, ["iperf3", "-s", "-1", "-B", addr_b, "-p", str(port)],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        ns_b = lab.netns_of(b)
+        proc.wait_for(lambda: bool(proc.run(["ss", "-H", "-ltn", "src", f"{addr_b}:{port}"], netns=ns_b, check=False).stdout.strip()),
+                      timeout=10, what="iperf3 server")
+        ca, cb = cpu_seconds(list(pids_a)), cpu_seconds(list(pids_b))
+        r = lab.exec(a, ["iperf3", "-c", addr_b, "-p", str(port), "-t", str(seconds), "-P", str(streams), "-J",
+                         "--connect-timeout", "5000"], check=False, timeout=seconds + 30)
+        ca, cb = cpu_seconds(list(pids_a)) - ca, cpu_seconds(list(pids_b)) - cb
+        try:
+            data = json.loads(r.stdout)
+            end = data["end"]
+            return Throughput(end["sum_received"]["bits_per_second"] / 1e6, end["sum_sent"].get("retransmits", 0), ca, cb)
+        except (ValueError, KeyError):
+            return Throughput(0.0, 0, ca, cb)
+    finally:
+        server.kill()
+        server.wait(timeout=5)
+
+
+def ping_rtt(lab: Lab, a: str, addr_b: str, *, count: int = 20, interval: float = 0.05) -> float | None:
+    """Average RTT in ms, or None when nothing came back."""
+    r = lab.exec(a, ["ping", "-q", "-c", str(count), "-i", str(interval), "-W", "2", addr_b], check=False,
+                 timeout=count * interval + 20)
+    m = re.search(r"= [\d.]+/([\d.]+)/", r.stdout)
+    return float(m.group(1)) if m else None
+
+
+def rss_mb(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            for line in open(f"/proc/{pid}/status"):
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except FileNotFoundError:
+            continue
+    return total / 1024
