@@ -1,0 +1,119 @@
+"""Batched system calls for the datapath: UDP GSO sends, UDP GRO receives, TAP offloads.
+
+One ``sendmsg`` with ``UDP_SEGMENT`` carries up to 64 equal-size datagrams (the last
+may be shorter) of at most 65507 payload bytes in all; one ``recvmsg`` with
+``UDP_GRO`` returns several datagrams of one sender glued together, with the
+segment size in a control message. Constants and limits: shared/datapath-facts.md.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import socket
+import struct
+from typing import Iterable, Iterator
+
+SOL_UDP = 17
+UDP_SEGMENT = 103
+UDP_GRO = 104
+GSO_MAX_SEGMENTS = 64
+GSO_MAX_BYTES = 65507
+TUNSETOFFLOAD = 0x400454D0
+TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6 = 0x1, 0x2, 0x4
+_U16 = struct.Struct("=H")
+_I32 = struct.Struct("=i")
+SOCK_BUF = 4 * 1024 * 1024
+
+
+def gso_supported() -> bool:
+    """True if this kernel accepts UDP_SEGMENT (Linux >= 4.18) and UDP_GRO (>= 5.0)."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        s.setsockopt(SOL_UDP, UDP_SEGMENT, 1400)
+        s.setsockopt(SOL_UDP, UDP_GRO, 1)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def tune_socket(sock: socket.socket, *, gro: bool) -> None:
+    """Large buffers (batched bursts overflow the 208 KiB default) and GRO if asked."""
+    for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, SOCK_BUF)
+        except OSError:
+            pass
+    if gro:
+        sock.setsockopt(SOL_UDP, UDP_GRO, 1)
+
+
+def gso_groups(datagrams: list[bytes]) -> Iterator[tuple[list[bytes], int]]:
+    """Split a list of datagrams into runs one GSO send can carry: all of one size
+    but the last (which may be shorter), at most 64 and 65507 bytes per run."""
+    i, n = 0, len(datagrams)
+    while i < n:
+        size = len(datagrams[i])
+        j, total = i, 0
+        while j < n and j - i < GSO_MAX_SEGMENTS and total + len(datagrams[j]) <= GSO_MAX_BYTES:
+            d = len(datagrams[j])
+            if d > size:
+                break
+            total += d
+            j += 1
+            if d < size:
+                break  # a shorter one ends the run
+        if j == i:       # a single datagram larger than the GSO limit: send it alone
+            j = i + 1
+        yield datagrams[i:j], size
+        i = j
+
+
+def send_batch(sock: socket.socket, datagrams: list[bytes], addr, *, gso: bool = True) -> int:
+    """Send datagrams to one address with as few system calls as possible; returns calls made."""
+    calls = 0
+    if not gso:
+        for d in datagrams:
+            sock.sendto(d, addr)
+            calls += 1
+        return calls
+    for group, size in gso_groups(datagrams):
+        if len(group) == 1:
+            sock.sendto(group[0], addr)
+        else:
+            sock.sendmsg([b"".join(group)], [(SOL_UDP, UDP_SEGMENT, _U16.pack(size))], 0, addr)
+        calls += 1
+    return calls
+
+
+def recv_batch(sock: socket.socket, bufsize: int = 65535) -> tuple[list[bytes], tuple] | None:
+    """One GRO receive: the datagrams it carried and the sender; None if nothing is waiting."""
+    try:
+        data, anc, _flags, addr = sock.recvmsg(bufsize, socket.CMSG_SPACE(4))
+    except BlockingIOError:
+        return None
+    seg = 0
+    for level, typ, val in anc:
+        if level == SOL_UDP and typ == UDP_GRO:
+            seg = (_I32 if len(val) >= 4 else _U16).unpack_from(val)[0]
+    if not seg or seg >= len(data):
+        return [data], addr
+    return [data[o:o + seg] for o in range(0, len(data), seg)], addr
+
+
+def tap_set_offloads(fd: int, *, tso: bool = True) -> None:
+    """Tell a TAP opened with IFF_VNET_HDR which offloads we take: checksum, and TSO."""
+    flags = TUN_F_CSUM | (TUN_F_TSO4 | TUN_F_TSO6 if tso else 0)
+    fcntl.ioctl(fd, TUNSETOFFLOAD, flags)
+
+
+def chunks(seq: Iterable[bytes], n: int) -> Iterator[list[bytes]]:
+    buf: list[bytes] = []
+    for x in seq:
+        buf.append(x)
+        if len(buf) == n:
+            yield buf
+            buf = []
+    if buf:
+        yield buf
