@@ -1,0 +1,207 @@
+"""Agent-side handle on the OpenFlow switch app (ryu_apps/): start it, point the bridge at
+it, and tell it the node id, which port leads to which peer, and the overlay graph.
+
+The app runs as a child process (crash isolation) inside the node's namespace and
+listens on 127.0.0.1 there; the bridge connects out-of-band with a small max_backoff,
+so a restarted app is found again within a second, not OVS's default 8 s. We wait
+for ``is_connected`` and for the app to have read the ports before any traffic.
+Requests go over a unix socket as JSON lines (messages: switch_channel.py); every
+state-changing request returns once the switch has the new flows (barrier).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+from .. import proc
+from ..errors import IpopError
+from . import switch_channel as ch
+from .ovs import OvsInstance
+
+
+class SwitchAppError(IpopError):
+    """The switch app failed to start, died or refused a request."""
+
+
+class SwitchController:
+    """One OpenFlow app for one bridge. Async: the agent runs one asyncio loop."""
+
+    def __init__(
+        self,
+        ovs: OvsInstance,
+        bridge: str,
+        *,
+        rundir: Path | None = None,
+        ofp_port: int = 6653,
+        aging: int = 300,
+        mtu: int = 0,
+        python: str = sys.executable,
+    ) -> None:
+        self.ovs, self.bridge, self.ofp_port = ovs, bridge, ofp_port
+        self.aging, self.mtu, self.python = aging, mtu, python
+        self.rundir = Path(rundir or ovs.rundir).absolute()
+        sock = self.rundir / f"switch-{bridge}.sock"
+        if len(str(sock)) > 100:  # sun_path is 108 bytes
+            sock = Path(tempfile.mkdtemp(prefix="ipsw-sw-")) / "app.sock"
+        self.sock_path = sock
+        self.log_path = self.rundir / f"switch-{bridge}.log"
+        self._proc = None
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._lock = asyncio.Lock()
+        self._replay: dict[str, dict] = {}  # what we told the app, sent again after a restart
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self, *, timeout: float = 15.0) -> "SwitchController":
+        """Spawn the app, set the bridge's controller, wait until the switch is connected."""
+        self.rundir.mkdir(parents=True, exist_ok=True)
+        self._proc = proc.spawn(
+            [self.python, "-m", "ryu_apps.launch", "--channel", str(self.sock_path),
+             "--ofp-port", str(self.ofp_port), "--aging", str(self.aging), "--mtu", str(self.mtu)],
+            netns=self.ovs.netns, log=self.log_path,
+        )
+        try:
+            await self._wait(lambda: self.sock_path.exists() or self._proc.poll() is not None, timeout, "app socket")
+            self._check_alive()
+            self._reader, self._writer = await asyncio.open_unix_connection(str(self.sock_path))
+            await asyncio.to_thread(self._point_bridge)
+            await self._wait_connected(timeout)
+            for msg in list(self._replay.values()):
+                await self._call(msg)
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    def _point_bridge(self) -> None:
+        v = self.ovs.vsctl
+        # two VLAN tags (root, depth) ride on flood frames between nodes: OVS must parse both
+        v("set", "Open_vSwitch", ".", "other_config:vlan-limit=2")
+        v("set", "bridge", self.bridge, "protocols=OpenFlow13", "fail_mode=secure")
+        v("set-controller", self.bridge, f"tcp:127.0.0.1:{self.ofp_port}")
+        v("--", "set", "controller", self.bridge, "connection-mode=out-of-band", "max_backoff=1000",
+          "inactivity_probe=5000")
+
+    def _is_connected(self) -> bool:
+        out = self.ovs.vsctl("--format=json", "--columns=is_connected", "find", "controller",
+                             f"target=\"tcp:127.0.0.1:{self.ofp_port}\"")
+        rows = json.loads(out)["data"]
+        return bool(rows) and rows[0][0] is True
+
+    async def _wait_connected(self, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            self._check_alive()
+            if await asyncio.to_thread(self._is_connected):
+                st = await self._call({"op": "status"})
+                if st.get("connected"):
+                    return
+            if loop.time() > deadline:
+                raise SwitchAppError(f"bridge {self.bridge} did not connect to the switch app within {timeout:.0f}s "
+                                     f"(log: {self.log_path})")
+            await asyncio.sleep(0.05)
+
+    async def _wait(self, pred, timeout: float, what: str) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not pred():
+            if loop.time() > deadline:
+                raise SwitchAppError(f"timed out after {timeout:.0f}s waiting for the switch {what}")
+            await asyncio.sleep(0.02)
+
+    def _check_alive(self) -> None:
+        if self._proc is None or self._proc.poll() is not None:
+            tail = ""
+            try:
+                tail = self.log_path.read_text().strip().splitlines()[-1]
+            except (OSError, IndexError):
+                pass
+            raise SwitchAppError(f"the switch app exited: {tail or 'no log'}")
+
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    async def restart(self, *, timeout: float = 15.0) -> None:
+        """After a crash: start again and replay node id, MTU, ports and topology."""
+        await self.stop(keep_state=True)
+        await self.start(timeout=timeout)
+
+    async def stop(self, *, keep_state: bool = False) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = self._reader = None
+        if self._proc is not None:
+            await asyncio.to_thread(proc.terminate, self._proc.pid)
+            self._proc = None
+        try:
+            self.sock_path.unlink()
+        except FileNotFoundError:
+            pass
+        if not keep_state:
+            self._replay.clear()
+
+    # ------------------------------------------------------------------ requests
+    async def _call(self, msg: dict[str, Any], *, timeout: float = 10.0) -> dict[str, Any]:
+        if self._writer is None or self._reader is None:
+            raise SwitchAppError("the switch app is not running")
+        async with self._lock:
+            try:
+                self._writer.write(ch.encode(msg))
+                await self._writer.drain()
+                line = await asyncio.wait_for(self._reader.readline(), timeout)
+            except (OSError, asyncio.TimeoutError) as e:
+                raise SwitchAppError(f"switch app channel: {type(e).__name__} {e}") from None
+        if not line:
+            raise SwitchAppError("the switch app closed its channel")
+        reply = json.loads(line)
+        if not reply.get("ok"):
+            raise SwitchAppError(f"switch app: {reply.get('error')}")
+        return reply
+
+    async def _set(self, key: str, msg: dict[str, Any]) -> None:
+        ch.parse_request(json.dumps(msg))  # validate here: the error names the caller's mistake
+        await self._call(msg)
+        self._replay[key] = msg
+
+    async def set_node_id(self, node_id: str) -> None:
+        await self._set("node_id", {"op": "set_node_id", "node_id": node_id})
+
+    async def set_mtu(self, mtu: int) -> None:
+        """Overlay MTU (frames the links carry without fragmenting): TCP MSS is clamped to fit."""
+        await self._set("mtu", {"op": "set_mtu", "mtu": mtu})
+
+    async def add_peer_port(self, port_name: str, peer_node_id: str) -> None:
+        await self._set(f"port:{port_name}", {"op": "add_peer_port", "port": port_name, "peer": peer_node_id})
+
+    async def remove_peer_port(self, port_name: str) -> None:
+        self._replay.pop(f"port:{port_name}", None)
+        await self._call({"op": "remove_peer_port", "port": port_name})
+
+    async def add_local_port(self, port_name: str) -> None:
+        await self._set(f"port:{port_name}", {"op": "add_local_port", "port": port_name})
+
+    async def remove_local_port(self, port_name: str) -> None:
+        self._replay.pop(f"port:{port_name}", None)
+        await self._call({"op": "remove_local_port", "port": port_name})
+
+    async def set_topology(self, edges: Iterable[tuple[str, str]]) -> None:
+        """The overlay graph (every node's links) so floods reach nodes beyond the neighbours."""
+        await self._set("topology", {"op": "set_topology", "edges": [list(e) for e in edges]})
+
+    async def counters(self) -> dict[str, int]:
+        return (await self._call({"op": "counters"}))["counters"]
+
+    async def flows(self) -> list[dict[str, Any]]:
+        return (await self._call({"op": "flows"}))["flows"]
+
+    async def macs(self) -> dict[str, dict[str, Any]]:
+        return (await self._call({"op": "macs"}))["macs"]
+
+    async def status(self) -> dict[str, Any]:
+        return await self._call({"op": "status"})

@@ -1,0 +1,157 @@
+"""Messages between the agent and the OpenFlow switch app (ryu_apps/).
+
+The ONE module of ipop_switch the app imports: the channel is a unix socket with
+one JSON object per line. The agent sends a request, the app answers with one
+line ``{"ok": true, ...}`` or ``{"ok": false, "error": "..."}``. Kept free of
+other ipop_switch imports so the app stays isolated from the agent.
+
+Requests (field ``op``):
+- ``set_node_id``  {node_id}            this node's overlay node id (32 hex chars)
+- ``set_mtu``      {mtu}                overlay MTU: TCP MSS is clamped to mtu-40 (IPv4) / mtu-60 (IPv6); 0 = off
+- ``add_peer_port``    {port, peer}     OVS port name -> peer node id (port may appear in OVS before or after)
+- ``remove_peer_port`` {port}
+- ``add_local_port``   {port}           a host-facing port besides the bridge's LOCAL port (always local)
+- ``remove_local_port`` {port}
+- ``set_topology`` {edges}              the overlay graph as [[node_a, node_b], ...] (undirected); optional:
+                                        without it the app assumes its peers form a full mesh
+- ``status``   -> {connected, dpid, node_id, ports}
+- ``counters`` -> {counters: {name: int}}
+- ``flows``    -> {flows: [{table, priority, match}]}: what the app has installed
+- ``macs``     -> {macs: {mac: {port, owner}}}
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+
+NODE_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+PORT_RE = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")  # Linux interface names
+MAX_LINE = 1 << 20
+
+
+def _node_id(v: str) -> str:
+    if not NODE_ID_RE.match(v):
+        raise ValueError("node id must be 32 lowercase hex characters")
+    return v
+
+
+def _port(v: str) -> str:
+    if not PORT_RE.match(v):
+        raise ValueError(f"bad port name {v!r}")
+    return v
+
+
+class _Msg(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SetNodeId(_Msg):
+    op: Literal["set_node_id"] = "set_node_id"
+    node_id: str
+    _v = field_validator("node_id")(classmethod(lambda cls, v: _node_id(v)))
+
+
+class SetMtu(_Msg):
+    op: Literal["set_mtu"] = "set_mtu"
+    mtu: int = Field(ge=0, le=65535)
+
+
+class AddPeerPort(_Msg):
+    op: Literal["add_peer_port"] = "add_peer_port"
+    port: str
+    peer: str
+    _vp = field_validator("port")(classmethod(lambda cls, v: _port(v)))
+    _vn = field_validator("peer")(classmethod(lambda cls, v: _node_id(v)))
+
+
+class RemovePeerPort(_Msg):
+    op: Literal["remove_peer_port"] = "remove_peer_port"
+    port: str
+    _vp = field_validator("port")(classmethod(lambda cls, v: _port(v)))
+
+
+class AddLocalPort(_Msg):
+    op: Literal["add_local_port"] = "add_local_port"
+    port: str
+    _vp = field_validator("port")(classmethod(lambda cls, v: _port(v)))
+
+
+class RemoveLocalPort(_Msg):
+    op: Literal["remove_local_port"] = "remove_local_port"
+    port: str
+    _vp = field_validator("port")(classmethod(lambda cls, v: _port(v)))
+
+
+class SetTopology(_Msg):
+    op: Literal["set_topology"] = "set_topology"
+    edges: list[tuple[str, str]] = Field(max_length=200_000)
+
+    @field_validator("edges")
+    @classmethod
+    def _ids(cls, v: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        for a, b in v:
+            _node_id(a), _node_id(b)
+        return v
+
+
+class Query(_Msg):
+    op: Literal["status", "counters", "flows", "macs"]
+
+
+Request = Annotated[
+    Union[SetNodeId, SetMtu, AddPeerPort, RemovePeerPort, AddLocalPort, RemoveLocalPort, SetTopology, Query],
+    Field(discriminator="op"),
+]
+_request_adapter: TypeAdapter[Any] = TypeAdapter(Request)
+
+# Names of the counters the app reports (all ints, monotonic since app start).
+COUNTERS = (
+    "packet_in",  # packet-ins handled
+    "flooded_origin",  # frames this node flooded as origin (datapath flow stats)
+    "flooded_transit",  # flood frames forwarded/delivered for other roots (datapath flow stats)
+    "flood_dropped",  # flood frames dropped by the tree/depth check (transients; datapath flow stats)
+    "arp_suppressed",  # ARP requests answered from the learned table
+    "nd_suppressed",  # IPv6 neighbour solicitations answered from the learned table
+    "mss_clamped",  # TCP SYNs whose MSS was lowered
+    "flows_installed",  # flow-mods that added or changed a flow
+    "flows_active",  # flows the app currently has installed
+    "macs_learned",  # MAC addresses in the table now
+    "bad_frames",  # packet-ins that could not be parsed (counted drops)
+)
+
+
+class ChannelError(ValueError):
+    """A request line that is not valid JSON or not a known message."""
+
+
+def parse_request(line: bytes | str) -> Any:
+    """One request line -> a message object; ChannelError (one line) on bad input."""
+    if len(line) > MAX_LINE:
+        raise ChannelError("request too long")
+    try:
+        obj = json.loads(line)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ChannelError(f"not JSON: {e}") from None
+    try:
+        return _request_adapter.validate_python(obj)
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise ChannelError(f"bad request: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+
+
+def encode(msg: BaseModel | dict[str, Any]) -> bytes:
+    """A message or reply as one JSON line."""
+    obj = msg.model_dump() if isinstance(msg, BaseModel) else msg
+    return (json.dumps(obj, separators=(",", ":")) + "\n").encode()
+
+
+def ok(**fields: Any) -> dict[str, Any]:
+    return {"ok": True, **fields}
+
+
+def error(text: str) -> dict[str, Any]:
+    return {"ok": False, "error": text}

@@ -1,0 +1,47 @@
+"""Run the overlay switch app: ``python -m ryu_apps.launch --channel SOCK [--ofp-port 6653]``.
+
+os-ken 4.x ships no ``osken-manager``; this launcher sets os-ken's options (listen on
+127.0.0.1 only: the controller is reachable from its own namespace, nowhere else),
+passes our settings to the app and runs it with AppManager.run_apps. The default hub
+is plain threads. The agent starts it as a child process inside the node's namespace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="ryu_apps.launch", description="ipop-switch OpenFlow app")
+    ap.add_argument("--channel", required=True, help="unix socket path for the agent's JSON-lines channel")
+    ap.add_argument("--ofp-host", default="127.0.0.1")
+    ap.add_argument("--ofp-port", type=int, default=6653)
+    ap.add_argument("--aging", type=int, default=300, help="MAC aging in seconds")
+    ap.add_argument("--mtu", type=int, default=0, help="overlay MTU for MSS clamping (0: off until set)")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+    from os_ken import cfg
+    from os_ken.base.app_manager import AppManager
+
+    from . import switch
+
+    cfg.CONF(args=[f"--ofp-listen-host={a.ofp_host}", f"--ofp-tcp-listen-port={a.ofp_port}"], project="os_ken")
+    switch.SETTINGS.channel = a.channel
+    switch.SETTINGS.aging = a.aging
+    switch.SETTINGS.mtu = a.mtu
+    # SIGTERM/SIGINT: leave at once (the native hub's threads cannot be killed, only abandoned)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: os._exit(0))
+    AppManager.run_apps(["ryu_apps.switch"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

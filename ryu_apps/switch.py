@@ -1,0 +1,601 @@
+"""The overlay's OpenFlow 1.3 switch app (os-ken): L2 learning, ARP/ND suppression,
+loop-free exactly-once flooding over per-origin shortest-path trees, TCP MSS clamping.
+
+Pipeline (docs/switch.md explains why):
+  table 0  trap & learn: SYNs and ARP/NS requests from local ports -> app; other ARP/ND
+           copied to the app; (port, src MAC, root tag) markers skip the learning packet-in.
+  table 1  flood ingress: a tagged frame of root R is accepted only on the port to this
+           node's parent in R's tree; its root tag is popped into metadata.
+  table 2  flood depth check (depth == own distance to R) and replication to the
+           children in R's tree (re-tagged, depth + 1) and to the local ports (untagged).
+  table 3  L2 forwarding by learned destination; miss, broadcast and multicast: flood
+           as origin (tags root=self, depth=1) to own tree children and local ports.
+
+Flood frames carry two 802.1Q tags between nodes: outer VID = root index (1 + rank of
+the root's node id in the sorted node list), inner VID = depth (hops from the root).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from os_ken.base import app_manager
+from os_ken.controller import ofp_event
+from os_ken.controller.handler import CONFIG_DISPATCHER, MAIN_DISPATCHER, set_ev_cls
+from os_ken.ofproto import ofproto_v1_3
+
+from ipop_switch.bridge import switch_channel as ch
+
+from . import flood, packets
+
+LOG = logging.getLogger("ryu_apps.switch")
+
+T_TRAP, T_FLOOD_IN, T_FLOOD, T_L2 = 0, 1, 2, 3
+# cookie = kind << 48 | serial: the kind tells a packet-in's reason, the serial names the flow.
+K_BASE, K_LEARN_MISS, K_SNOOP, K_ARP_REQ, K_NS, K_SYN, K_MARKER, K_POINTER = range(1, 9)
+OFPP_LOCAL = ofproto_v1_3.OFPP_LOCAL
+VID_PRESENT = ofproto_v1_3.OFPVID_PRESENT
+MCAST = ("01:00:00:00:00:00", "01:00:00:00:00:00")
+
+
+@dataclass
+class Settings:
+    """Set by the launcher before the app starts (os-ken apps take no constructor args)."""
+
+    channel: str = ""
+    aging: int = 300  # seconds without a frame from a MAC before it is forgotten
+    mtu: int = 0
+
+
+SETTINGS = Settings()
+
+
+@dataclass
+class MacEntry:
+    port: int  # where frames to this MAC go
+    owner: str | None  # node the MAC lives at (None: not known yet, pointer from last sighting)
+    seen: set[tuple[int, int]] = field(default_factory=set)  # markers installed: (in_port, vid)
+
+
+@dataclass
+class FlowRec:
+    cookie: int
+    table: int
+    priority: int
+    match: dict[str, Any]
+    actions: str
+    idle: int = 0
+
+
+class OverlaySwitch(app_manager.OSKenApp):
+    OFP_VERSIONS = [ofproto_v1_3.OFP_VERSION]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lock = threading.RLock()
+        self.settings = SETTINGS
+        self.dp = None
+        self.node_id: str | None = None
+        self.mtu = SETTINGS.mtu
+        self.port_no: dict[str, int] = {}  # OVS port name -> ofport (ports present now)
+        self.peer_decl: dict[str, str] = {}  # port name -> peer node id (told by the agent)
+        self.local_decl: set[str] = set()
+        self.topology: list[tuple[str, str]] | None = None
+        self.peer_port: dict[str, int] = {}  # peer node -> active ofport
+        self.port_peer: dict[int, str] = {}
+        self.local_ports: set[int] = {OFPP_LOCAL}
+        self.plan: flood.FloodPlan | None = None
+        self.macs: dict[bytes, MacEntry] = {}
+        self.ips: dict[str, tuple[bytes, float]] = {}
+        self.flows: dict[tuple, FlowRec] = {}
+        self.base_keys: set[tuple] = set()
+        self.serial = itertools.count(1)
+        self.counters = {k: 0 for k in ch.COUNTERS}
+        self.waiters: dict[int, tuple[threading.Event, list]] = {}
+        self.ready = threading.Event()
+        if self.settings.channel:
+            self._server = _ChannelServer(self.settings.channel, self)
+            threading.Thread(target=self._server.serve, name="channel", daemon=True).start()
+
+    # ------------------------------------------------------------------ switch events
+    @set_ev_cls(ofp_event.EventOFPSwitchFeatures, CONFIG_DISPATCHER)
+    def _features(self, ev) -> None:
+        dp = ev.msg.datapath
+        ofp, parser = dp.ofproto, dp.ofproto_parser
+        with self.lock:
+            self.dp = dp
+            self.ready.clear()
+            self.flows.clear()
+            self.base_keys.clear()
+            self.macs.clear()
+            self.port_no.clear()
+            dp.send_msg(parser.OFPFlowMod(dp, command=ofp.OFPFC_DELETE, table_id=ofp.OFPTT_ALL,
+                                          out_port=ofp.OFPP_ANY, out_group=ofp.OFPG_ANY))
+            dp.send_msg(parser.OFPPortDescStatsRequest(dp, 0))
+        LOG.info("switch %016x connected", dp.id)
+
+    @set_ev_cls(ofp_event.EventOFPPortDescStatsReply, MAIN_DISPATCHER)
+    def _port_desc(self, ev) -> None:
+        with self.lock:
+            for p in ev.msg.body:
+                if p.port_no <= ofproto_v1_3.OFPP_MAX:
+                    self.port_no[p.name.decode()] = p.port_no
+            self._refresh()
+            self.ready.set()
+
+    @set_ev_cls(ofp_event.EventOFPPortStatus, MAIN_DISPATCHER)
+    def _port_status(self, ev) -> None:
+        msg = ev.msg
+        ofp = msg.datapath.ofproto
+        name = msg.desc.name.decode()
+        with self.lock:
+            if msg.reason == ofp.OFPPR_DELETE:
+                if self.port_no.get(name) == msg.desc.port_no:
+                    del self.port_no[name]
+            elif msg.desc.port_no <= ofp.OFPP_MAX:
+                self.port_no[name] = msg.desc.port_no
+            self._refresh()
+
+    @set_ev_cls(ofp_event.EventOFPFlowRemoved, MAIN_DISPATCHER)
+    def _flow_removed(self, ev) -> None:
+        msg = ev.msg
+        with self.lock:
+            key = next((k for k, r in self.flows.items() if r.cookie == msg.cookie), None)
+            if key is None:
+                return
+            rec = self.flows.pop(key)
+            if msg.cookie >> 48 == K_MARKER:
+                mac = packets.mac_bytes(rec.match["eth_src"])
+                e = self.macs.get(mac)
+                if e:
+                    e.seen.discard((rec.match["in_port"], rec.match["vlan_vid"]))
+                    if not e.seen:  # aged out everywhere: forget it
+                        del self.macs[mac]
+                        self._del_flow(T_L2, 100, {"eth_dst": rec.match["eth_src"]})
+
+    @set_ev_cls([ofp_event.EventOFPFlowStatsReply, ofp_event.EventOFPBarrierReply], MAIN_DISPATCHER)
+    def _reply(self, ev) -> None:
+        msg = ev.msg
+        w = self.waiters.get(msg.xid)
+        if not w:
+            return
+        if hasattr(msg, "body"):
+            w[1].extend(msg.body)
+            if msg.flags & msg.datapath.ofproto.OFPMPF_REPLY_MORE:
+                return
+        w[0].set()
+
+    # ------------------------------------------------------------------ packet-in
+    @set_ev_cls(ofp_event.EventOFPPacketIn, MAIN_DISPATCHER)
+    def _packet_in(self, ev) -> None:
+        msg = ev.msg
+        in_port = msg.match["in_port"]
+        kind = msg.cookie >> 48
+        with self.lock:
+            self.counters["packet_in"] += 1
+            try:
+                f = packets.parse(msg.data)
+            except packets.BadFrame:
+                self.counters["bad_frames"] += 1
+                return
+            if in_port not in self.local_ports and in_port not in self.port_peer:
+                return
+            self._learn(in_port, f)
+            if kind in (K_SNOOP, K_ARP_REQ, K_NS):
+                self._snoop_neighbours(f)
+            if kind == K_ARP_REQ:
+                self._arp_request(in_port, f, msg.data)
+            elif kind == K_NS:
+                self._ns(in_port, f, msg.data)
+            elif kind == K_SYN:
+                self._syn(in_port, f, msg.data)
+
+    def _learn(self, in_port: int, f: packets.Frame) -> None:
+        if f.src[0] & 1 or f.src == b"\0" * 6:
+            return  # multicast/zero source: never a station
+        owner: str | None = None
+        vid = 0
+        if in_port in self.local_ports:
+            owner = self.node_id or "self"
+        elif f.tags:
+            vid = VID_PRESENT | f.tags[0]
+            rp = self.plan.by_index(f.tags[0]) if self.plan else None
+            ok = (rp is not None and len(f.tags) >= 2 and rp.root != self.node_id
+                  and rp.parent == self.port_peer.get(in_port) and f.tags[1] == rp.dist)
+            if not ok:
+                return  # a transient flood the tree check drops anyway: learn nothing from it
+            owner = rp.root
+        e = self.macs.get(f.src)
+        mac = packets.mac_str(f.src)
+        if e is None:
+            e = self.macs[f.src] = MacEntry(port=in_port, owner=owner)
+            changed = True
+        elif owner is not None and owner != e.owner:
+            e.owner, changed = owner, True  # a move (or first authoritative sighting)
+        elif owner is None and e.owner is None and e.port != in_port:
+            changed = True
+        elif owner is None and e.owner == (self.node_id or "self") and in_port not in self.local_ports:
+            e.owner, changed = None, True  # a local MAC now talks from a peer port: it moved
+        else:
+            changed = False
+        if changed:
+            e.port = self._port_for(e, in_port)
+            for old in list(e.seen):  # other sightings are stale now: let them trap again
+                if old != (in_port, vid):
+                    self._del_flow(T_TRAP, 100, {"in_port": old[0], "eth_src": mac, "vlan_vid": old[1]})
+            e.seen = {k for k in e.seen if k == (in_port, vid)}
+            self._pointer(f.src, e)
+        if (in_port, vid) not in e.seen:
+            e.seen.add((in_port, vid))
+            self._add_flow(T_TRAP, 100, {"in_port": in_port, "eth_src": mac, "vlan_vid": vid},
+                           goto=T_FLOOD_IN, kind=K_MARKER, idle=self.settings.aging)
+
+    def _port_for(self, e: MacEntry, fallback: int) -> int:
+        if e.owner is None or e.owner == (self.node_id or "self"):
+            return fallback
+        rp = self.plan.roots.get(e.owner) if self.plan else None
+        if rp is None or rp.parent is None:
+            return fallback
+        return self.peer_port.get(rp.parent, fallback)
+
+    def _pointer(self, mac: bytes, e: MacEntry) -> None:
+        self._add_flow(T_L2, 100, {"eth_dst": packets.mac_str(mac)}, out=[e.port], kind=K_POINTER)
+
+    def _snoop_neighbours(self, f: packets.Frame) -> None:
+        now = time.monotonic()
+        a = packets.parse_arp(f)
+        if a is not None:
+            if a.spa != "0.0.0.0":
+                self.ips[a.spa] = (a.sha, now)
+            return
+        nd = packets.parse_nd(f)
+        if nd is None:
+            return
+        if nd.type == packets.ND_NS and nd.src_ip != "::" and nd.lladdr:
+            self.ips[nd.src_ip] = (nd.lladdr, now)
+        elif nd.type == packets.ND_NA and nd.lladdr:
+            self.ips[nd.target] = (nd.lladdr, now)
+
+    def _known(self, ip: str, asker: bytes) -> bytes | None:
+        """The MAC for ip if it is known and that MAC is alive in the table (not aged out)."""
+        hit = self.ips.get(ip)
+        if hit is None:
+            return None
+        mac, _ = hit
+        if mac == asker or mac not in self.macs:
+            return None
+        return mac
+
+    def _arp_request(self, in_port: int, f: packets.Frame, data: bytes) -> None:
+        a = packets.parse_arp(f)
+        if a is not None and a.op == 1 and a.spa != a.tpa and a.spa != "0.0.0.0":
+            mac = self._known(a.tpa, a.sha)
+            if mac is not None:
+                self._packet_out(packets.arp_reply(a, mac), [in_port])
+                self.counters["arp_suppressed"] += 1
+                return
+        self._resubmit(in_port, data)
+
+    def _ns(self, in_port: int, f: packets.Frame, data: bytes) -> None:
+        nd = packets.parse_nd(f)
+        if nd is not None and nd.type == packets.ND_NS and nd.src_ip != "::":
+            mac = self._known(nd.target, f.src)
+            if mac is not None:
+                self._packet_out(packets.neighbour_advert(nd, mac), [in_port])
+                self.counters["nd_suppressed"] += 1
+                return
+        self._resubmit(in_port, data)
+
+    def _syn(self, in_port: int, f: packets.Frame, data: bytes) -> None:
+        res = packets.clamp_mss(f, self.mtu - 40, self.mtu - 60) if self.mtu else None
+        if res is not None:
+            data = res[0]
+            self.counters["mss_clamped"] += 1
+        self._resubmit(in_port, data)
+
+    def _packet_out(self, data: bytes, ports: list[int]) -> None:
+        dp = self.dp
+        ofp, parser = dp.ofproto, dp.ofproto_parser
+        acts = [parser.OFPActionOutput(p if p != OFPP_LOCAL else ofp.OFPP_LOCAL) for p in ports]
+        # in_port=CONTROLLER: output to the asker's own port is then allowed
+        dp.send_msg(parser.OFPPacketOut(dp, buffer_id=ofp.OFP_NO_BUFFER, in_port=ofp.OFPP_CONTROLLER,
+                                        actions=acts, data=data))
+
+    def _resubmit(self, in_port: int, data: bytes) -> None:
+        """Send a trapped frame on through the pipeline after table 0, with its own in_port."""
+        dp = self.dp
+        ofp, parser = dp.ofproto, dp.ofproto_parser
+        dp.send_msg(parser.OFPPacketOut(dp, buffer_id=ofp.OFP_NO_BUFFER, in_port=in_port,
+                                        actions=[parser.NXActionResubmitTable(table_id=T_FLOOD_IN)], data=data))
+
+    # ------------------------------------------------------------------ state -> flows
+    def _refresh(self) -> None:
+        """Recompute ports, the flooding plan and the base flows after any change; fix pointers."""
+        if self.dp is None:
+            return
+        peer_port: dict[str, int] = {}
+        for name, peer in sorted(self.peer_decl.items(), key=lambda kv: self.port_no.get(kv[0], 1 << 31)):
+            no = self.port_no.get(name)
+            if no is not None and peer != self.node_id and peer not in peer_port:
+                peer_port[peer] = no  # several links to one peer: the lowest port number is used
+        self.peer_port = peer_port
+        self.port_peer = {v: k for k, v in peer_port.items()}
+        self.local_ports = {OFPP_LOCAL} | {self.port_no[n] for n in self.local_decl if n in self.port_no}
+        self.local_ports -= set(self.port_peer)
+        self.plan = None
+        if self.node_id:
+            try:
+                self.plan = flood.compute_plan(self.node_id, self._view())
+            except ValueError as e:
+                LOG.error("%s", e)
+        self._install_base()
+        valid = self.local_ports | set(self.port_peer)
+        for mac, e in list(self.macs.items()):
+            stale = {k for k in e.seen if k[0] not in valid}
+            for port, vid in stale:
+                self._del_flow(T_TRAP, 100, {"in_port": port, "eth_src": packets.mac_str(mac), "vlan_vid": vid})
+            e.seen -= stale
+            if e.owner is not None and e.owner != (self.node_id or "self") and (self.plan is None or e.owner not in self.plan.roots):
+                e.owner = None
+            if e.port not in valid and e.owner is None or not e.seen:
+                del self.macs[mac]
+                self._del_flow(T_L2, 100, {"eth_dst": packets.mac_str(mac)})
+                continue
+            port = self._port_for(e, e.port)
+            if port != e.port or (T_L2, 100, _mkey({"eth_dst": packets.mac_str(mac)})) not in self.flows:
+                e.port = port
+                self._pointer(mac, e)
+
+    def _view(self) -> dict[str, set[str]]:
+        me = self.node_id
+        assert me
+        mine = set(self.peer_port)
+        if self.topology is None:  # no graph from the agent: the peers are a full mesh
+            nodes = [me, *mine]
+            edges = [(a, b) for a in nodes for b in nodes if a < b]
+        else:
+            edges = [(a, b) for a, b in self.topology if me not in (a, b)] + [(me, p) for p in mine]
+        return flood.normalize(me, edges)
+
+    def _install_base(self) -> None:
+        want: dict[tuple, dict] = {}
+
+        def add(table: int, prio: int, match: dict, **kw: Any) -> None:
+            want[(table, prio, _mkey(match))] = dict(table=table, priority=prio, match=match, **kw)
+
+        locs = sorted(self.local_ports)
+        peers = sorted(self.port_peer)
+        for p in locs:
+            if self.mtu:
+                for et in (0x0800, 0x86DD):
+                    add(T_TRAP, 300, {"in_port": p, "eth_type": et, "ip_proto": 6, "tcp_flags": (0x002, 0x002)},
+                        to_ctl=True, kind=K_SYN)
+            add(T_TRAP, 250, {"in_port": p, "eth_type": 0x0806, "arp_op": 1}, to_ctl=True, kind=K_ARP_REQ)
+            add(T_TRAP, 250, {"in_port": p, "eth_type": 0x86DD, "ip_proto": 58, "icmpv6_type": 135},
+                to_ctl=True, kind=K_NS)
+        for p in locs + peers:
+            add(T_TRAP, 200, {"in_port": p, "eth_type": 0x0806}, to_ctl=True, goto=T_FLOOD_IN, kind=K_SNOOP)
+            for t in (135, 136):
+                if t == 135 and p in self.local_ports:
+                    continue
+                add(T_TRAP, 200, {"in_port": p, "eth_type": 0x86DD, "ip_proto": 58, "icmpv6_type": t},
+                    to_ctl=True, goto=T_FLOOD_IN, kind=K_SNOOP)
+            add(T_TRAP, 1, {"in_port": p}, to_ctl=True, goto=T_FLOOD_IN, kind=K_LEARN_MISS, max_len=128)
+        add(T_TRAP, 0, {}, kind=K_BASE)  # unknown ports: drop
+        for p in peers:  # tagged frames that fail the tree check, untagged multicast from peers: drop
+            add(T_FLOOD_IN, 50, {"in_port": p, "vlan_vid": (VID_PRESENT, VID_PRESENT)}, kind=K_BASE)
+            add(T_FLOOD_IN, 40, {"in_port": p, "eth_dst": MCAST}, kind=K_BASE)
+        add(T_FLOOD_IN, 0, {}, goto=T_L2, kind=K_BASE)
+        add(T_FLOOD, 0, {}, kind=K_BASE)
+        plan = self.plan
+        if plan is not None:
+            for rp in plan.roots.values():
+                if rp.root == plan.me or rp.parent not in self.peer_port:
+                    continue
+                add(T_FLOOD_IN, 100, {"in_port": self.peer_port[rp.parent], "vlan_vid": VID_PRESENT | rp.index},
+                    meta=rp.index, pop=1, goto=T_FLOOD, kind=K_BASE)
+                add(T_FLOOD, 100, {"metadata": rp.index, "vlan_vid": VID_PRESENT | rp.dist},
+                    flood=(rp.index, rp.dist + 1, [self.peer_port[c] for c in rp.children if c in self.peer_port], 1),
+                    kind=K_BASE)
+            me = plan.roots[plan.me]
+            origin = (me.index, 1, [self.peer_port[c] for c in me.children if c in self.peer_port], 0)
+        else:
+            origin = (0, 0, [], 0)
+        add(T_L2, 0, {}, flood=origin, kind=K_BASE)
+        for key in self.base_keys - set(want):
+            r = self.flows.get(key)
+            if r:
+                self._del_flow(r.table, r.priority, r.match)
+        for key, spec in want.items():
+            self._add_flow(**spec)
+        self.base_keys = set(want)
+
+    # ------------------------------------------------------------------ flow-mod helpers
+    def _actions(self, spec: dict) -> tuple[list, str]:
+        """OpenFlow instructions for a flow spec, and a text form to detect changes."""
+        dp = self.dp
+        ofp, parser = dp.ofproto, dp.ofproto_parser
+        acts: list = []
+        insts: list = []
+        text: list[str] = []
+        if spec.get("to_ctl"):
+            acts.append(parser.OFPActionOutput(ofp.OFPP_CONTROLLER, spec.get("max_len", ofp.OFPCML_NO_BUFFER)))
+            text.append("ctl")
+        for _ in range(spec.get("pop", 0)):
+            acts.append(parser.OFPActionPopVlan())
+            text.append("pop")
+        for p in spec.get("out", []):
+            acts.append(parser.OFPActionOutput(p))
+            text.append(f"out:{p}")
+        fl = spec.get("flood")
+        if fl is not None:
+            idx, depth, children, tagged_in = fl
+            if children:
+                if tagged_in:  # frame carries the depth tag only (root tag popped in table 1)
+                    acts.append(parser.OFPActionSetField(vlan_vid=VID_PRESENT | depth))
+                else:
+                    acts += [parser.OFPActionPushVlan(0x8100), parser.OFPActionSetField(vlan_vid=VID_PRESENT | depth)]
+                acts += [parser.OFPActionPushVlan(0x8100), parser.OFPActionSetField(vlan_vid=VID_PRESENT | idx)]
+                acts += [parser.OFPActionOutput(c) for c in children]
+                acts += [parser.OFPActionPopVlan(), parser.OFPActionPopVlan()]
+            elif tagged_in:
+                acts.append(parser.OFPActionPopVlan())
+            acts += [parser.OFPActionOutput(p) for p in sorted(self.local_ports)]
+            text.append(f"flood:{idx}:{depth}:{children}:{tagged_in}:{sorted(self.local_ports)}")
+        if acts:
+            insts.append(parser.OFPInstructionActions(ofp.OFPIT_APPLY_ACTIONS, acts))
+        if "meta" in spec:
+            insts.append(parser.OFPInstructionWriteMetadata(spec["meta"], 0xFFFF))
+            text.append(f"meta:{spec['meta']}")
+        if "goto" in spec:
+            insts.append(parser.OFPInstructionGotoTable(spec["goto"]))
+            text.append(f"goto:{spec['goto']}")
+        return insts, " ".join(text) or "drop"
+
+    def _add_flow(self, table: int, priority: int, match: dict, *, kind: int, idle: int = 0, **spec: Any) -> None:
+        dp = self.dp
+        if dp is None:
+            return
+        ofp, parser = dp.ofproto, dp.ofproto_parser
+        key = (table, priority, _mkey(match))
+        insts, text = self._actions(spec)
+        old = self.flows.get(key)
+        if old is not None and old.actions == text and old.idle == idle:
+            return
+        cookie = old.cookie if old is not None else (kind << 48) | next(self.serial)
+        cmd = ofp.OFPFC_MODIFY_STRICT if old is not None and old.idle == idle else ofp.OFPFC_ADD
+        flags = ofp.OFPFF_SEND_FLOW_REM if idle else 0
+        dp.send_msg(parser.OFPFlowMod(dp, cookie=cookie, table_id=table, command=cmd, idle_timeout=idle,
+                                      priority=priority, flags=flags, match=parser.OFPMatch(**match),
+                                      instructions=insts))
+        self.flows[key] = FlowRec(cookie, table, priority, match, text, idle)
+        self.counters["flows_installed"] += 1
+
+    def _del_flow(self, table: int, priority: int, match: dict) -> None:
+        key = (table, priority, _mkey(match))
+        if self.flows.pop(key, None) is None or self.dp is None:
+            return
+        dp = self.dp
+        ofp, parser = dp.ofproto, dp.ofproto_parser
+        dp.send_msg(parser.OFPFlowMod(dp, table_id=table, command=ofp.OFPFC_DELETE_STRICT, priority=priority,
+                                      out_port=ofp.OFPP_ANY, out_group=ofp.OFPG_ANY, match=parser.OFPMatch(**match)))
+
+    def _request(self, msg, timeout: float = 3.0) -> list | None:
+        """Send a request and wait for its (multipart) reply; None on timeout."""
+        ev, body = threading.Event(), []
+        with self.lock:
+            self.dp.set_xid(msg)
+            self.waiters[msg.xid] = (ev, body)
+            self.dp.send_msg(msg)
+        try:
+            return body if ev.wait(timeout) else None
+        finally:
+            self.waiters.pop(msg.xid, None)
+
+    # ------------------------------------------------------------------ channel requests
+    def handle(self, req: Any) -> dict:
+        op = req.op
+        if op == "status":
+            with self.lock:
+                return ch.ok(connected=self.dp is not None and self.ready.is_set(),
+                             dpid=self.dp.id if self.dp else None, node_id=self.node_id,
+                             ports={n: {"ofport": no, "peer": self.port_peer.get(no),
+                                        "local": no in self.local_ports} for n, no in self.port_no.items()})
+        if op == "counters":
+            return ch.ok(counters=self._counters())
+        if op == "flows":
+            with self.lock:
+                return ch.ok(flows=[{"cookie": r.cookie, "table": r.table, "priority": r.priority,
+                                     "match": {k: (list(v) if isinstance(v, tuple) else v) for k, v in r.match.items()},
+                                     "actions": r.actions} for r in self.flows.values()])
+        if op == "macs":
+            with self.lock:
+                return ch.ok(macs={packets.mac_str(m): {"port": e.port, "owner": e.owner} for m, e in self.macs.items()})
+        with self.lock:
+            if op == "set_node_id":
+                self.node_id = req.node_id
+            elif op == "set_mtu":
+                self.mtu = req.mtu
+            elif op == "add_peer_port":
+                self.peer_decl[req.port] = req.peer
+                self.local_decl.discard(req.port)
+            elif op == "remove_peer_port":
+                self.peer_decl.pop(req.port, None)
+            elif op == "add_local_port":
+                self.local_decl.add(req.port)
+                self.peer_decl.pop(req.port, None)
+            elif op == "remove_local_port":
+                self.local_decl.discard(req.port)
+            elif op == "set_topology":
+                self.topology = [tuple(e) for e in req.edges]
+            self._refresh()
+            dp = self.dp
+        if dp is not None:  # the change is in the switch when the agent hears "ok"
+            self._request(dp.ofproto_parser.OFPBarrierRequest(dp), timeout=2.0)
+        return ch.ok()
+
+    def _counters(self) -> dict[str, int]:
+        dp = self.dp
+        with self.lock:
+            c = dict(self.counters)
+            c["flows_active"] = len(self.flows)
+            c["macs_learned"] = len(self.macs)
+        if dp is None:
+            return c
+        body = self._request(dp.ofproto_parser.OFPFlowStatsRequest(dp, table_id=dp.ofproto.OFPTT_ALL)) or []
+        for s in body:
+            if s.cookie >> 48 != K_BASE:
+                continue
+            if s.table_id == T_L2 and s.priority == 0:
+                c["flooded_origin"] += s.packet_count
+            elif s.table_id == T_FLOOD and s.priority == 100:
+                c["flooded_transit"] += s.packet_count
+            elif (s.table_id, s.priority) in ((T_FLOOD, 0), (T_FLOOD_IN, 40), (T_FLOOD_IN, 50)):
+                c["flood_dropped"] += s.packet_count
+        return c
+
+
+def _mkey(match: dict) -> tuple:
+    return tuple(sorted((k, v) for k, v in match.items()))
+
+
+class _ChannelServer:
+    """Unix socket, JSON lines; one thread per client (the agent keeps one connection)."""
+
+    def __init__(self, path: str, app: OverlaySwitch) -> None:
+        self.path, self.app = path, app
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(path)
+        os.chmod(path, 0o600)
+        self.sock.listen(4)
+
+    def serve(self) -> None:
+        while True:
+            conn, _ = self.sock.accept()
+            threading.Thread(target=self._client, args=(conn,), daemon=True).start()
+
+    def _client(self, conn: socket.socket) -> None:
+        with conn, conn.makefile("rb") as rf:
+            for line in rf:
+                try:
+                    reply = self.app.handle(ch.parse_request(line))
+                except ch.ChannelError as e:
+                    reply = ch.error(str(e))
+                except Exception as e:  # a bug must not kill the channel
+                    LOG.exception("channel request failed")
+                    reply = ch.error(f"internal error: {type(e).__name__}: {e}")
+                try:
+                    conn.sendall(ch.encode(reply))
+                except OSError:
+                    return
