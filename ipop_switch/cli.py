@@ -171,6 +171,9 @@ def bench(runs: int, seconds: float, systems: str | None, json_path: str | None)
 
 # -- commands defined in other modules: one import + add_command line each -------------
 # (keep this block at the end; each part owns its own cli module)
+from .identity.cli import COMMANDS as _identity_commands  # noqa: E402
+for _c in _identity_commands:
+    cli.add_command(_c)
 
 
 def main() -> None:
