@@ -187,19 +187,22 @@ class OverlaySwitch(app_manager.OSKenApp):
                 return
             if in_port not in self.local_ports and in_port not in self.port_peer:
                 return
-            self._learn(in_port, f)
+            moved = self._learn(in_port, f)
             if kind in (K_SNOOP, K_ARP_REQ, K_NS):
                 self._snoop_neighbours(f)
+            # a station new here (or just moved here) gets its request flooded, not answered:
+            # the flood is what teaches every other node where it now lives
             if kind == K_ARP_REQ:
-                self._arp_request(in_port, f, msg.data)
+                self._arp_request(in_port, f, msg.data, suppress=not moved)
             elif kind == K_NS:
-                self._ns(in_port, f, msg.data)
+                self._ns(in_port, f, msg.data, suppress=not moved)
             elif kind == K_SYN:
                 self._syn(in_port, f, msg.data)
 
-    def _learn(self, in_port: int, f: packets.Frame) -> None:
+    def _learn(self, in_port: int, f: packets.Frame) -> bool:
+        """Update the MAC table from a frame's source; True if the MAC is new here or moved."""
         if f.src[0] & 1 or f.src == b"\0" * 6:
-            return  # multicast/zero source: never a station
+            return False  # multicast/zero source: never a station
         owner: str | None = None
         vid = 0
         if in_port in self.local_ports:
@@ -210,7 +213,7 @@ class OverlaySwitch(app_manager.OSKenApp):
             ok = (rp is not None and len(f.tags) >= 2 and rp.root != self.node_id
                   and rp.parent == self.port_peer.get(in_port) and f.tags[1] == rp.dist)
             if not ok:
-                return  # a transient flood the tree check drops anyway: learn nothing from it
+                return False  # a transient flood the tree check drops anyway: learn nothing from it
             owner = rp.root
         e = self.macs.get(f.src)
         mac = packets.mac_str(f.src)
@@ -236,6 +239,7 @@ class OverlaySwitch(app_manager.OSKenApp):
             e.seen.add((in_port, vid))
             self._add_flow(T_TRAP, 100, {"in_port": in_port, "eth_src": mac, "vlan_vid": vid},
                            goto=T_FLOOD_IN, kind=K_MARKER, idle=self.settings.aging)
+        return changed
 
     def _port_for(self, e: MacEntry, fallback: int) -> int:
         if e.owner is None or e.owner == (self.node_id or "self"):
@@ -273,9 +277,9 @@ class OverlaySwitch(app_manager.OSKenApp):
             return None
         return mac
 
-    def _arp_request(self, in_port: int, f: packets.Frame, data: bytes) -> None:
+    def _arp_request(self, in_port: int, f: packets.Frame, data: bytes, *, suppress: bool) -> None:
         a = packets.parse_arp(f)
-        if a is not None and a.op == 1 and a.spa != a.tpa and a.spa != "0.0.0.0":
+        if suppress and a is not None and a.op == 1 and a.spa != a.tpa and a.spa != "0.0.0.0":
             mac = self._known(a.tpa, a.sha)
             if mac is not None:
                 self._packet_out(packets.arp_reply(a, mac), [in_port])
@@ -283,9 +287,9 @@ class OverlaySwitch(app_manager.OSKenApp):
                 return
         self._resubmit(in_port, data)
 
-    def _ns(self, in_port: int, f: packets.Frame, data: bytes) -> None:
+    def _ns(self, in_port: int, f: packets.Frame, data: bytes, *, suppress: bool) -> None:
         nd = packets.parse_nd(f)
-        if nd is not None and nd.type == packets.ND_NS and nd.src_ip != "::":
+        if suppress and nd is not None and nd.type == packets.ND_NS and nd.src_ip != "::":
             mac = self._known(nd.target, f.src)
             if mac is not None:
                 self._packet_out(packets.neighbour_advert(nd, mac), [in_port])

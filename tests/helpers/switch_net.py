@@ -163,6 +163,14 @@ def wait_ping(node: Node, addr: str, *, timeout: float = 10.0) -> float:
     raise AssertionError(f"{addr} unreachable from node {node.i} after {timeout}s")
 
 
-def link_local(node: Node) -> str:
-    out = json.loads(node.sh("ip", "-j", "-6", "addr", "show", "dev", BR, "scope", "link").stdout)
-    return next(a["local"] for i in out for a in i["addr_info"] if a["local"].startswith("fe80"))
+def link_local(node: Node, timeout: float = 5.0) -> str:
+    """The bridge's fe80:: address once duplicate address detection has finished."""
+    t0 = time.monotonic()
+    while True:
+        out = json.loads(node.sh("ip", "-j", "-6", "addr", "show", "dev", BR, "scope", "link").stdout)
+        for a in (a for i in out for a in i.get("addr_info", [])):
+            if a.get("local", "").startswith("fe80") and not a.get("tentative"):
+                return a["local"]
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"node {node.i} has no usable link-local address: {out}")
+        time.sleep(0.1)
