@@ -175,6 +175,7 @@ def test_chain_port_goes_and_comes_back(chain):
         assert f["match"].get("in_port") != ofport, f
         assert f"out:{ofport}" not in f["actions"] and f"{[ofport]}" not in f["actions"], f
     assert not ping(a, c.ip4, wait=1)
+    a.sh("ip", "neigh", "flush", "dev", BR)  # no host ARP back-off timers in the figure
     t0 = time.monotonic()
     chain.link(1, 2)
     t1 = time.monotonic()
@@ -327,3 +328,20 @@ def test_ring_packet_in_rate(ring):
             pass
         nd.ovs.del_port(BR, "bl1")
         nd.sh("ip", "link", "del", "bl0", check=False)
+
+
+def test_chain_app_crash_restart_replays_state(chain):
+    """The middle node's app dies: flows already in OVS keep forwarding (fail_mode secure);
+    restart() brings it back with node id, ports and topology replayed."""
+    a, b, c = chain.nodes
+    assert ping(a, c.ip4)
+    b.ctl._proc.kill()  # a crash, not a stop
+    b.ctl._proc.wait()
+    assert ping(a, c.ip4)  # the datapath does not need the app for learned traffic
+    t0 = time.monotonic()
+    chain.run(b.ctl.restart())
+    took = time.monotonic() - t0
+    st = chain.run(b.ctl.status())
+    assert st["node_id"] == b.nid and {p["peer"] for p in st["ports"].values()} >= {a.nid, c.nid}
+    assert wait_ping(a, c.ip4, timeout=5) < 5
+    print(f"\napp restart to connected switch: {took * 1000:.0f} ms")

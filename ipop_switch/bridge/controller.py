@@ -3,8 +3,9 @@ it, and tell it the node id, which port leads to which peer, and the overlay gra
 
 The app runs as a child process (crash isolation) inside the node's namespace and
 listens on 127.0.0.1 there; the bridge connects out-of-band with a small max_backoff,
-so a restarted app is found again within a second, not OVS's default 8 s. We wait
-for ``is_connected`` and for the app to have read the ports before any traffic.
+so a restarted app is found again within a second, not OVS's default 8 s. Before any
+traffic we wait until the app holds this bridge's connection (matching datapath id) and
+has read its ports; OVS's ``is_connected`` column lags by seconds, the app does not.
 Requests go over a unix socket as JSON lines (messages: switch_channel.py); every
 state-changing request returns once the switch has the new flows (barrier).
 """
@@ -87,25 +88,27 @@ class SwitchController:
         v("--", "set", "controller", self.bridge, "connection-mode=out-of-band", "max_backoff=1000",
           "inactivity_probe=5000")
 
-    def _is_connected(self) -> bool:
-        out = self.ovs.vsctl("--format=json", "--columns=is_connected", "find", "controller",
-                             f"target=\"tcp:127.0.0.1:{self.ofp_port}\"")
-        rows = json.loads(out)["data"]
-        return bool(rows) and rows[0][0] is True
+    def _dpid(self) -> int:
+        return int(self.ovs.vsctl("get", "bridge", self.bridge, "datapath_id").strip().strip('"'), 16)
 
     async def _wait_connected(self, timeout: float) -> None:
+        """Until the app holds this bridge's OpenFlow connection and has read its ports.
+
+        The app's word is taken rather than OVS's ``is_connected`` column, which
+        ovs-vswitchd refreshes only every few seconds (5 s after a restart here).
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        dpid = await asyncio.to_thread(self._dpid)
         while True:
             self._check_alive()
-            if await asyncio.to_thread(self._is_connected):
-                st = await self._call({"op": "status"})
-                if st.get("connected"):
-                    return
+            st = await self._call({"op": "status"})
+            if st.get("connected") and st.get("dpid") == dpid:
+                return
             if loop.time() > deadline:
                 raise SwitchAppError(f"bridge {self.bridge} did not connect to the switch app within {timeout:.0f}s "
                                      f"(log: {self.log_path})")
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.02)
 
     async def _wait(self, pred, timeout: float, what: str) -> None:
         loop = asyncio.get_running_loop()
