@@ -1,0 +1,48 @@
+"""Settings of one overlay's signaling session (validated; the agent's TOML embeds them)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class SignalingConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    jid: str = Field(description="XMPP account of this node for this overlay, user@domain")
+    password: str = Field(repr=False)
+    server: str | None = Field(None, description="host to connect to (default: the JID's domain)")
+    port: int = Field(5222, ge=1, le=65535)
+    ca_file: Path | None = Field(None, description="CA that must have signed the server certificate "
+                                                   "(default: the system's CAs)")
+    room: str | None = Field(None, description="MUC room name (default ipsw-<overlay>)")
+    muc_domain: str | None = Field(None, description="MUC service (default conference.<JID domain>)")
+    capabilities: dict[str, Any] = Field(default_factory=dict, description="announced to peers as is")
+
+    connect_timeout: float = Field(10.0, gt=0, description="TCP + TLS + login + room join, seconds")
+    backoff_min: float = Field(1.0, gt=0)
+    backoff_max: float = Field(60.0, gt=0)
+    keepalive: float = Field(30.0, gt=0, description="XMPP ping interval; a missed ping drops the session")
+    queue_timeout: float = Field(30.0, gt=0, description="how long a message waits for an unreachable peer")
+    queue_max: int = Field(1024, ge=1)
+    replay_window: float = Field(60.0, gt=0, description="accepted clock difference, seconds")
+    rejoin_grace: float = Field(20.0, gt=0, description="after a reconnect, peers not seen again within this "
+                                                        "are reported as left")
+    recheck_interval: float = Field(30.0, gt=0, description="re-verify known peers' certificates this often")
+
+    @field_validator("jid")
+    @classmethod
+    def _jid(cls, v: str) -> str:
+        local, _, domain = v.partition("@")
+        if not local or not domain or "/" in domain:
+            raise ValueError("must be user@domain (no resource)")
+        return v
+
+    @property
+    def domain(self) -> str:
+        return self.jid.partition("@")[2]
+
+    def room_jid(self, overlay: str) -> str:
+        return f"{(self.room or f'ipsw-{overlay}').lower()}@{self.muc_domain or 'conference.' + self.domain}"

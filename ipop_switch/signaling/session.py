@@ -1,0 +1,430 @@
+"""One overlay's signaling session: XMPP connection, discovery, signed messages, the send queue.
+
+The asyncio API the agent uses:
+    s = SignalingSession(overlay_identity, SignalingConfig(...))
+    await s.start(wait_online=10)          # raises SignalingError on a bad password / untrusted server
+    async for ev in s.events(): ...        # PeerAppeared / PeerChanged / PeerRefreshed / PeerLeft /
+                                           # PeerMessage / SendFailed / SessionState
+    fut = s.send(peer_node_id, "link_offer", {...})   # queued while the peer is unreachable
+    await s.stop()
+
+The server is a mailbox: a peer exists only after a fresh announcement signed by a key whose
+certificate verifies (group CA, dates, CRL, overlay), and every later message from it is checked
+against that certificate again (dates and CRL on every use). Whatever fails a check is dropped,
+counted under its reason (``drops``) and logged in one line; nothing a peer sends can crash the session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import random
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+import slixmpp
+
+from ..identity import CertRejected, OverlayIdentity, PeerVerifier, VerifiedPeer
+from .config import SignalingConfig
+from .discovery import Discovery, MucDiscovery
+from .drops import DropCounter
+from .events import (Event, PeerAppeared, PeerChanged, PeerLeft, PeerMessage, PeerRefreshed, SendFailed,
+                     SessionState)
+from .protocol import ANNOUNCE, NODE_ID_RE, RESERVED, Drop, Envelope, check_outgoing, encode, parse, sign_input
+from .replay import ReplayGuard
+from .xmpp import AuthFailed, ConnectFailed, SignalingError, TlsFailed, XmppConnection
+
+log = logging.getLogger(__name__)
+
+MAX_CERT_B64 = 4096
+MAX_CAPS = 2048
+EVENTS_MAX = 10_000
+
+
+class SendFailedError(SignalingError):
+    pass
+
+
+@dataclass
+class PeerRecord:
+    peer: VerifiedPeer
+    caps: dict[str, Any]
+    address: str | None              # where it is reachable now (None while we are offline)
+    generation: int                  # our connection number in which it last announced
+    last_announce: float             # monotonic
+    announces: int = 1
+
+
+@dataclass
+class _Pending:
+    node_id: str
+    type: str
+    payload: dict[str, Any]
+    deadline: float
+    future: asyncio.Future = field(repr=False)
+
+
+class SignalingSession:
+    def __init__(self, identity: OverlayIdentity, cfg: SignalingConfig, *,
+                 verifier: PeerVerifier | None = None, discovery: type = MucDiscovery) -> None:
+        self.identity = identity
+        self.cfg = cfg
+        self.overlay = identity.overlay
+        self.node_id = identity.node_id
+        self.verifier: PeerVerifier = verifier or identity.verifier
+        self.room_jid = cfg.room_jid(self.overlay)
+        self._discovery_cls = discovery
+        self.drops = DropCounter()
+        self.stats: Counter[str] = Counter()
+        self.replay = ReplayGuard(cfg.replay_window)
+        self._peers: dict[str, PeerRecord] = {}
+        self._pending: deque[_Pending] = deque()
+        self._events: asyncio.Queue[Event] = asyncio.Queue()
+        self._conn: XmppConnection | None = None
+        self._disco: Discovery | None = None
+        self._announced_to: set[str] = set()
+        self._online_since: float | None = None
+        self._generation = 0
+        self._grace_pending = False
+        self._next_recheck = 0.0
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self._first: asyncio.Future | None = None
+        self.last_error = ""
+
+    # -- public API ---------------------------------------------------------------------------
+    @property
+    def online(self) -> bool:
+        return self._online_since is not None
+
+    async def start(self, wait_online: float | None = None) -> bool:
+        """Start connecting (and reconnecting for as long as the session lives). With
+        ``wait_online``, wait that long for the first session: a refused login or an untrusted
+        server raises SignalingError; an unreachable server only returns False (retries go on)."""
+        loop = asyncio.get_running_loop()
+        self._first = loop.create_future()
+        self._next_recheck = time.monotonic() + self.cfg.recheck_interval
+        self._tasks = [asyncio.create_task(self._run(), name=f"signaling-{self.overlay}"),
+                       asyncio.create_task(self._housekeeping(), name=f"signaling-house-{self.overlay}")]
+        if wait_online is None:
+            return False
+        try:
+            await asyncio.wait_for(asyncio.shield(self._first), wait_online)
+        except asyncio.TimeoutError:
+            log.warning("signaling %s: not online after %.0fs (%s); still trying", self.overlay, wait_online,
+                        self.last_error or "no answer")
+            return False
+        except SignalingError:
+            await self.stop()
+            raise
+        return True
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            try:
+                await t
+            except (asyncio.CancelledError, Exception):
+                pass
+        self._tasks.clear()
+        if self._conn:
+            await self._conn.aclose()
+        while self._pending:
+            self._fail(self._pending.popleft(), "session stopped", emit=False)
+
+    async def events(self) -> AsyncIterator[Event]:
+        """The session's events, in order (one consumer)."""
+        while True:
+            yield await self._events.get()
+
+    def peers(self) -> dict[str, VerifiedPeer]:
+        return {nid: r.peer for nid, r in self._peers.items()}
+
+    def peer_records(self) -> dict[str, PeerRecord]:
+        return dict(self._peers)
+
+    def send(self, node_id: str, msg_type: str, payload: dict[str, Any]) -> asyncio.Future:
+        """Sign and send ``payload`` to a peer; if it is not reachable now (unknown yet, or we are
+        offline), queue it for at most ``queue_timeout`` seconds. The future resolves when the message
+        is handed to the server, or fails with SendFailedError (also reported as a SendFailed event).
+        Bad arguments raise ValueError at once."""
+        if not NODE_ID_RE.match(node_id or ""):
+            raise ValueError(f"bad node id {node_id!r}")
+        check_outgoing(msg_type, payload)
+        if msg_type in RESERVED:
+            raise ValueError(f"message type {msg_type!r} is reserved for the session")
+        fut: asyncio.Future = asyncio.get_running_loop().create_future()
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # callers may ignore it
+        item = _Pending(node_id, msg_type, payload, time.monotonic() + self.cfg.queue_timeout, fut)
+        if not self._try_send(item):
+            if len(self._pending) >= self.cfg.queue_max:
+                self._fail(self._pending.popleft(), "queue full")
+            self._pending.append(item)
+            self._wake.set()
+        return fut
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "overlay": self.overlay, "node_id": self.node_id, "online": self.online,
+            "room": self._disco.describe() if self._disco else self.room_jid,
+            "peers": [{"node_id": r.peer.node_id, "subject": r.peer.subject, "fingerprint": r.peer.fingerprint,
+                       "caps": r.caps, "reachable": r.address is not None, "announces": r.announces}
+                      for r in self._peers.values()],
+            "queued": len(self._pending), "drops": self.drops.as_dict(), "stats": dict(self.stats),
+            "last_error": self.last_error,
+        }
+
+    # -- connection loop ------------------------------------------------------------------------
+    async def _run(self) -> None:
+        backoff = self.cfg.backoff_min
+        while True:
+            conn = XmppConnection(self.cfg, self._on_element)
+            self._conn = conn
+            online_at = None
+            try:
+                self.stats["connect_attempts"] += 1
+                await conn.connect()
+                self._generation += 1
+                self._announced_to.clear()
+                self._disco = self._discovery_cls(self.room_jid, self.node_id)
+                await self._disco.start(conn, self._contact_seen, self._contact_gone)
+                online_at = self._online_since = time.monotonic()
+                self._grace_pending = self._generation > 1 or bool(self._peers)
+                self.last_error = ""
+                log.info("signaling %s: online as %s in %s", self.overlay, conn.jid, self._disco.describe())
+                self._emit(SessionState(True, self._disco.describe()))
+                if self._first and not self._first.done():
+                    self._first.set_result(True)
+                self._wake.set()
+                self._flush_all()
+                reason = await conn.disconnected
+                self.last_error = f"session lost: {reason}"
+                log.warning("signaling %s: XMPP session lost (%s); reconnecting", self.overlay, reason)
+            except (AuthFailed, TlsFailed) as e:
+                self.last_error = str(e)
+                log.error("signaling %s: %s", self.overlay, e)
+                if self._first and not self._first.done():
+                    self._first.set_exception(e)
+                    return
+                backoff = self.cfg.backoff_max      # configuration trouble: retry, but rarely
+            except ConnectFailed as e:
+                self.last_error = str(e)
+                log.warning("signaling %s: %s", self.overlay, e)
+            except asyncio.TimeoutError:
+                self.last_error = f"no answer from room {self.room_jid}"
+                log.warning("signaling %s: joining %s timed out", self.overlay, self.room_jid)
+            except asyncio.CancelledError:
+                conn.close()
+                raise
+            except Exception as e:  # a library surprise must cost a reconnect, not the session
+                self.last_error = f"{type(e).__name__}: {e}"
+                log.exception("signaling %s: unexpected error; reconnecting", self.overlay)
+            finally:
+                conn.close()
+                self._went_offline()
+            if online_at is not None and time.monotonic() - online_at > 10:
+                backoff = self.cfg.backoff_min
+            await asyncio.sleep(backoff * random.uniform(0.75, 1.25))
+            self.stats["reconnects"] += 1
+            backoff = min(self.cfg.backoff_max, backoff * 2)
+
+    def _went_offline(self) -> None:
+        was = self.online
+        self._online_since = None
+        self._disco = None
+        for r in self._peers.values():
+            r.address = None
+        if was:
+            self._emit(SessionState(False, self.last_error))
+
+    # -- discovery callbacks --------------------------------------------------------------------
+    def _contact_seen(self, address: str, hint: str | None) -> None:
+        if hint and hint != self.node_id and address not in self._announced_to:
+            self._announce(address, hint)
+
+    def _contact_gone(self, address: str) -> None:
+        for nid, r in list(self._peers.items()):
+            if r.address == address:
+                self._forget(nid, "left")
+
+    def _announce(self, address: str, to_node: str) -> None:
+        self._announced_to.add(address)
+        body = {"cert": base64.b64encode(self.identity.cert_der).decode(), "caps": self.cfg.capabilities}
+        try:
+            self._transmit(address, to_node, ANNOUNCE, body)
+        except Exception as e:
+            log.warning("signaling %s: announce to %s failed: %s", self.overlay, address, e)
+
+    def _transmit(self, address: str, to_node: str, msg_type: str, body: dict) -> None:
+        if self._conn is None or not self._conn.client.transport:
+            raise ConnectionError("not connected")
+        text, sig = encode(Envelope(self.overlay, self.node_id, to_node, msg_type, body), self.identity.sign)
+        self._conn.send_element(address, text, sig)
+        self.stats["sent"] += 1
+
+    # -- receiving --------------------------------------------------------------------------------
+    def _on_element(self, source: slixmpp.JID, text: str | None, sig: str | None) -> None:
+        disco = self._disco
+        address = disco.address_of(source) if disco else None
+        try:
+            if address is None:
+                raise Drop("foreign_source", "not a contact of this overlay")
+            self._receive(address, text, sig)
+        except Drop as d:
+            self.drops.add(d.reason, d.detail, str(source))
+        except Exception as e:
+            self.drops.add("internal_error", f"{type(e).__name__}: {e}", str(source))
+            log.debug("internal error on a received message", exc_info=True)
+
+    def _receive(self, address: str, text: str | None, sig: str | None) -> None:
+        env, raw, signature = parse(text, sig)
+        if env.overlay != self.overlay:
+            raise Drop("wrong_overlay", f"for overlay {env.overlay!r}")
+        if env.recipient != self.node_id:
+            raise Drop("wrong_recipient", f"for {env.recipient}")
+        if env.sender == self.node_id:
+            raise Drop("wrong_sender", "claims to be us")
+        reason = self.replay.check(env.sender, env.nonce, env.ts_ms)
+        if reason:
+            raise Drop(reason, f"from {env.sender}")
+        caps: dict[str, Any] = {}
+        if env.type == ANNOUNCE:
+            peer, caps = self._announce_peer(env)
+            if self._disco is None or self._disco.hint(address) != env.sender:
+                raise Drop("sender_mismatch", f"announce of {env.sender} from address {address}")
+        else:
+            rec = self._peers.get(env.sender)
+            if rec is None:
+                raise Drop("unknown_sender", f"{env.sender} has not announced itself")
+            try:
+                peer = self.verifier.verify(rec.peer.cert_der)
+            except CertRejected as e:
+                self._forget(env.sender, e.reason)
+                raise Drop(e.reason, e.detail) from None
+        if not peer.verify_signature(signature, sign_input(raw)):
+            raise Drop("bad_signature", f"claims {env.sender}")
+        self.replay.commit(env.sender, env.nonce, env.ts_ms)
+        self.stats["received"] += 1
+        if env.type == ANNOUNCE:
+            self._on_announce(address, peer, caps)
+        else:
+            self._emit(PeerMessage(env.sender, env.type, env.body))
+
+    def _announce_peer(self, env: Envelope) -> tuple[VerifiedPeer, dict[str, Any]]:
+        cert_b64, caps = env.body.get("cert"), env.body.get("caps", {})
+        if not isinstance(cert_b64, str) or len(cert_b64) > MAX_CERT_B64 or not isinstance(caps, dict):
+            raise Drop("malformed", "announce body")
+        try:
+            der = base64.b64decode(cert_b64, validate=True)
+        except (binascii.Error, ValueError):
+            raise Drop("malformed", "announce certificate encoding") from None
+        try:
+            peer = self.verifier.verify(der)
+        except CertRejected as e:
+            raise Drop(e.reason, e.detail) from None
+        if peer.node_id != env.sender:
+            raise Drop("sender_mismatch", f"certificate of {peer.node_id} in a message from {env.sender}")
+        return peer, caps
+
+    def _on_announce(self, address: str, peer: VerifiedPeer, caps: dict[str, Any]) -> None:
+        now = time.monotonic()
+        rec = self._peers.get(peer.node_id)
+        if rec is None:
+            self._peers[peer.node_id] = PeerRecord(peer, caps, address, self._generation, now)
+            log.info("signaling %s: peer %s appeared (%s, %s)", self.overlay, peer.node_id, peer.subject,
+                     peer.fingerprint)
+            self._emit(PeerAppeared(peer, caps))
+        else:
+            changed = rec.peer.cert_der != peer.cert_der or rec.caps != caps
+            rec.peer, rec.caps, rec.address, rec.generation, rec.last_announce = peer, caps, address, self._generation, now
+            rec.announces += 1
+            self._emit(PeerChanged(peer, caps) if changed else PeerRefreshed(peer))
+        if address not in self._announced_to:  # it saw us before we saw it: answer
+            self._announce(address, peer.node_id)
+        self._flush(peer.node_id)
+
+    def _forget(self, node_id: str, reason: str) -> None:
+        if self._peers.pop(node_id, None) is not None:
+            log.info("signaling %s: peer %s left (%s)", self.overlay, node_id, reason)
+            self._emit(PeerLeft(node_id, reason))
+
+    # -- send queue -------------------------------------------------------------------------------
+    def _try_send(self, item: _Pending) -> bool:
+        rec = self._peers.get(item.node_id)
+        if not self.online or rec is None or rec.address is None:
+            return False
+        try:
+            self._transmit(rec.address, item.node_id, item.type, item.payload)
+        except Exception as e:
+            log.debug("send to %s deferred: %s", item.node_id, e)
+            return False
+        if not item.future.done():
+            item.future.set_result(None)
+        return True
+
+    def _flush(self, node_id: str) -> None:
+        if not any(p.node_id == node_id for p in self._pending):
+            return
+        keep: deque[_Pending] = deque()
+        for p in self._pending:
+            if p.node_id != node_id or not self._try_send(p):
+                keep.append(p)
+        self._pending = keep
+
+    def _flush_all(self) -> None:
+        for nid in {p.node_id for p in self._pending}:
+            self._flush(nid)
+
+    def _fail(self, item: _Pending, reason: str, *, emit: bool = True) -> None:
+        if not item.future.done():
+            item.future.set_exception(SendFailedError(f"message {item.type} to {item.node_id} not sent: {reason}"))
+        self.stats["send_failed"] += 1
+        if emit:
+            log.warning("signaling %s: %s to %s not sent: %s", self.overlay, item.type, item.node_id, reason)
+            self._emit(SendFailed(item.node_id, item.type, reason))
+
+    # -- timers -----------------------------------------------------------------------------------
+    async def _housekeeping(self) -> None:
+        """Queue deadlines, the rediscovery grace after a reconnect, periodic certificate re-checks.
+        Sleeps until the next of them (no polling)."""
+        while True:
+            now = time.monotonic()
+            while self._pending and self._pending[0].deadline <= now:
+                self._fail(self._pending.popleft(), f"peer not reachable within {self.cfg.queue_timeout:.0f}s")
+            if self._grace_pending and self._online_since is not None and \
+                    now - self._online_since >= self.cfg.rejoin_grace:
+                self._grace_pending = False
+                for nid, r in list(self._peers.items()):
+                    if r.generation < self._generation:
+                        self._forget(nid, "not rediscovered")
+            if now >= self._next_recheck:
+                self._next_recheck = now + self.cfg.recheck_interval
+                self._recheck()
+            wake = [self._next_recheck]
+            if self._pending:
+                wake.append(self._pending[0].deadline)
+            if self._grace_pending and self._online_since is not None:
+                wake.append(self._online_since + self.cfg.rejoin_grace)
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), max(0.01, min(wake) - time.monotonic()))
+            except asyncio.TimeoutError:
+                pass
+
+    def _recheck(self) -> None:
+        for nid, r in list(self._peers.items()):
+            try:
+                self.verifier.verify(r.peer.cert_der)
+            except CertRejected as e:
+                self._forget(nid, e.reason)
+
+    def _emit(self, ev: Event) -> None:
+        if self._events.qsize() >= EVENTS_MAX:
+            self._events.get_nowait()
+            self.stats["events_lost"] += 1
+        self._events.put_nowait(ev)
