@@ -38,6 +38,60 @@ def cli() -> None:
     """ipop-switch: a self-configuring peer-to-peer Layer-2 overlay."""
 
 
+DEFAULT_CONFIG = "/etc/ipop-switch/node.toml"
+
+
+# -- the agent -------------------------------------------------------------------
+@cli.command()
+@click.option("-c", "--config", "config_path", default=DEFAULT_CONFIG, show_default=True,
+              type=click.Path(dir_okay=False), help="node config (TOML)")
+@click.option("--pidfile", type=click.Path(dir_okay=False), help="write the agent's pid here")
+def up(config_path: str, pidfile: str | None) -> None:
+    """Run the node: OVS, the OpenFlow app, signaling, links; until SIGTERM or Ctrl-C."""
+    import asyncio
+    import logging
+
+    from .agent.node import Node
+    from .config import load_config
+    from .proc import require_root
+
+    cfg = load_config(config_path)
+    require_root()
+    logging.basicConfig(level=cfg.node.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if pidfile:
+        Path(pidfile).write_text(f"{os.getpid()}\n")
+    try:
+        import uvloop  # the faster event loop, when present
+        runner = uvloop.run
+    except ImportError:
+        runner = asyncio.run
+    try:
+        runner(Node(cfg).run())
+    finally:
+        if pidfile:
+            Path(pidfile).unlink(missing_ok=True)
+
+
+@cli.command()
+@click.option("-c", "--config", "config_path", default=DEFAULT_CONFIG, show_default=True,
+              type=click.Path(dir_okay=False), help="node config (to find the agent's status socket)")
+@click.option("--socket", "sock", type=click.Path(), help="the agent's status socket (instead of --config)")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def status(config_path: str, sock: str | None, as_json: bool) -> None:
+    """Per overlay and peer: state, path, RTT, traffic, drops, last handshake."""
+    from .agent.render import render_status
+    from .agent.status import query
+    from .config import load_config
+
+    path = Path(sock) if sock else load_config(config_path).status_socket
+    st = query(path)
+    if as_json:
+        click.echo(json.dumps(st, indent=1))
+    else:
+        render_status(st, console)
+
+
 # -- lab -----------------------------------------------------------------------
 @cli.group()
 def lab() -> None:

@@ -89,12 +89,6 @@ class IceConfig(_Strict):
         return _hostport(self.turn, 3478) if self.turn else None
 
 
-class TrustConfig(_Strict):
-    group_ca: Path = Field(description="the group CA certificate (PEM)")
-    cert: Path = Field(description="this node's certificate for the group (PEM)")
-    crl: Path | None = Field(None, description="revocation list of the group")
-
-
 class OverlayConfig(_Strict):
     name: str = Field(pattern=NAME_RE, description="overlay name: 1-10 lowercase letters/digits")
     kind: Literal["group", "social"] = "group"
@@ -104,7 +98,6 @@ class OverlayConfig(_Strict):
     max_peers: int = Field(32, ge=1, le=1024)
     xmpp: XmppConfig
     ice: IceConfig = IceConfig()
-    trust: TrustConfig | None = None
 
     @field_validator("address")
     @classmethod

@@ -1,0 +1,191 @@
+"""One node: the OVS instance, the worker pool, one Overlay per configured overlay,
+the status socket and the metrics exporter; clean shutdown on SIGTERM/SIGINT.
+
+The only place (with ``overlay.py``) that joins identity, signaling, workers and
+the bridge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+from .. import proc
+from ..bridge.ovs import OvsError, OvsInstance, default_datapath
+from ..config import Config
+from ..errors import IpopError
+from .status import StatusServer
+
+log = logging.getLogger("ipop_switch.agent")
+
+SYSTEM_OVS_SOCK = Path("/var/run/openvswitch/db.sock")
+WANT_RMEM = 4 * 1024 * 1024
+
+
+def host_buffer_note(datapath: str) -> str | None:
+    """With the userspace datapath, ovs-vswitchd reads each port through an AF_PACKET socket
+    sized by net.core.rmem_default: too small and it drops super-frames (datapath-facts.md).
+    Raise it when we may (root namespace); otherwise say what to do."""
+    if datapath != "netdev":
+        return None
+    path = Path("/proc/sys/net/core/rmem_default")
+    try:
+        cur = int(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if cur >= WANT_RMEM:
+        return None
+    try:
+        path.write_text(str(WANT_RMEM))
+        return f"raised net.core.rmem_default {cur} -> {WANT_RMEM} for OVS's packet sockets"
+    except OSError:
+        return (f"net.core.rmem_default is {cur}: OVS (userspace datapath) may drop bursts; "
+                f"run 'sysctl -w net.core.rmem_default={WANT_RMEM}' in the root namespace before starting")
+
+
+class Node:
+    def __init__(self, cfg: Config, *, netns: str | None = None) -> None:
+        self.cfg = cfg
+        self.netns = netns
+        self.started = time.monotonic()
+        self.ovs: OvsInstance | None = None
+        self.overlays: list = []
+        self.pool = None
+        self.notes: list[str] = []
+        self.status_server = StatusServer(cfg.status_socket, self._async_snapshot)
+        self._stop = asyncio.Event()
+        self._metrics = None
+        self._tasks: list[asyncio.Task] = []
+        self.node_id = "?"
+
+    # -- lifecycle --------------------------------------------------------------------
+    async def run(self) -> None:
+        """Start everything, wait for a signal, stop everything (also when a start step fails)."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        try:
+            await self.start()
+            log.info("event=node_up node=%s overlays=%s", self.node_id, ",".join(o.cfg.name for o in self.overlays))
+            await self._stop.wait()
+        finally:
+            await self.stop()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def start(self) -> None:
+        self.cfg.node.state_dir.mkdir(parents=True, exist_ok=True)
+        await self.status_server.start()
+        self._start_ovs()
+        if self.cfg.node.metrics:
+            self._start_metrics()
+        await self._start_pool()
+        await self._start_overlays()
+
+    def _start_ovs(self) -> None:
+        mode = self.cfg.ovs.mode
+        if mode == "system":
+            if not SYSTEM_OVS_SOCK.exists():
+                raise OvsError(f"ovs.mode = system but no system OVS runs ({SYSTEM_OVS_SOCK} missing)")
+            raise OvsError("ovs.mode = system is not supported yet; use mode = private")
+        datapath = default_datapath() if self.cfg.ovs.datapath == "auto" else self.cfg.ovs.datapath
+        note = host_buffer_note(datapath)
+        if note:
+            self.notes.append(note)
+        rundir = self.cfg.ovs.rundir or (self.cfg.node.state_dir / "ovs")
+        self.ovs = OvsInstance(rundir, netns=self.netns, datapath=datapath).start()
+
+    def _start_metrics(self) -> None:
+        from .metrics import start_metrics
+        loop = asyncio.get_running_loop()
+
+        def snapshot_threadsafe() -> dict:
+            return asyncio.run_coroutine_threadsafe(self._async_snapshot(), loop).result(timeout=5)
+        try:
+            self._metrics = start_metrics(self.cfg.node.metrics, snapshot_threadsafe)
+        except OSError as e:
+            raise IpopError(f"node.metrics: cannot listen on {self.cfg.node.metrics}: {e.strerror}") from None
+
+    async def _start_pool(self) -> None:
+        from ..worker.pool import WorkerPool
+        n = self.cfg.node.worker_processes or None
+        self.pool = await WorkerPool(n, log_dir=self.cfg.node.state_dir).start()
+        self._tasks.append(asyncio.create_task(self._pool_events(), name="pool-events"))
+
+    async def _pool_events(self) -> None:
+        """Route each worker event to its overlay (link ids are '<overlay>:<peer>')."""
+        async for e in self.pool.events():
+            name = e.link_id.split(":", 1)[0] if e.link_id else ""
+            for ov in self.overlays:
+                if ov.cfg.name == name or (not name and e.kind == "pool_restart"):
+                    try:
+                        await ov.on_pool_event(e)
+                    except Exception:
+                        log.exception("event=pool_event_failed kind=%s link=%s", e.kind, e.link_id)
+
+    async def _start_overlays(self) -> None:
+        from .overlay import Overlay
+        for i, ocfg in enumerate(self.cfg.overlay):
+            ov = Overlay(ocfg, self, index=i)
+            self.overlays.append(ov)
+            await ov.start()
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for ov in reversed(self.overlays):
+            try:
+                await asyncio.wait_for(ov.stop(), 15)
+            except Exception as e:  # keep going: the rest must still be cleaned up
+                log.error("event=overlay_stop_failed overlay=%s error=%s", ov.cfg.name, e)
+        if self.pool is not None:
+            try:
+                await asyncio.wait_for(self.pool.stop(), 10)
+            except Exception as e:
+                log.error("event=pool_stop_failed error=%s", e)
+        if self._metrics:
+            server, thread = self._metrics
+            server.shutdown()
+            server.server_close()
+        if self.ovs:
+            self.ovs.stop()
+        await self.status_server.stop()
+        log.info("event=node_down")
+
+    # -- status -------------------------------------------------------------------------
+    async def _async_snapshot(self) -> dict:
+        """Fresh link counters from the workers, then the snapshot."""
+        if self.pool is not None:
+            try:
+                stats = await self.pool.stats(timeout=2.0)
+            except Exception as e:
+                log.debug("event=stats_failed error=%s", e)
+                stats = []
+            by_id = {s.get("link_id"): s for s in stats}
+            for ov in self.overlays:
+                for link in ov.links.values():
+                    if link.link_id in by_id:
+                        link.stats = normalise_stats(by_id[link.link_id])
+        return self.snapshot()
+
+    def snapshot(self) -> dict:
+        return {
+            "node": {
+                "node_id": self.node_id,
+                "pid": os.getpid(),
+                "uptime_s": round(time.monotonic() - self.started, 1),
+                "ovs": f"private, datapath {self.ovs.datapath}" if self.ovs else None,
+                "notes": self.notes,
+            },
+            "overlays": [ov.snapshot() for ov in self.overlays],
+        }
+
+
+def normalise_stats(s: dict) -> dict:
+    """The worker's counters under the names status and metrics use."""
+    return s

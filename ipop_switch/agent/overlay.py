@@ -1,0 +1,322 @@
+"""One overlay on this node: its bridge and switch app, its signaling session, and
+the links to its peers (GroupVPN: all-to-all up to ``max_peers``).
+
+Link supervision: a verified peer gets a link (a worker in the pool); the worker runs
+ICE, the handshake and its own retries, and tells us when its TAP carries traffic
+(port added to the bridge and announced to the switch app) and when it stops
+(port removed). Each node tells the others which links it has up (a signed
+``topology`` message), so the switch app floods over the real overlay graph.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..bridge.controller import SwitchController
+from ..bridge.overlay_bridge import OverlayBridge, stable_mac
+from ..config import OverlayConfig
+from ..identity.store import NodeIdentity
+from ..worker.messages import LinkSpec, TurnServer
+
+log = logging.getLogger("ipop_switch.agent")
+
+LINK_TYPES = ("link_offer", "link_answer", "link_close", "link_restart")
+TOPOLOGY = "topology"
+OFP_PORT_BASE = 6653
+
+
+@dataclass
+class PeerLink:
+    node_id: str
+    subject: str
+    tunnel_public: bytes
+    link_id: str
+    tap: str
+    state: str = "connecting"          # connecting | up | closed
+    port: bool = False                 # the TAP is a port of the bridge
+    path: str | None = None
+    local: str | None = None
+    remote: str | None = None
+    since: float = field(default_factory=time.monotonic)
+    up_since: float | None = None
+    ups: int = 0
+    last_reason: str = ""
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def tap_name(overlay: str, peer_id: str) -> str:
+    """<= 15 chars, unique per (overlay, peer) on this node."""
+    h = hashlib.sha256(f"{overlay}/{peer_id}".encode()).hexdigest()[:9]
+    return f"ipt{overlay[:3]}{h}"
+
+
+class Overlay:
+    def __init__(self, cfg: OverlayConfig, node, *, index: int = 0) -> None:
+        self.cfg = cfg
+        self.node = node
+        self.index = index
+        self.links: dict[str, PeerLink] = {}          # by peer node id
+        self.by_link_id: dict[str, PeerLink] = {}
+        self.neighbours: dict[str, set[str]] = {}      # what each node says it is linked to
+        self.topology_seq = 0
+        self.signaling = None
+        self.switch: SwitchController | None = None
+        self.bridge: OverlayBridge | None = None
+        self.sig_state = "starting"
+        self._tasks: list[asyncio.Task] = []
+        self._lock = asyncio.Lock()
+
+    # -- lifecycle ----------------------------------------------------------------------
+    async def start(self) -> None:
+        ident = NodeIdentity.load(self.node.cfg.node.identity_dir)
+        self.me = ident.membership(self.cfg.name)
+        self.node_id = ident.node_id
+        self.node.node_id = ident.node_id
+        self.tunnel_private = ident.tunnel_private_bytes()
+        self.bridge = OverlayBridge(self.node.ovs, self.cfg.bridge, netns=self.node.netns)
+        self.bridge.create(mac=stable_mac(self.node_id, self.cfg.name), mtu=self.cfg.mtu,
+                           address=self.cfg.address, address6=self.cfg.address6)
+        self.switch = SwitchController(self.node.ovs, self.cfg.bridge, ofp_port=OFP_PORT_BASE + self.index,
+                                       mtu=self.cfg.mtu)
+        await self.switch.start()
+        await self.switch.set_node_id(self.node_id)
+        await self.switch.add_local_port(self.cfg.bridge)
+        self.signaling = make_signaling(self.cfg, self.me)
+        await self.signaling.start()
+        self._tasks.append(asyncio.create_task(self._signaling_loop(), name=f"sig-{self.cfg.name}"))
+        self._tasks.append(asyncio.create_task(self._watch_switch(), name=f"switch-{self.cfg.name}"))
+        log.info("event=overlay_up overlay=%s bridge=%s address=%s", self.cfg.name, self.cfg.bridge, self.cfg.address)
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for link in list(self.links.values()):
+            await self._close_link(link, "shutdown", notify=True)
+        if self.signaling:
+            try:
+                await asyncio.wait_for(self.signaling.stop(), 5)
+            except Exception as e:
+                log.warning("event=signaling_stop_failed error=%s", e)
+        if self.switch:
+            await self.switch.stop()
+        if self.bridge:
+            self.bridge.destroy()
+
+    async def _watch_switch(self, interval: float = 2.0) -> None:
+        """The app is a child process: if it dies, restart it (flows already in OVS keep forwarding)."""
+        while True:
+            await asyncio.sleep(interval)
+            if not self.switch.alive():
+                log.warning("event=switch_app_died overlay=%s", self.cfg.name)
+                try:
+                    await self.switch.restart()
+                    log.info("event=switch_app_restarted overlay=%s", self.cfg.name)
+                except Exception as e:
+                    log.error("event=switch_app_restart_failed overlay=%s error=%s", self.cfg.name, e)
+
+    # -- signaling events ------------------------------------------------------------------
+    async def _signaling_loop(self) -> None:
+        from ..signaling import events as ev
+        async for e in self.signaling.events():
+            try:
+                if isinstance(e, (ev.PeerAppeared, ev.PeerChanged, ev.PeerRefreshed)):
+                    await self._peer_seen(e.peer, changed=isinstance(e, ev.PeerChanged))
+                elif isinstance(e, ev.PeerLeft):
+                    link = self.links.get(e.node_id)
+                    if link:
+                        await self._close_link(link, f"peer left: {e.reason}", notify=False)
+                    self.neighbours.pop(e.node_id, None)
+                    await self._push_topology()
+                elif isinstance(e, ev.PeerMessage):
+                    await self._peer_message(e.node_id, e.type, e.payload)
+                elif isinstance(e, ev.SessionState):
+                    self.sig_state = "online" if e.online else f"offline ({e.detail})" if e.detail else "offline"
+                    if e.online:
+                        await self._announce_topology()
+                elif isinstance(e, ev.SendFailed):
+                    log.info("event=send_failed overlay=%s peer=%s type=%s reason=%s", self.cfg.name, e.node_id, e.type, e.reason)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("event=overlay_event_failed overlay=%s", self.cfg.name)
+
+    async def _peer_seen(self, peer, *, changed: bool) -> None:
+        link = self.links.get(peer.node_id)
+        if link and changed and link.tunnel_public != peer.tunnel_public:
+            await self._close_link(link, "peer certificate changed", notify=False)
+            link = None
+        if link is None:
+            await self._open_link(peer)
+        await self._announce_topology(to=peer.node_id)
+
+    async def _open_link(self, peer) -> PeerLink | None:
+        if peer.node_id in self.links:
+            return self.links[peer.node_id]
+        if len(self.links) >= self.cfg.max_peers:
+            log.warning("event=peer_limit overlay=%s peer=%s max_peers=%d", self.cfg.name, peer.node_id, self.cfg.max_peers)
+            return None
+        ice = self.cfg.ice
+        turn = None
+        if ice.turn_addr():
+            host, port = ice.turn_addr()
+            turn = TurnServer(host, port, ice.turn_user or "", ice.turn_password or "", ice.turn_transport)
+        link_id = f"{self.cfg.name}:{peer.node_id}"
+        link = PeerLink(peer.node_id, peer.subject, peer.tunnel_public, link_id, tap_name(self.cfg.name, peer.node_id))
+        spec = LinkSpec(
+            link_id=link_id, peer_id=peer.node_id, controlling=self.node_id > peer.node_id,
+            local_static=self.tunnel_private, peer_static=peer.tunnel_public, tap=link.tap,
+            mtu=self.cfg.mtu + 8,  # flood frames carry two VLAN tags between nodes (docs/switch.md)
+            stun=ice.stun_addr(), turn=turn,
+            exclude_interfaces=tuple(ice.ignore_interfaces) + tuple(o.bridge for o in self.node.cfg.overlay) + ("ipt*",),
+        )
+        self.links[peer.node_id] = link
+        self.by_link_id[link_id] = link
+        await self.node.pool.open_link(spec)
+        log.info("event=link_open overlay=%s peer=%s subject=%s controlling=%s", self.cfg.name, peer.node_id,
+                 peer.subject, spec.controlling)
+        return link
+
+    async def _close_link(self, link: PeerLink, reason: str, *, notify: bool) -> None:
+        self.links.pop(link.node_id, None)
+        self.by_link_id.pop(link.link_id, None)
+        await self._remove_port(link)
+        link.state = "closed"
+        try:
+            await self.node.pool.close_link(link.link_id, reason, notify_peer=notify)
+        except Exception as e:
+            log.warning("event=link_close_failed link=%s error=%s", link.link_id, e)
+        log.info("event=link_closed overlay=%s peer=%s reason=%s", self.cfg.name, link.node_id, reason)
+
+    async def _peer_message(self, node_id: str, type_: str, payload: dict) -> None:
+        if type_ == TOPOLOGY:
+            nb = payload.get("neighbours")
+            if isinstance(nb, list) and all(isinstance(x, str) and len(x) == 32 for x in nb) and len(nb) <= 4096:
+                self.neighbours[node_id] = set(nb)
+                await self._push_switch_topology()
+            return
+        if type_ not in LINK_TYPES:
+            log.info("event=unknown_message overlay=%s peer=%s type=%s", self.cfg.name, node_id, type_)
+            return
+        link = self.links.get(node_id)
+        if link is None:
+            peer = self.signaling.peer(node_id) if hasattr(self.signaling, "peer") else None
+            if peer is None or type_ == "link_close":
+                return
+            link = await self._open_link(peer)
+            if link is None:
+                return
+        await self.node.pool.deliver(link.link_id, type_, payload)
+
+    # -- pool events (dispatched by the node by link id) ----------------------------------------
+    async def on_pool_event(self, e) -> None:
+        link = self.by_link_id.get(e.link_id)
+        d = e.data
+        if e.kind == "signal":
+            if link:
+                await self.signaling.send(link.node_id, d["type"], d["payload"])
+        elif link is None:
+            return
+        elif e.kind == "up":
+            link.path, link.local, link.remote = d.get("path"), d.get("local"), d.get("remote")
+            await self._add_port(link)
+            link.state = "up"
+            link.up_since = time.monotonic()
+            link.ups += 1
+            log.info("event=link_up overlay=%s peer=%s path=%s local=%s remote=%s", self.cfg.name, link.node_id,
+                     link.path, link.local, link.remote)
+            await self._push_topology()
+        elif e.kind in ("down", "closed"):
+            await self._remove_port(link)
+            link.state = "connecting"
+            link.up_since = None
+            link.last_reason = d.get("reason", e.kind)
+            log.info("event=link_down overlay=%s peer=%s reason=%s", self.cfg.name, link.node_id, link.last_reason)
+            await self._push_topology()
+        elif e.kind == "error":
+            log.warning("event=link_error overlay=%s peer=%s error=%s", self.cfg.name, link.node_id, d.get("error"))
+
+    async def _add_port(self, link: PeerLink) -> None:
+        async with self._lock:
+            if not link.port:
+                await asyncio.to_thread(self.bridge.add_peer_port, link.tap)
+                link.port = True
+            await self.switch.add_peer_port(link.tap, link.node_id)
+
+    async def _remove_port(self, link: PeerLink) -> None:
+        async with self._lock:
+            if link.port:
+                try:
+                    await self.switch.remove_peer_port(link.tap)
+                except Exception as e:
+                    log.warning("event=switch_remove_port_failed port=%s error=%s", link.tap, e)
+                await asyncio.to_thread(self.bridge.remove_peer_port, link.tap)
+                link.port = False
+
+    # -- topology ---------------------------------------------------------------------------
+    def _my_neighbours(self) -> list[str]:
+        return sorted(n for n, l in self.links.items() if l.state == "up")
+
+    async def _announce_topology(self, to: str | None = None) -> None:
+        payload = {"neighbours": self._my_neighbours(), "seq": self.topology_seq}
+        targets = [to] if to else [n for n in self.links]
+        for t in targets:
+            try:
+                await self.signaling.send(t, TOPOLOGY, payload)
+            except Exception as e:
+                log.debug("event=topology_send_failed peer=%s error=%s", t, e)
+
+    async def _push_topology(self) -> None:
+        self.topology_seq += 1
+        await self._announce_topology()
+        await self._push_switch_topology()
+
+    async def _push_switch_topology(self) -> None:
+        """Edges both ends agree on (an edge one end says is down is left out), plus our own up links."""
+        mine = set(self._my_neighbours())
+        edges = {tuple(sorted((self.node_id, n))) for n in mine}
+        for a, nbs in self.neighbours.items():
+            for b in nbs:
+                if b == self.node_id:
+                    continue
+                if a in self.neighbours.get(b, set()):
+                    edges.add(tuple(sorted((a, b))))
+        await self.switch.set_topology(sorted(edges))
+
+    # -- status -----------------------------------------------------------------------------
+    def snapshot(self) -> dict:
+        now = time.monotonic()
+        sig = self.signaling
+        peers = []
+        for link in sorted(self.links.values(), key=lambda l: l.node_id):
+            s = link.stats
+            peers.append({
+                "node_id": link.node_id, "subject": link.subject, "state": link.state,
+                "path": link.path if link.state == "up" else None,
+                "candidates": s.get("candidates"), "remote_addr": link.remote, "local_addr": link.local,
+                "rtt_ms": s.get("rtt_ms"), "tx_frames": s.get("tx_frames", 0), "tx_bytes": s.get("tx_bytes", 0),
+                "rx_frames": s.get("rx_frames", 0), "rx_bytes": s.get("rx_bytes", 0), "drops": s.get("drops", {}),
+                "last_handshake_s": s.get("last_handshake_s"),
+                "uptime_s": round(now - link.up_since, 1) if link.up_since else None,
+                "port": link.tap if link.port else None, "ups": link.ups, "last_reason": link.last_reason,
+            })
+        return {
+            "name": self.cfg.name, "kind": self.cfg.kind, "bridge": self.cfg.bridge,
+            "address": self.cfg.address, "address6": self.cfg.address6,
+            "signaling": {"state": self.sig_state, "server": f"{self.cfg.xmpp.server}:{self.cfg.xmpp.port}",
+                          "drops": sig.drops() if sig and hasattr(sig, "drops") else {}},
+            "peers": peers,
+        }
+
+
+def make_signaling(cfg: OverlayConfig, me):
+    """The overlay's signaling session (XMPP), built from the node config."""
+    from ..signaling.config import SignalingConfig
+    from ..signaling.session import SignalingSession
+    scfg = SignalingConfig(jid=cfg.xmpp.jid, password=cfg.xmpp.secret(), server=cfg.xmpp.server,
+                           port=cfg.xmpp.port, ca_file=cfg.xmpp.ca_file, room=cfg.xmpp.room)
+    return SignalingSession(scfg, me, cfg.name)

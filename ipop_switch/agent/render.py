@@ -1,0 +1,73 @@
+"""``ipop-switch status`` as tables a person reads (the JSON is for scripts)."""
+
+from __future__ import annotations
+
+import time
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _ago(seconds: float | None) -> str:
+    if seconds is None:
+        return "never"
+    if seconds < 120:
+        return f"{seconds:.0f}s ago"
+    return f"{seconds / 60:.0f}m ago"
+
+
+def _dur(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def render_status(st: dict, console: Console) -> None:
+    node = st.get("node", {})
+    console.print(f"node [bold]{node.get('node_id', '?')}[/]  agent pid {node.get('pid', '?')}, up {_dur(node.get('uptime_s'))}"
+                  + (f", OVS {node['ovs']}" if node.get("ovs") else ""))
+    for note in node.get("notes", []):
+        console.print(f"  note: {note}")
+    for ov in st.get("overlays", []):
+        sig = ov.get("signaling", {})
+        drops = ", ".join(f"{k} {v}" for k, v in sorted(sig.get("drops", {}).items()) if v) or "none"
+        console.print(f"\noverlay [bold]{ov['name']}[/] ({ov.get('kind', 'group')}), bridge {ov.get('bridge')}, "
+                      f"address {ov.get('address')}{' ' + ov['address6'] if ov.get('address6') else ''}; "
+                      f"signaling {sig.get('state', '?')} ({sig.get('server', '')}), dropped messages: {drops}")
+        t = Table(show_edge=False)
+        for col in ("peer", "subject", "state", "path", "candidates", "remote", "RTT", "tx", "rx", "drops",
+                    "handshake", "uptime"):
+            t.add_column(col)
+        for p in ov.get("peers", []):
+            state = p.get("state", "?")
+            color = {"up": "green", "connecting": "yellow"}.get(state, "red")
+            path = p.get("path") or "-"
+            drops = ", ".join(f"{k} {v}" for k, v in sorted((p.get("drops") or {}).items()) if v) or "-"
+            t.add_row(
+                p["node_id"][:12], p.get("subject", "") or "-", f"[{color}]{state}[/]", path,
+                p.get("candidates") or "-", p.get("remote_addr") or "-",
+                f"{p['rtt_ms']:.2f} ms" if p.get("rtt_ms") is not None else "-",
+                f"{p.get('tx_frames', 0)} / {_bytes(p.get('tx_bytes'))}",
+                f"{p.get('rx_frames', 0)} / {_bytes(p.get('rx_bytes'))}",
+                drops, _ago(p.get("last_handshake_s")), _dur(p.get("uptime_s")),
+            )
+        if ov.get("peers"):
+            console.print(t)
+        else:
+            console.print("  no peers yet")
+        for note in ov.get("notes", []):
+            console.print(f"  note: {note}")
