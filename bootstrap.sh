@@ -19,7 +19,7 @@ esac
 
 [ "$(id -u)" -eq 0 ] || die "must run as root (it installs Debian packages and builds network namespaces); try: sudo $0 $MODE"
 
-APT_PKGS=(openvswitch-switch prosody coturn nftables iproute2 iperf3 iputils-ping tcpdump procps psmisc ca-certificates openssl python3 python3-venv dnsmasq-base)
+APT_PKGS=(openvswitch-switch prosody coturn nftables iproute2 iperf3 iputils-ping tcpdump procps psmisc ca-certificates openssl python3 python3-venv dnsmasq-base ruby)
 
 missing=()
 for p in "${APT_PKGS[@]}"; do
@@ -44,7 +44,7 @@ fi
 # Python: a virtual environment of our own, so Debian's Python stays untouched
 # (PEP 668) and a second run reuses it.
 PY="${PYTHON:-python3}"
-VENV="$HERE/.venv"
+VENV="${IPSW_VENV:-$HERE/.venv}"   # IPSW_VENV: e.g. when several VMs share one checkout
 if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV" || die "could not create a virtual environment with $PY"
 fi

@@ -223,6 +223,27 @@ def bench(runs: int, seconds: float, systems: str | None, json_path: str | None)
         Path(json_path).write_text(json.dumps(report, indent=1))
 
 
+@cli.group()
+def deploy() -> None:
+    """Generate configs for a group across real machines."""
+
+
+@deploy.command("vagrant")
+@click.option("--nodes", default=3, show_default=True, type=click.IntRange(1, 50))
+@click.option("--signal-ip", required=True, help="underlay address of the signaling host (Prosody, coturn)")
+@click.option("--node-ips", required=True, help="comma list of the nodes' underlay addresses")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="output directory")
+@click.option("--group", default="demo", show_default=True)
+def deploy_vagrant(nodes: int, signal_ip: str, node_ips: str, out: str, group: str) -> None:
+    """Signaling host configs and, per node, identity + certificate + node.toml (used by vagrant/)."""
+    from .deploy import generate
+    ips = [x for x in node_ips.split(",") if x]
+    if len(ips) != nodes:
+        raise IpopError(f"--node-ips: {len(ips)} addresses for {nodes} nodes")
+    summary = generate(Path(out), nodes=nodes, signal_ip=signal_ip, node_ips=ips, group=group)
+    click.echo(json.dumps(summary, indent=1))
+
+
 # -- commands defined in other modules: one import + add_command line each -------------
 # (keep this block at the end; each part owns its own cli module)
 from .identity.cli import COMMANDS as _identity_commands  # noqa: E402

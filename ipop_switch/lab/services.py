@@ -34,8 +34,8 @@ def _write_private(path: Path, data: bytes) -> None:
     path.chmod(0o600)
 
 
-def make_lab_ca(dirpath: Path) -> None:
-    """A CA for the lab and a server certificate for Prosody signed by it."""
+def make_lab_ca(dirpath: Path, *, addr: str = XMPP_ADDR, days: int = 30) -> None:
+    """A CA for the lab and a server certificate for Prosody (domain and ``addr``) signed by it."""
     dirpath.mkdir(parents=True, exist_ok=True)
     now = dt.datetime.now(dt.timezone.utc)
     ca_key = ec.generate_private_key(ec.SECP256R1())
@@ -46,7 +46,7 @@ def make_lab_ca(dirpath: Path) -> None:
         .public_key(ca_key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=30))
+        .not_valid_after(now + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
         .sign(ca_key, hashes.SHA256())
@@ -59,11 +59,11 @@ def make_lab_ca(dirpath: Path) -> None:
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=30))
+        .not_valid_after(now + dt.timedelta(days=days))
         .add_extension(
             x509.SubjectAlternativeName([
                 x509.DNSName(XMPP_DOMAIN), x509.DNSName(MUC_DOMAIN),
-                x509.IPAddress(ipaddress.ip_address(XMPP_ADDR)),
+                x509.IPAddress(ipaddress.ip_address(addr)),
             ]),
             critical=False,
         )
@@ -75,6 +75,33 @@ def make_lab_ca(dirpath: Path) -> None:
     _write_private(dirpath / "ca.key", ca_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
     (dirpath / "server.crt").write_bytes(cert.public_bytes(pem))
     _write_private(dirpath / "server.key", key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+
+
+def prosody_config(root: Path, ca_dir: Path, addr: str, *, pidfile: Path, run_as_root: bool) -> str:
+    """Prosody's config: c2s on ``addr`` only, TLS required, no registration, a MUC component."""
+    return f'''-- written by ipop-switch
+run_as_root = {'true' if run_as_root else 'false'}
+daemonize = false
+pidfile = "{pidfile}"
+data_path = "{root / 'data'}"
+log = {{ {{ levels = {{ min = "info" }}, to = "file", filename = "{root / 'prosody.log'}" }} }}
+interfaces = {{ "{addr}" }}
+c2s_ports = {{ {XMPP_PORT} }}
+c2s_direct_tls_ports = {{ }}
+modules_enabled = {{ "roster", "saslauth", "tls", "disco", "ping", "posix", "presence" }}
+modules_disabled = {{ "s2s", "offline", "c2s_direct_tls" }}
+c2s_require_encryption = true
+authentication = "internal_hashed"
+allow_registration = false
+storage = "internal"
+ssl = {{ certificate = "{ca_dir / 'server.crt'}", key = "{ca_dir / 'server.key'}" }}
+VirtualHost "{XMPP_DOMAIN}"
+Component "{MUC_DOMAIN}" "muc"
+    restrict_room_creation = false
+    muc_room_default_public = true
+    muc_room_default_persistent = false
+    muc_room_locking = false
+'''
 
 
 @dataclass
@@ -95,29 +122,7 @@ class Prosody:
 
     def write_config(self) -> None:
         (self.root / "data").mkdir(parents=True, exist_ok=True)
-        self.config.write_text(f'''-- written by ipop-switch lab
-run_as_root = true
-daemonize = false
-pidfile = "{self.pidfile}"
-data_path = "{self.root / 'data'}"
-log = {{ {{ levels = {{ min = "info" }}, to = "file", filename = "{self.root / 'prosody.log'}" }} }}
-interfaces = {{ "{XMPP_ADDR}" }}
-c2s_ports = {{ {XMPP_PORT} }}
-c2s_direct_tls_ports = {{ }}
-modules_enabled = {{ "roster", "saslauth", "tls", "disco", "ping", "posix", "presence" }}
-modules_disabled = {{ "s2s", "offline", "c2s_direct_tls" }}
-c2s_require_encryption = true
-authentication = "internal_hashed"
-allow_registration = false
-storage = "internal"
-ssl = {{ certificate = "{self.ca_dir / 'server.crt'}", key = "{self.ca_dir / 'server.key'}" }}
-VirtualHost "{XMPP_DOMAIN}"
-Component "{MUC_DOMAIN}" "muc"
-    restrict_room_creation = false
-    muc_room_default_public = true
-    muc_room_default_persistent = false
-    muc_room_locking = false
-''')
+        self.config.write_text(prosody_config(self.root, self.ca_dir, XMPP_ADDR, pidfile=self.pidfile, run_as_root=True))
 
     def register(self, user: str, password: str) -> None:
         proc.run(["prosodyctl", "--config", str(self.config), "register", user, XMPP_DOMAIN, password], timeout=30)
