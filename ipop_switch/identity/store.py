@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
 from .certs import (NODE_ID_RE, IdentityError, cert_overlay, check_overlay_name, load_cert_pem, make_request,
                     node_id_of)
 from .files import load_private, private_pem, read_file, write_file
-from .verify import GroupVerifier, VerifiedPeer
+from .verify import CertRejected, GroupVerifier, VerifiedPeer
 
 PEM = serialization.Encoding.PEM
 DEFAULT_DIR = Path("/var/lib/ipop-switch")
@@ -105,8 +105,13 @@ class NodeIdentity:
                 self.signing_key.public_key().public_bytes(PEM, serialization.PublicFormat.SubjectPublicKeyInfo):
             raise IdentityError("bundle: the certificate names another signing key than this node's")
         crl_pem = _crl_block(bundle)
-        GroupVerifier(ca_cert, overlay, crl=x509.load_pem_x509_crl(crl_pem) if crl_pem else None).verify(
-            node_cert.public_bytes(serialization.Encoding.DER))
+        try:
+            GroupVerifier(ca_cert, overlay, crl=x509.load_pem_x509_crl(crl_pem) if crl_pem else None).verify(
+                node_cert.public_bytes(serialization.Encoding.DER))
+        except CertRejected as e:
+            raise IdentityError(f"bundle: the certificate does not verify ({e})") from None
+        except ValueError as e:
+            raise IdentityError(f"bundle: unreadable CRL ({e})") from None
         gdir = self.group_dir(overlay)
         if (gdir / "node.crt").exists() and not force:
             raise IdentityError(f"already a member of {overlay} ({gdir}); use --force to replace")
@@ -116,12 +121,21 @@ class NodeIdentity:
             write_file(gdir / "crl.pem", crl_pem, private=False)
         return overlay
 
-    def membership(self, overlay: str) -> "OverlayIdentity":
+    def membership(self, overlay: str, *, self_check: bool = True) -> "OverlayIdentity":
+        """The identity for one overlay. Our own certificate is verified like a peer's, so an expired
+        or revoked node says so at start instead of being silently ignored by everyone
+        (``self_check=False`` only for tests that play such a node)."""
         gdir = self.group_dir(overlay)
         cert_pem = read_file(gdir / "node.crt", f"certificate for overlay {overlay} (run 'ipop-switch group join')")
         ca = load_cert_pem(read_file(gdir / "ca.crt", f"CA certificate of overlay {overlay}"), str(gdir / "ca.crt"))
         verifier = GroupVerifier(ca, overlay, crl_path=gdir / "crl.pem")
-        own = verifier.verify(load_cert_pem(cert_pem, str(gdir / "node.crt")).public_bytes(serialization.Encoding.DER))
+        der = load_cert_pem(cert_pem, str(gdir / "node.crt")).public_bytes(serialization.Encoding.DER)
+        try:
+            own = verifier.verify(der)
+        except CertRejected as e:
+            if self_check:
+                raise IdentityError(f"own certificate for {overlay} unusable: {e}") from None
+            own = verifier._verify_static(der)
         if own.node_id != self.node_id:
             raise IdentityError(f"{gdir / 'node.crt'} belongs to node {own.node_id}, not to {self.node_id}")
         return OverlayIdentity(self, overlay, cert_pem, own, verifier)

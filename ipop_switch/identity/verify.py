@@ -141,7 +141,8 @@ class GroupVerifier:
         try:
             cert.verify_directly_issued_by(self.ca)
         except (ValueError, TypeError, InvalidSignature) as e:
-            raise CertRejected("untrusted_cert", f"not issued by the group CA of {self.overlay} ({e or 'bad signature'})") from None
+            raise CertRejected("untrusted_cert", f"not issued by the group CA of {self.overlay} "
+                                                  f"({str(e) or 'CA signature does not verify'})") from None
         ov = cert_overlay(cert)
         if ov != self.overlay:
             raise CertRejected("wrong_overlay", f"certificate is for overlay {ov!r}, expected {self.overlay!r}")

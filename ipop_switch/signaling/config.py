@@ -28,6 +28,8 @@ class SignalingConfig(BaseModel):
     queue_timeout: float = Field(30.0, gt=0, description="how long a message waits for an unreachable peer")
     queue_max: int = Field(1024, ge=1)
     replay_window: float = Field(60.0, gt=0, description="accepted clock difference, seconds")
+    leave_grace: float = Field(5.0, gt=0, description="a peer that left the room is reported gone after this "
+                                                      "unless it comes back (or we lose the server too)")
     rejoin_grace: float = Field(20.0, gt=0, description="after a reconnect, peers not seen again within this "
                                                         "are reported as left")
     recheck_interval: float = Field(30.0, gt=0, description="re-verify known peers' certificates this often")

@@ -89,9 +89,9 @@ async def main(args: argparse.Namespace) -> int:
         server=args.server, port=args.port, ca_file=args.ca, room=args.room,
         capabilities={"harness": True}, connect_timeout=args.connect_timeout, backoff_min=args.backoff_min,
         backoff_max=args.backoff_max, keepalive=args.keepalive, queue_timeout=args.queue_timeout,
-        rejoin_grace=args.rejoin_grace, recheck_interval=args.recheck)
+        rejoin_grace=args.rejoin_grace, leave_grace=args.leave_grace, recheck_interval=args.recheck)
     try:
-        ident = NodeIdentity.load(args.identity).membership(args.overlay)
+        ident = NodeIdentity.load(args.identity).membership(args.overlay, self_check=not args.no_self_check)
     except IpopError as e:
         out("error", error=str(e))
         return 1
@@ -129,7 +129,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keepalive", type=float, default=30.0)
     p.add_argument("--queue-timeout", type=float, default=30.0)
     p.add_argument("--rejoin-grace", type=float, default=20.0)
+    p.add_argument("--leave-grace", type=float, default=5.0)
     p.add_argument("--recheck", type=float, default=30.0)
+    p.add_argument("--no-self-check", action="store_true",
+                   help="run even with an own certificate that fails verification (tests that play a bad node)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
 

@@ -57,6 +57,7 @@ class PeerRecord:
     generation: int                  # our connection number in which it last announced
     last_announce: float             # monotonic
     announces: int = 1
+    gone_at: float | None = None     # monotonic time it left the room (reported after leave_grace)
 
 
 @dataclass
@@ -239,6 +240,7 @@ class SignalingSession:
         self._disco = None
         for r in self._peers.values():
             r.address = None
+            r.gone_at = None  # a server going away empties the room: the rejoin grace decides, not this
         if was:
             self._emit(SessionState(False, self.last_error))
 
@@ -248,9 +250,12 @@ class SignalingSession:
             self._announce(address, hint)
 
     def _contact_gone(self, address: str) -> None:
-        for nid, r in list(self._peers.items()):
+        """A peer left the room. Reported only after ``leave_grace``: when the server shuts down it
+        empties the room just before dropping us too, and peers that merely reconnect come back."""
+        for r in self._peers.values():
             if r.address == address:
-                self._forget(nid, "left")
+                r.address, r.gone_at = None, time.monotonic()
+                self._wake.set()
 
     def _announce(self, address: str, to_node: str) -> None:
         self._announced_to.add(address)
@@ -342,6 +347,7 @@ class SignalingSession:
         else:
             changed = rec.peer.cert_der != peer.cert_der or rec.caps != caps
             rec.peer, rec.caps, rec.address, rec.generation, rec.last_announce = peer, caps, address, self._generation, now
+            rec.gone_at = None
             rec.announces += 1
             self._emit(PeerChanged(peer, caps) if changed else PeerRefreshed(peer))
         if address not in self._announced_to:  # it saw us before we saw it: answer
@@ -402,6 +408,10 @@ class SignalingSession:
                 for nid, r in list(self._peers.items()):
                     if r.generation < self._generation:
                         self._forget(nid, "not rediscovered")
+            if self.online:
+                for nid, r in list(self._peers.items()):
+                    if r.gone_at is not None and now - r.gone_at >= self.cfg.leave_grace:
+                        self._forget(nid, "left")
             if now >= self._next_recheck:
                 self._next_recheck = now + self.cfg.recheck_interval
                 self._recheck()
@@ -410,6 +420,7 @@ class SignalingSession:
                 wake.append(self._pending[0].deadline)
             if self._grace_pending and self._online_since is not None:
                 wake.append(self._online_since + self.cfg.rejoin_grace)
+            wake += [r.gone_at + self.cfg.leave_grace for r in self._peers.values() if r.gone_at is not None]
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), max(0.01, min(wake) - time.monotonic()))

@@ -105,7 +105,12 @@ class XmppConnection:
 
     def _disconnected(self, reason) -> None:
         if not self._outcome.done():
-            self._outcome.set_exception(ConnectFailed(f"XMPP server {self.host} closed the connection ({reason})"))
+            if isinstance(reason, ssl.SSLError):  # the TLS handshake failed: slixmpp reports it here first
+                self._outcome.set_exception(TlsFailed(
+                    f"XMPP server {self.host}: TLS certificate not trusted"
+                    f"{' by ' + str(self.cfg.ca_file) if self.cfg.ca_file else ''} ({reason.reason or reason})"))
+            else:
+                self._outcome.set_exception(ConnectFailed(f"XMPP server {self.host} closed the connection ({reason})"))
         if not self.disconnected.done():
             self.disconnected.set_result(str(reason or "connection lost"))
         if self._pinger:
@@ -167,6 +172,10 @@ class XmppConnection:
             self.disconnected.set_result("closed")
         if self._pinger:
             self._pinger.cancel()
+        # this client object is done for: stop its output task, which would otherwise linger forever
+        filters = getattr(c, "_run_out_filters", None)
+        if filters is not None and not filters.done():
+            filters.cancel()
 
     async def aclose(self, wait: float = 1.0) -> None:
         """Close the stream politely (the room sees us leave at once), bounded by ``wait``."""

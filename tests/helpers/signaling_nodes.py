@@ -19,7 +19,7 @@ from ipop_switch.lab.services import XMPP_ADDR
 
 HARNESS = [sys.executable, "-m", "ipop_switch.signaling.harness"]
 FAST = ["--backoff-min", "0.2", "--backoff-max", "1.0", "--connect-timeout", "5", "--keepalive", "5",
-        "--queue-timeout", "3", "--rejoin-grace", "8", "--recheck", "1"]
+        "--queue-timeout", "3", "--rejoin-grace", "8", "--leave-grace", "1", "--recheck", "1"]
 
 
 def make_member(ca: GroupCA, dirpath: Path, name: str, **issue_kw) -> NodeIdentity:
