@@ -167,7 +167,8 @@ def test_hostile_client_messages_are_dropped_and_counted(world):
     assert "error" not in res, res
     expected = res["sent"]
     assert set(expected) >= {"replayed", "stale", "wrong_overlay", "bad_signature", "unsigned", "oversized",
-                             "malformed", "unknown_sender", "untrusted_cert", "expired", "revoked"}
+                             "malformed", "unknown_sender", "untrusted_cert", "expired", "revoked",
+                             "wrong_address", "sender_mismatch", "foreign_source", "bad_version", "wrong_recipient"}
     deadline = time.monotonic() + 5
     while True:
         after = target.status()["drops"]

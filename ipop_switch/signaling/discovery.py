@@ -35,6 +35,10 @@ class Discovery(Protocol):
     def address_of(self, source: slixmpp.JID) -> str | None:
         """The contact address a received stanza came from, or None if not from a contact."""
 
+    @property
+    def own_address(self) -> str:
+        """Our own address as contacts see it."""
+
     def hint(self, address: str) -> str | None:
         """The node id a contact address claims (untrusted; a signed announce must match it)."""
 
@@ -69,6 +73,10 @@ class MucDiscovery:
         if source.bare != self.room or not source.resource or source.resource == self.nick:
             return None
         return f"{self.room}/{source.resource}"
+
+    @property
+    def own_address(self) -> str:
+        return f"{self.room}/{self.nick}"
 
     def hint(self, address: str) -> str | None:
         return hint_of(address.rpartition("/")[2])

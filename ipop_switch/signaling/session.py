@@ -259,7 +259,10 @@ class SignalingSession:
 
     def _announce(self, address: str, to_node: str) -> None:
         self._announced_to.add(address)
-        body = {"cert": base64.b64encode(self.identity.cert_der).decode(), "caps": self.cfg.capabilities}
+        # the addresses bind the announce to this pair of room occupants: another occupant cannot
+        # forward it to divert the recipient's messages for us to itself
+        body = {"cert": base64.b64encode(self.identity.cert_der).decode(), "caps": self.cfg.capabilities,
+                "from_addr": self._disco.own_address if self._disco else "", "to_addr": address}
         try:
             self._transmit(address, to_node, ANNOUNCE, body)
         except Exception as e:
@@ -302,6 +305,8 @@ class SignalingSession:
             peer, caps = self._announce_peer(env)
             if self._disco is None or self._disco.hint(address) != env.sender:
                 raise Drop("sender_mismatch", f"announce of {env.sender} from address {address}")
+            if env.body.get("from_addr") != address or env.body.get("to_addr") != self._disco.own_address:
+                raise Drop("wrong_address", f"announce of {env.sender} meant for another pair of addresses")
         else:
             rec = self._peers.get(env.sender)
             if rec is None:

@@ -71,8 +71,14 @@ def plan(c: dict) -> list[tuple[str, str, str | None, bool]]:
                                              "body": {}}, me.signing_key), True))
     out.append(("unknown_sender", *encode(env(sender=secrets.token_hex(16)), rnd.sign), True))
     cert = base64.b64encode(me.membership(c["overlay"]).cert_der).decode()
-    # the member's real certificate in an announce from our own room address
-    out.append(("sender_mismatch", *encode(env(type="announce", body={"cert": cert, "caps": {}}), me.sign), True))
+    # the member's own announce, as if captured from its exchange with another occupant, forwarded from
+    # our room address (whose nick claims the member's node id)
+    captured_announce = {"cert": cert, "caps": {}, "from_addr": f"{c['room']}/{me.node_id}.real",
+                         "to_addr": f"{c['room']}/{tgt}.other"}
+    out.append(("wrong_address", *encode(env(type="announce", body=captured_announce), me.sign), True))
+    # the member's certificate in an announce claiming to come from another member
+    out.append(("sender_mismatch", *encode(env(sender=c["other_member"], type="announce",
+                                               body={"cert": cert, "caps": {}}), me.sign), True))
     for reason, d in c["bad_certs"].items():
         bad = NodeIdentity.load(Path(d))
         bad_cert = (bad.group_dir(ov) / "node.crt").read_bytes()
@@ -105,7 +111,9 @@ async def main(c: dict) -> dict:
     xmpp.connect(c["server"], 5222)
     await asyncio.wait_for(started, 10)
     xmpp.send_presence()
-    await xmpp.plugin["xep_0045"].join_muc_wait(slixmpp.JID(room), secrets.token_hex(16) + ".beef",
+    # our nick claims the captured member's node id (occupants cannot be stopped from choosing nicks)
+    me = NodeIdentity.load(Path(c["captured"])).node_id
+    await xmpp.plugin["xep_0045"].join_muc_wait(slixmpp.JID(room), me + ".beef",
                                                 maxstanzas=0, timeout=10)
     nick = await asyncio.wait_for(target_nick, 10)
     sent: dict[str, int] = {}

@@ -145,7 +145,7 @@ def start_node(lab, host: str, ident_dir: Path, overlay: str, logdir: Path, *, u
     name = name or f"{host}-{Path(ident_dir).name}"
     log = Path(logdir) / f"{name}.log"
     argv = HARNESS + ["--identity", str(ident_dir), "--overlay", overlay, "--jid", f"{user}@ipsw.test",
-                      "--password", password, "--server", XMPP_ADDR, "--ca", str(ca or lab.ca_cert)] + FAST + \
+                      f"--password={password}", "--server", XMPP_ADDR, "--ca", str(ca or lab.ca_cert)] + FAST + \
         (extra or [])
     with open(log, "ab") as errf:
         p = lab.popen(host, argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errf, text=True)
