@@ -73,7 +73,7 @@ async def commands(s: SignalingSession) -> None:
             out("status", **s.status())
         elif what == "send":
             try:
-                fut = s.send(cmd["to"], cmd["type"], cmd.get("payload", {}))
+                fut = s.send_nowait(cmd["to"], cmd["type"], cmd.get("payload", {}))
             except (ValueError, KeyError) as e:
                 out("error", error=f"send: {e}")
                 continue

@@ -5,7 +5,8 @@ The asyncio API the agent uses:
     await s.start(wait_online=10)          # raises SignalingError on a bad password / untrusted server
     async for ev in s.events(): ...        # PeerAppeared / PeerChanged / PeerRefreshed / PeerLeft /
                                            # PeerMessage / SendFailed / SessionState
-    fut = s.send(peer_node_id, "link_offer", {...})   # queued while the peer is unreachable
+    await s.send(peer_node_id, "link_offer", {...})   # returns at once; queued while the peer is unreachable
+    fut = s.send_nowait(...)               # the same, with a future of the hand-over to the server
     await s.stop()
 
 The server is a mailbox: a peer exists only after a fresh announcement signed by a key whose
@@ -146,10 +147,19 @@ class SignalingSession:
     def peers(self) -> dict[str, VerifiedPeer]:
         return {nid: r.peer for nid, r in self._peers.items()}
 
+    def peer(self, node_id: str) -> VerifiedPeer | None:
+        r = self._peers.get(node_id)
+        return r.peer if r else None
+
     def peer_records(self) -> dict[str, PeerRecord]:
         return dict(self._peers)
 
-    def send(self, node_id: str, msg_type: str, payload: dict[str, Any]) -> asyncio.Future:
+    async def send(self, node_id: str, msg_type: str, payload: dict[str, Any]) -> None:
+        """Like ``send_nowait`` but returns at once without the future: awaiting it never blocks the
+        caller's event handling; a message that cannot be delivered comes back as a SendFailed event."""
+        self.send_nowait(node_id, msg_type, payload)
+
+    def send_nowait(self, node_id: str, msg_type: str, payload: dict[str, Any]) -> asyncio.Future:
         """Sign and send ``payload`` to a peer; if it is not reachable now (unknown yet, or we are
         offline), queue it for at most ``queue_timeout`` seconds. The future resolves when the message
         is handed to the server, or fails with SendFailedError (also reported as a SendFailed event).
