@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
 
 from ipop_switch.cli import cli
-from ipop_switch.identity import CertRejected, GroupCA, GroupVerifier, IdentityError, NodeIdentity
+from ipop_switch.identity import CertRejected, GroupCA, IdentityError, NodeIdentity
 from ipop_switch.identity.certs import overlay_extension, tunnel_extension, tunnel_public_of, node_subject
 
 DER = serialization.Encoding.DER
