@@ -20,6 +20,7 @@ from typing import Any
 from ..bridge.controller import SwitchController
 from ..bridge.overlay_bridge import OverlayBridge, stable_mac
 from ..config import OverlayConfig
+from ..errors import IpopError
 from ..identity.store import NodeIdentity
 from ..worker.messages import LinkSpec, TurnServer
 
@@ -28,6 +29,7 @@ log = logging.getLogger("ipop_switch.agent")
 LINK_TYPES = ("link_offer", "link_answer", "link_close", "link_restart")
 TOPOLOGY = "topology"
 OFP_PORT_BASE = 6653
+SIGNALING_START_TIMEOUT = 15.0
 
 
 @dataclass
@@ -87,7 +89,10 @@ class Overlay:
         await self.switch.set_node_id(self.node_id)
         await self.switch.add_local_port(self.cfg.bridge)
         self.signaling = make_signaling(self.cfg, self.me)
-        await self.signaling.start()
+        if not await self.signaling.start(wait_online=SIGNALING_START_TIMEOUT):
+            err = self.signaling.status().get("last_error") or "no answer"
+            raise IpopError(f"overlay {self.cfg.name}: cannot reach the XMPP server "
+                            f"{self.cfg.xmpp.server}:{self.cfg.xmpp.port} within {SIGNALING_START_TIMEOUT:.0f}s ({err})")
         self._tasks.append(asyncio.create_task(self._signaling_loop(), name=f"sig-{self.cfg.name}"))
         self._tasks.append(asyncio.create_task(self._watch_switch(), name=f"switch-{self.cfg.name}"))
         log.info("event=overlay_up overlay=%s bridge=%s address=%s", self.cfg.name, self.cfg.bridge, self.cfg.address)
@@ -165,7 +170,8 @@ class Overlay:
         if ice.turn_addr():
             host, port = ice.turn_addr()
             turn = TurnServer(host, port, ice.turn_user or "", ice.turn_password or "", ice.turn_transport)
-        link_id = f"{self.cfg.name}:{peer.node_id}"
+        # the same id on both ends: the tunnel handshake binds it (its prologue)
+        link_id = f"{self.cfg.name}:{min(self.node_id, peer.node_id)}:{max(self.node_id, peer.node_id)}"
         link = PeerLink(peer.node_id, peer.subject, peer.tunnel_public, link_id, tap_name(self.cfg.name, peer.node_id))
         spec = LinkSpec(
             link_id=link_id, peer_id=peer.node_id, controlling=self.node_id > peer.node_id,
@@ -204,7 +210,7 @@ class Overlay:
             return
         link = self.links.get(node_id)
         if link is None:
-            peer = self.signaling.peer(node_id) if hasattr(self.signaling, "peer") else None
+            peer = self.signaling.peer(node_id)
             if peer is None or type_ == "link_close":
                 return
             link = await self._open_link(peer)
@@ -308,7 +314,7 @@ class Overlay:
             "name": self.cfg.name, "kind": self.cfg.kind, "bridge": self.cfg.bridge,
             "address": self.cfg.address, "address6": self.cfg.address6,
             "signaling": {"state": self.sig_state, "server": f"{self.cfg.xmpp.server}:{self.cfg.xmpp.port}",
-                          "drops": sig.drops() if sig and hasattr(sig, "drops") else {}},
+                          "drops": (sig.status().get("drops", {}) if sig else {})},
             "peers": peers,
         }
 
@@ -319,4 +325,4 @@ def make_signaling(cfg: OverlayConfig, me):
     from ..signaling.session import SignalingSession
     scfg = SignalingConfig(jid=cfg.xmpp.jid, password=cfg.xmpp.secret(), server=cfg.xmpp.server,
                            port=cfg.xmpp.port, ca_file=cfg.xmpp.ca_file, room=cfg.xmpp.room)
-    return SignalingSession(scfg, me, cfg.name)
+    return SignalingSession(me, scfg)

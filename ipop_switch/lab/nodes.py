@@ -59,6 +59,10 @@ class LabGroup:
         self.mtu = mtu
         self.extra = extra or {}
         self.dir = lab.dir / "groups" / name
+        # OVS's userspace datapath reads ports through packet sockets sized by the host-wide
+        # net.core.rmem_default, writable only from the root namespace (where we are now)
+        from ..agent.node import host_buffer_note
+        self.buffer_note = host_buffer_note("netdev")
         self.ca = GroupCA.create(self.dir / "ca", name, force=True)
         self.nodes: dict[str, LabNode] = {}
 
