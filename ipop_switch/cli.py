@@ -184,7 +184,9 @@ def lab_exec(name: str, host: str, command: tuple[str, ...]) -> None:
 def lab_demo(keep: bool, **kw) -> None:
     """Bring a lab up, show what it is and how each NAT behaves, and tear it down."""
     from .lab.demo import run_demo
-    run_demo(_spec(**kw), console=console, keep=keep)
+    result = run_demo(_spec(**kw), console=console, keep=keep)
+    if not result.get("ok"):
+        sys.exit(1)
 
 
 def _print_status(st: dict) -> None:

@@ -188,4 +188,9 @@ class Node:
 
 def normalise_stats(s: dict) -> dict:
     """The worker's counters under the names status and metrics use."""
-    return s
+    out = dict(s)
+    out["last_handshake_s"] = s.get("session_age")
+    local, remote = s.get("local") or "", s.get("remote") or ""
+    if local and remote:
+        out["candidates"] = f"{local.split()[0]}->{remote.split()[0]}"
+    return out

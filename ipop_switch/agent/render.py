@@ -49,20 +49,23 @@ def render_status(st: dict, console: Console) -> None:
                       f"address {ov.get('address')}{' ' + ov['address6'] if ov.get('address6') else ''}; "
                       f"signaling {sig.get('state', '?')} ({sig.get('server', '')}), dropped messages: {drops}")
         t = Table(show_edge=False)
-        for col in ("peer", "subject", "state", "path", "candidates", "remote", "RTT", "tx", "rx", "drops",
-                    "handshake", "uptime"):
+        for col in ("peer", "name", "state", "path (local->remote candidate)", "remote address", "RTT",
+                    "tx / rx", "drops", "handshake", "uptime"):
             t.add_column(col)
         for p in ov.get("peers", []):
             state = p.get("state", "?")
             color = {"up": "green", "connecting": "yellow"}.get(state, "red")
             path = p.get("path") or "-"
+            if p.get("candidates") and path != "-":
+                path = f"{path} ({p['candidates']})"
             drops = ", ".join(f"{k} {v}" for k, v in sorted((p.get("drops") or {}).items()) if v) or "-"
+            subject = p.get("subject", "") or ""
+            name = subject.split("CN=", 1)[1].split(",")[0] if "CN=" in subject else subject or "-"
+            remote = (p.get("remote_addr") or "-").split()[-1]
             t.add_row(
-                p["node_id"][:12], p.get("subject", "") or "-", f"[{color}]{state}[/]", path,
-                p.get("candidates") or "-", p.get("remote_addr") or "-",
+                p["node_id"][:12], name, f"[{color}]{state}[/]", path, remote,
                 f"{p['rtt_ms']:.2f} ms" if p.get("rtt_ms") is not None else "-",
-                f"{p.get('tx_frames', 0)} / {_bytes(p.get('tx_bytes'))}",
-                f"{p.get('rx_frames', 0)} / {_bytes(p.get('rx_bytes'))}",
+                f"{_bytes(p.get('tx_bytes'))} / {_bytes(p.get('rx_bytes'))}",
                 drops, _ago(p.get("last_handshake_s")), _dur(p.get("uptime_s")),
             )
         if ov.get("peers"):

@@ -1,23 +1,28 @@
 """``ipop-switch lab demo``: what a newcomer runs first.
 
-Until the overlay agent lands, the demo brings the lab up, shows its hosts and
-services, probes each host's NAT (mapped addresses seen by two STUN addresses)
-and checks that every host reaches the services, then tears everything down,
-also on Ctrl-C.
+Builds a lab (by default three sites behind ``none``, ``easy`` and ``hard`` NATs),
+shows how each NAT behaves, runs a GroupVPN node on every host, waits for the
+links, then prints each node's status, a ping matrix over the overlay (IPv4 and
+IPv6) and one iperf3 figure, and tears everything down (also on Ctrl-C).
 """
 
 from __future__ import annotations
 
 import json
+import re
+import subprocess
 import sys
 import time
 
 from rich.console import Console
 from rich.table import Table
 
-from .lab import Lab
-from .spec import LabSpec
 from . import services
+from .lab import Lab
+from .nodes import LabGroup
+from .spec import LabSpec
+
+LINKS_TIMEOUT = 60.0
 
 
 def nat_probe(lab: Lab, host: str, port: int = 40000) -> dict:
@@ -29,35 +34,129 @@ def nat_probe(lab: Lab, host: str, port: int = 40000) -> dict:
 
 def describe_mapping(mapped: list) -> str:
     if not all(mapped):
-        return "no answer"
+        return "no answer (UDP blocked?)"
     if mapped[0] == mapped[1]:
         return "same port for both (endpoint-independent)"
     return "new port per destination (endpoint-dependent)"
 
 
-def run_demo(spec: LabSpec, *, console: Console, keep: bool = False) -> None:
+def wait_links(group: LabGroup, *, timeout: float = LINKS_TIMEOUT) -> float | None:
+    """Seconds until every node has every other node's link up, or None on timeout."""
+    t0 = time.monotonic()
+    want = len(group.nodes) - 1
+    while time.monotonic() - t0 < timeout:
+        try:
+            if all(sum(p["state"] == "up" for p in group.status(h)["overlays"][0]["peers"]) == want
+                   for h in group.nodes):
+                return time.monotonic() - t0
+        except Exception:
+            pass  # an agent still starting: its status socket is not there yet
+        time.sleep(0.2)
+    return None
+
+
+def ping(lab: Lab, host: str, addr: str, count: int = 3) -> float | None:
+    r = lab.exec(host, ["ping", "-q", "-c", str(count), "-i", "0.2", "-W", "2", addr], check=False, timeout=30)
+    m = re.search(r"= [\d.]+/([\d.]+)/", r.stdout)
+    return float(m.group(1)) if m and r.returncode == 0 else None
+
+
+def first_ping(lab: Lab, host: str, addr: str, *, timeout: float) -> float | None:
+    """Seconds until ``host`` gets a ping reply from ``addr`` (one probe every 0.2 s)."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if lab.exec(host, ["ping", "-c", "1", "-W", "0.2", addr], check=False, timeout=5).returncode == 0:
+            return time.monotonic() - t0
+    return None
+
+
+def iperf(lab: Lab, a: str, b: str, addr_b: str, seconds: int = 5) -> float | None:
+    server = lab.popen(b, ["iperf3", "-s", "-1", "-B", addr_b], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.3)
+        r = lab.exec(a, ["iperf3", "-c", addr_b, "-t", str(seconds), "-J", "--connect-timeout", "3000"],
+                     check=False, timeout=seconds + 30)
+        try:
+            return json.loads(r.stdout)["end"]["sum_received"]["bits_per_second"] / 1e6
+        except (ValueError, KeyError):
+            return None
+    finally:
+        server.kill()
+        server.wait(timeout=5)
+
+
+def run_demo(spec: LabSpec, *, console: Console, keep: bool = False) -> dict:
+    from ..agent.render import render_status
     from ..cli import _print_status
     t0 = time.monotonic()
     lab = Lab(spec)
+    result: dict = {}
+    group: LabGroup | None = None
     try:
         with console.status("building the lab (namespaces, NAT routers, Prosody, coturn) ..."):
             lab.up()
         console.print(f"[bold]lab {spec.name} up in {time.monotonic() - t0:.1f}s[/]")
         _print_status(lab.status())
         t = Table(title="NAT behaviour seen from each host (STUN from local port 40000)")
-        for col in ("host", "NAT", "mapped via 198.18.0.2", "mapped via 198.18.0.3", "mapping", "XMPP reachable"):
+        for col in ("host", "NAT", "mapped via 198.18.0.2", "mapped via 198.18.0.3", "mapping"):
             t.add_column(col)
         for name, h in lab.hosts.items():
             m = nat_probe(lab, name)["mapped"]
-            xmpp = lab.exec(name, ["bash", "-c", f"exec 3<>/dev/tcp/{services.XMPP_ADDR}/{services.XMPP_PORT}"], check=False).returncode == 0
             fmt = lambda a: f"{a[0]}:{a[1]}" if a else "-"
-            t.add_row(name, h.nat, fmt(m[0]), fmt(m[1]), describe_mapping(m), "yes" if xmpp else "NO")
+            t.add_row(name, h.nat, fmt(m[0]), fmt(m[1]), describe_mapping(m))
         console.print(t)
-        console.print("The overlay itself (agents, links, the OpenFlow switch) runs on top of this lab.")
+
+        group = LabGroup(lab, "demo")
+        for h in lab.hosts:
+            group.add(h)
+        start = time.monotonic()
+        with console.status(f"starting {len(group.nodes)} GroupVPN nodes (ipop-switch up) and waiting for their links ..."):
+            for h in group.nodes:
+                group.start(h)
+            hosts = list(group.nodes)
+            fp = first_ping(lab, hosts[0], group.nodes[hosts[-1]].ip, timeout=LINKS_TIMEOUT)
+            links = wait_links(group)
+        result["first_ping_s"] = round(time.monotonic() - start if fp is None else fp, 2) if fp else None
+        result["all_links_s"] = round(links, 2) if links else None
+        console.print(f"first ping over the overlay {hosts[0]} -> {hosts[-1]}: "
+                      + (f"[bold]{fp:.2f}s[/] after the agents started" if fp else "[red]none[/]")
+                      + "; all links up: " + (f"[bold]{links:.2f}s[/]" if links else f"[red]not within {LINKS_TIMEOUT:.0f}s[/]"))
+        for h in hosts:
+            console.print(f"\n[bold]ipop-switch status[/] on {h} ({lab.host(h).nat}):")
+            render_status(group.status(h), console)
+
+        m = Table(title="ping matrix over the overlay (average RTT of 3 pings, ms; IPv4 / IPv6)")
+        m.add_column("from \\ to")
+        for h in hosts:
+            m.add_column(f"{h} {group.nodes[h].ip}")
+        ok = True
+        result["ping_ms"] = {}
+        for a in hosts:
+            row = []
+            for b in hosts:
+                if a == b:
+                    row.append("-")
+                    continue
+                r4, r6 = ping(lab, a, group.nodes[b].ip), ping(lab, a, group.nodes[b].ip6)
+                ok &= r4 is not None and r6 is not None
+                result["ping_ms"][f"{a}->{b}"] = [r4, r6]
+                row.append(" / ".join(f"{r:.2f}" if r is not None else "[red]FAIL[/]" for r in (r4, r6)))
+            m.add_row(a, *row)
+        console.print(m)
+        a, b = hosts[0], hosts[1]
+        with console.status(f"iperf3 {a} -> {b} over the overlay (5 s) ..."):
+            mbit = iperf(lab, a, b, group.nodes[b].ip)
+        result["iperf_mbit"] = round(mbit, 1) if mbit else None
+        console.print(f"iperf3 TCP {a} -> {b} over the overlay: " + (f"[bold]{mbit:.0f} Mbit/s[/]" if mbit else "[red]failed[/]"))
+        result["ok"] = bool(ok and links and mbit)
+        console.print("[bold green]demo OK[/]" if result["ok"] else "[bold red]demo found problems (see above)[/]")
     finally:
         if keep:
             console.print(f"lab left up: 'ipop-switch lab down --name {spec.name}' removes it")
         else:
-            with console.status("tearing the lab down ..."):
+            with console.status("stopping the nodes and tearing the lab down ..."):
+                if group:
+                    group.stop_all()
                 lab.down()
             console.print(f"lab removed; total {time.monotonic() - t0:.1f}s")
+    return result
