@@ -1,0 +1,249 @@
+"""ICE for one link attempt, around aioice: gathering with an interface filter, a relay-last
+check order, the selected pair as a send function, and TURN channel refreshes.
+
+aioice does the RFC 8445 work (checks, nomination, role conflicts), RFC 7675 consent
+and TURN allocation refreshes. What we add:
+- gathering leaves out the overlay's own interfaces and other VPNs (``exclude``);
+- the controlling side delays checks on pairs that involve a relay by ``relay_delay``,
+  because aioice nominates aggressively (the first pair that answers wins) and a relay
+  pair must not beat a direct pair whose first check is still punching through a NAT;
+- data bypasses ``Connection.send``/``recv`` (a task or queue per packet): the datapath
+  sends on the selected pair's transport, or straight into the TURN channel, and our
+  packets are taken off each socket before aioice's STUN parser sees them;
+- stray non-STUN datagrams are counted instead of queued (aioice would queue them
+  until someone calls recv(), which we never do).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import ipaddress
+import logging
+import secrets
+import string
+import struct
+from dataclasses import dataclass
+from typing import Callable
+
+import aioice
+import ifaddr
+from aioice import ice as aioice_ice
+from aioice.candidate import Candidate
+
+from . import codec
+
+log = logging.getLogger(__name__)
+
+# Interfaces never used for candidates: our own TAPs and bridges, other VPNs, containers.
+DEFAULT_EXCLUDE = ("lo", "ipsw*", "ipt*", "ovs-*", "tun*", "tap*", "wg*", "zt*", "tinc*", "nebula*",
+                   "tailscale*", "docker*", "veth*br*", "virbr*")
+TURN_CHANNEL_REFRESH = 120.0     # channel bindings (and their permissions) last 600/300 s
+
+
+def random_credential(n: int) -> str:
+    alphabet = string.ascii_letters + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(n))
+
+
+def host_addresses(exclude: tuple[str, ...] | list[str], use_ipv6: bool) -> list[str]:
+    """Addresses of interfaces not matching any pattern in ``exclude`` (fnmatch)."""
+    out = []
+    for ad in ifaddr.get_adapters():
+        if any(fnmatch.fnmatch(ad.nice_name, p) for p in exclude):
+            continue
+        for ip in ad.ips:
+            if isinstance(ip.ip, str):
+                if not ipaddress.ip_address(ip.ip).is_loopback:
+                    out.append(ip.ip)
+            elif use_ipv6 and ip.ip[2] == 0 and not ipaddress.ip_address(ip.ip[0]).is_loopback:
+                out.append(ip.ip[0])
+    return out
+
+
+class Connection(aioice.Connection):
+    """aioice Connection with our gathering filter, relay-last checks and no data queue."""
+
+    def __init__(self, *, exclude: list[str], relay_delay: float, on_stray: Callable[[], None], **kw) -> None:
+        super().__init__(**kw)
+        self._exclude = tuple(exclude)
+        self._relay_delay = relay_delay
+        self._on_stray = on_stray
+
+    async def gather_candidates(self) -> None:
+        if self._local_candidates_start:
+            return
+        self._local_candidates_start = True
+        addresses = host_addresses(self._exclude, self._use_ipv6)
+        for cands in await asyncio.gather(*[
+                self.get_component_candidates(component=c, addresses=addresses) for c in self._components]):
+            self._local_candidates += cands
+        self._local_candidates_end = True
+
+    async def check_start(self, pair) -> None:  # type: ignore[override]
+        if (self.ice_controlling and self._relay_delay > 0
+                and "relay" in (pair.local_candidate.type, pair.remote_candidate.type)
+                and pair.state != aioice_ice.CandidatePair.State.IN_PROGRESS):
+            # Mark it in progress so the pacer moves on to other pairs meanwhile.
+            self.check_state(pair, aioice_ice.CandidatePair.State.IN_PROGRESS)
+            await asyncio.sleep(self._relay_delay)
+        await super().check_start(pair)
+
+    def data_received(self, data: bytes, component: int) -> None:
+        self._on_stray()
+
+    # Host addresses of a NATed peer (those behind one of its srflx candidates) are not
+    # reachable from the TURN server. Pairing them with our relay makes coturn send to an
+    # unroutable address, and coturn then drops the whole allocation (seen in the lab).
+    unreachable_from_relay: set[str] = set()
+
+    def _pair_remote_candidate(self, remote_candidate: Candidate) -> None:
+        if remote_candidate.type == "host" and remote_candidate.host in self.unreachable_from_relay:
+            saved = self._protocols
+            self._protocols = [p for p in saved if p.local_candidate.type != "relay"]
+            try:
+                super()._pair_remote_candidate(remote_candidate)
+            finally:
+                self._protocols = saved
+            return
+        super()._pair_remote_candidate(remote_candidate)
+
+
+@dataclass
+class Path:
+    """The selected pair as the datapath uses it."""
+    send: Callable[[bytes], None]
+    kind: str                      # "direct" | "relay"
+    local: str                     # "type host:port"
+    remote: str
+    protocol: object
+    remote_addr: tuple[str, int]
+    turn_inner: object | None = None
+    channel: int | None = None
+
+    def describe(self) -> dict:
+        return {"path": self.kind, "local": self.local, "remote": self.remote}
+
+
+def _turn_inner(protocol) -> object | None:
+    tr = getattr(protocol, "transport", None)
+    return getattr(tr, "_TurnTransport__inner_protocol", None) if tr is not None else None
+
+
+def make_path(protocol, remote: Candidate, remote_addr: tuple[str, int]) -> Path:
+    """A send function for a pair: straight sendto on a direct socket, or a TURN
+    ChannelData frame written on the TURN client's own transport (no task per packet)."""
+    local: Candidate = protocol.local_candidate
+    relay = local.type == "relay" or remote.type == "relay"
+    desc_l = f"{local.type} {local.host}:{local.port}"
+    desc_r = f"{remote.type} {remote_addr[0]}:{remote_addr[1]}"
+    inner = _turn_inner(protocol) if local.type == "relay" else None
+    if inner is not None:
+        channel = inner.peer_to_channel.get(remote_addr)
+        if channel is not None:
+            pack = struct.Struct("!HH").pack
+            raw = inner._send          # pads for TCP; plain datagram for UDP
+
+            def send(data: bytes) -> None:
+                raw(pack(channel, len(data)) + data)
+            return Path(send, "relay", desc_l, desc_r, protocol, remote_addr, inner, channel)
+        sendto_t = protocol.transport.sendto
+        return Path(lambda d: sendto_t(d, remote_addr), "relay", desc_l, desc_r, protocol, remote_addr)
+    sendto = protocol.transport.sendto
+    return Path(lambda d: sendto(d, remote_addr), "relay" if relay else "direct", desc_l, desc_r,
+                protocol, remote_addr)
+
+
+def install_hook(protocol, on_ours: Callable[[bytes, tuple, object], None]) -> None:
+    """Take our packets (first byte 0xE1..0xE3) off ``protocol`` before aioice parses them."""
+    orig = protocol.datagram_received
+    lo, hi = codec.TYPE_INIT, codec.TYPE_DATA
+
+    def datagram_received(data: bytes, addr: tuple) -> None:
+        if data and lo <= data[0] <= hi:
+            on_ours(data, addr, protocol)
+        else:
+            orig(data, addr)
+    protocol.datagram_received = datagram_received
+
+
+@dataclass
+class IceConfig:
+    stun: tuple[str, int] | None
+    turn: tuple[str, int] | None
+    turn_user: str | None
+    turn_password: str | None
+    turn_transport: str
+    exclude: list[str]
+    use_ipv6: bool = False
+    relay_delay: float = 1.0
+    direct_only: bool = False     # an upgrade probe gathers no relay
+
+
+class IceSession:
+    """One ICE attempt: gather -> (exchange credentials/candidates) -> connect -> selected pair."""
+
+    def __init__(self, cfg: IceConfig, controlling: bool, attempt: int, on_ours, on_stray) -> None:
+        self.attempt = attempt
+        self.controlling = controlling
+        self.ufrag = random_credential(8)
+        self.pwd = random_credential(24)
+        self.remote_ufrag = ""
+        self._on_ours = on_ours
+        self.conn = Connection(
+            exclude=list(DEFAULT_EXCLUDE) + list(cfg.exclude), relay_delay=cfg.relay_delay, on_stray=on_stray,
+            ice_controlling=controlling, stun_server=cfg.stun,
+            turn_server=None if cfg.direct_only else cfg.turn,
+            turn_username=cfg.turn_user, turn_password=cfg.turn_password, turn_transport=cfg.turn_transport,
+            use_ipv6=cfg.use_ipv6, local_username=self.ufrag, local_password=self.pwd)
+        self.closed = False
+
+    async def gather(self) -> dict:
+        await self.conn.gather_candidates()
+        for p in self.conn._protocols:
+            install_hook(p, self._on_ours)
+        if not self.conn.local_candidates:
+            raise ConnectionError("no local candidates (all interfaces excluded?)")
+        return {"ufrag": self.ufrag, "pwd": self.pwd,
+                "candidates": [c.to_sdp() for c in self.conn.local_candidates]}
+
+    async def set_remote(self, ufrag: str, pwd: str, candidates: list[str]) -> int:
+        """Add the peer's credentials and candidates; returns how many were usable."""
+        if not isinstance(ufrag, str) or not isinstance(pwd, str) or not isinstance(candidates, list):
+            raise ValueError("bad remote credentials")
+        self.conn.remote_username = ufrag
+        self.conn.remote_password = pwd
+        self.remote_ufrag = ufrag
+        parsed = []
+        for sdp in candidates[:64]:
+            try:
+                parsed.append(Candidate.from_sdp(sdp))
+            except (ValueError, IndexError, TypeError):
+                continue
+        self.conn.unreachable_from_relay = {c.related_address for c in parsed
+                                            if c.type == "srflx" and c.related_address and c.related_address != c.host}
+        n = 0
+        for c in parsed:
+            await self.conn.add_remote_candidate(c)
+            n += 1
+        await self.conn.add_remote_candidate(None)
+        return n
+
+    async def connect(self) -> Path:
+        await self.conn.connect()
+        pair = self.conn._nominated.get(1)
+        if pair is None:
+            raise ConnectionError("ICE completed without a nominated pair")
+        return make_path(pair.protocol, pair.remote_candidate, pair.remote_addr)
+
+    def local_addresses(self) -> set[str]:
+        return {c.host for c in self.conn.local_candidates if c.type == "host"}
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            await asyncio.wait_for(self.conn.close(), 3.0)
+        except (asyncio.TimeoutError, Exception) as e:   # closing must never wedge the worker
+            log.debug("ICE close: %s", e)

@@ -1,0 +1,543 @@
+"""One peer link end to end: TAP, ICE attempts, handshake and rekeys, liveness, counters.
+
+State machine (docs/tunnel.md, "Link states"), every wait bounded by a Timers value:
+
+    controlling: GATHERING -> OFFERED -> CHECKING -> HANDSHAKE -> UP
+    controlled:  WAIT_OFFER -> GATHERING -> CHECKING -> HANDSHAKE -> UP
+    any failure or a dead path: the attempt ends (ICE closed, sessions dropped,
+    "down" reported if it was up) -> BACKOFF (0.5 s doubling to 4 s, jittered) -> again.
+
+The controlling node (higher node id) starts every attempt (link_offer) and is
+always the handshake initiator; the controlled node answers, and asks for a new
+attempt with link_restart when it starts or loses the path. Attempts are numbered
+by the controlling side's clock in ms, so a restarted worker's attempts are newer.
+The TAP lives as long as the worker: the agent adds it to the bridge on "up",
+removes the port on "down" and before closing the link.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from typing import Callable
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from . import codec, handshake as hs
+from .datapath import Datapath, Session, Stats
+from .ice import TURN_CHANNEL_REFRESH, IceConfig, IceSession, Path, host_addresses, DEFAULT_EXCLUDE
+from .messages import LinkSpec
+from .tap import Tap
+from .timers import Timers, jitter
+
+log = logging.getLogger(__name__)
+
+Emit = Callable[[dict], None]
+HANDSHAKE_RATE = 20            # initiations processed per second at most (3 X25519 each)
+
+
+class State(enum.Enum):
+    NEW = "new"
+    WAIT_OFFER = "wait_offer"
+    GATHERING = "gathering"
+    OFFERED = "offered"
+    CHECKING = "checking"
+    HANDSHAKE = "handshake"
+    UP = "up"
+    BACKOFF = "backoff"
+    CLOSED = "closed"
+
+
+class AttemptEnded(Exception):
+    """An attempt is over (timeout, ICE failure, dead path); the message says why."""
+
+
+class LinkWorker:
+    def __init__(self, spec: LinkSpec, emit: Emit) -> None:
+        self.spec = spec
+        self.timers = Timers.from_dict(spec.timers)
+        self._emit = emit
+        self.static = X25519PrivateKey.from_private_bytes(bytes(spec.local_static))
+        self.state = State.NEW
+        self.attempt = 0
+        self.stats = Stats()
+        self.tap = Tap(spec.tap, spec.mtu)
+        self.dp: Datapath | None = None
+        self.ice: IceSession | None = None
+        self.probe: IceSession | None = None
+        self.path: Path | None = None
+        self.up_since = 0.0
+        self.closed = False
+        self._run_task: asyncio.Task | None = None
+        self._attempt_task: asyncio.Task | None = None
+        self._superseded = False
+        self._wake = asyncio.Event()
+        self._offer: dict | None = None
+        self._offer_event = asyncio.Event()
+        self._answer: asyncio.Future | None = None
+        self._confirmed = asyncio.Event()
+        self._prologue = b""
+        # handshake state
+        self._initiator: hs.Initiator | None = None
+        self._hs_started = 0.0
+        self._hs_sent = 0.0
+        self._last_ts = 0
+        self._last_init_ts = -1
+        self._hs_bucket = (0.0, 0)
+        self.previous: Session | None = None
+        self.next_: Session | None = None
+        self._previous_until = 0.0
+        self._last_offer_payload: dict | None = None
+        self._tasks: set[asyncio.Task] = set()
+
+    # -- lifecycle -------------------------------------------------------------
+    def start(self) -> None:
+        self.tap.open()
+        self.dp = Datapath(self.tap.fd, self.stats, self._on_control, self._on_handshake_packet)
+        self.dp.on_confirm = self._on_confirm
+        self.dp.max_frame = self.spec.mtu + 18
+        asyncio.get_running_loop().add_reader(self.tap.fd, self.dp.tap_readable)
+        self._run_task = asyncio.create_task(self._run(), name=f"link-{self.spec.link_id}")
+
+    async def close(self, reason: str = "closed", notify_peer: bool = True) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if notify_peer:
+            self._signal("link_close", {"attempt": self.attempt, "reason": reason})
+        for t in [self._run_task, self._attempt_task, *self._tasks]:
+            if t and not t.done():
+                t.cancel()
+        for t in [self._run_task, self._attempt_task]:
+            if t:
+                try:
+                    await asyncio.wait_for(asyncio.shield(t), 3.0)
+                except BaseException:
+                    pass
+        await self._end_attempt(reason)
+        if self.tap.fd >= 0:
+            try:
+                asyncio.get_running_loop().remove_reader(self.tap.fd)
+            except Exception:
+                pass
+        self.tap.close()
+        self.state = State.CLOSED
+        self._emit({"kind": "closed", "link_id": self.spec.link_id, "tap": self.spec.tap})
+
+    # -- signaling from the agent ---------------------------------------------------
+    def on_signal(self, type_: str, payload: dict) -> None:
+        """A message from the peer's worker (relayed by the agents). Bad ones are counted."""
+        if not isinstance(payload, dict):
+            self.stats.drops["signal_bad"] += 1
+            return
+        attempt = payload.get("attempt")
+        if not isinstance(attempt, int):
+            self.stats.drops["signal_bad"] += 1
+            return
+        if type_ == "link_offer" and not self.spec.controlling:
+            if attempt <= self.attempt:
+                self.stats.drops["signal_stale"] += 1
+                return
+            self._offer = payload
+            self._offer_event.set()
+            if self._attempt_task and not self._attempt_task.done():
+                self._superseded = True
+                self._attempt_task.cancel()
+            self._wake.set()
+        elif type_ == "link_answer" and self.spec.controlling:
+            if attempt != self.attempt or self._answer is None or self._answer.done():
+                self.stats.drops["signal_stale"] += 1
+                return
+            self._answer.set_result(payload)
+        elif type_ == "link_restart" and self.spec.controlling:
+            if self.state == State.OFFERED and self._last_offer_payload:
+                self._signal("link_offer", self._last_offer_payload)      # it may have missed it
+            elif self.state in (State.UP, State.CHECKING, State.HANDSHAKE):
+                if self.state != State.UP or attempt != self.attempt or self._rx_age() > self.timers.keepalive * 2:
+                    self._supersede()
+            else:
+                self._wake.set()
+        elif type_ == "link_close":
+            if attempt == self.attempt and self.state not in (State.BACKOFF, State.WAIT_OFFER):
+                self._supersede(keep_backoff=True)
+        else:
+            self.stats.drops["signal_unexpected"] += 1
+
+    def rekey_now(self) -> bool:
+        """Start a rekey at once (initiator only): used by tests and operators."""
+        if not self.spec.controlling or self.state != State.UP or self._initiator is not None:
+            return False
+        self._start_handshake()
+        return True
+
+    # -- the supervisor -------------------------------------------------------------
+    async def _run(self) -> None:
+        backoff = self.timers.backoff_min
+        while not self.closed:
+            if not self.spec.controlling:
+                offer = await self._wait_offer()
+                coro = self._attempt_controlled(offer)
+            else:
+                coro = self._attempt_controlling()
+            self._superseded = False
+            self._attempt_task = asyncio.create_task(coro)
+            reached_up = False
+            try:
+                await self._attempt_task
+                reason = "ended"
+            except asyncio.CancelledError:
+                if self.closed:
+                    raise
+                reason = "superseded"
+            except AttemptEnded as e:
+                reason = str(e)
+            except Exception as e:                      # aioice and OS errors end the attempt, not us
+                reason = f"{type(e).__name__}: {e}"
+            reached_up = self.up_since > 0
+            log.info("link %s attempt %d ended: %s", self.spec.link_id, self.attempt, reason)
+            superseded = self._superseded
+            await self._end_attempt(reason)
+            if reached_up:
+                backoff = self.timers.backoff_min
+            if superseded and not getattr(self, "_keep_backoff", False):
+                continue
+            self._keep_backoff = False
+            self.state = State.BACKOFF
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), jitter(backoff))
+            except asyncio.TimeoutError:
+                pass
+            backoff = min(backoff * 2, self.timers.backoff_max)
+
+    def _supersede(self, keep_backoff: bool = False) -> None:
+        if self._attempt_task and not self._attempt_task.done():
+            self._superseded = True
+            self._keep_backoff = keep_backoff
+            self._attempt_task.cancel()
+
+    async def _wait_offer(self) -> dict:
+        """Controlled side: ask for an attempt (link_restart) and wait for a newer offer."""
+        self.state = State.WAIT_OFFER
+        while True:
+            if self._offer is not None and self._offer["attempt"] > self.attempt:
+                offer, self._offer = self._offer, None
+                return offer
+            self._offer = None
+            self._offer_event.clear()
+            self._signal("link_restart", {"attempt": self.attempt, "reason": "need offer"})
+            try:
+                await asyncio.wait_for(self._offer_event.wait(), jitter(self.timers.restart_every))
+            except asyncio.TimeoutError:
+                pass
+
+    def _ice_config(self, direct_only: bool = False) -> IceConfig:
+        t = self.spec.turn
+        return IceConfig(
+            stun=tuple(self.spec.stun) if self.spec.stun else None,
+            turn=(t.host, t.port) if t else None, turn_user=t.user if t else None,
+            turn_password=t.password if t else None, turn_transport=t.transport if t else "udp",
+            exclude=list(self.spec.exclude_interfaces) + [self.spec.tap],
+            relay_delay=self.timers.relay_delay, direct_only=direct_only)
+
+    def _new_ice(self, attempt: int, direct_only: bool = False) -> IceSession:
+        return IceSession(self._ice_config(direct_only), self.spec.controlling, attempt,
+                          self.dp.datagram, self._on_stray)  # type: ignore[union-attr]
+
+    async def _attempt_controlling(self) -> None:
+        t = self.timers
+        self.attempt = max(int(time.time() * 1000), self.attempt + 1)
+        self.state = State.GATHERING
+        self.ice = ice = self._new_ice(self.attempt)
+        local = await self._bounded(ice.gather(), t.gather_timeout, "gathering")
+        loop = asyncio.get_running_loop()
+        self._answer = loop.create_future()
+        self.state = State.OFFERED
+        self._last_offer_payload = {"attempt": self.attempt, **local, "hints": {"mtu": self.spec.mtu}}
+        self._signal("link_offer", self._last_offer_payload)
+        answer = await self._bounded(self._answer, t.answer_timeout, "link_answer")
+        await self._connect(ice, answer)
+        self._set_prologue(ice.ufrag, ice.remote_ufrag)
+        self.state = State.HANDSHAKE
+        self._start_handshake()
+        deadline = time.monotonic() + t.handshake_timeout
+        while self.dp.current is None:  # type: ignore[union-attr]
+            if time.monotonic() > deadline:
+                raise AttemptEnded(f"handshake: no response within {t.handshake_timeout:.0f}s")
+            self._handshake_tick()
+            await asyncio.sleep(0.05)
+        await self._up()
+
+    async def _attempt_controlled(self, offer: dict) -> None:
+        t = self.timers
+        self.attempt = offer["attempt"]
+        self.state = State.GATHERING
+        self.ice = ice = self._new_ice(self.attempt)
+        local = await self._bounded(ice.gather(), t.gather_timeout, "gathering")
+        self._set_prologue(offer.get("ufrag", ""), ice.ufrag)
+        self._confirmed.clear()
+        self._signal("link_answer", {"attempt": self.attempt, **local})
+        await self._connect(ice, offer)
+        self.state = State.HANDSHAKE
+        await self._bounded(self._confirmed.wait(), t.handshake_timeout, "handshake")
+        await self._up()
+
+    async def _connect(self, ice: IceSession, remote: dict) -> None:
+        try:
+            n = await ice.set_remote(remote.get("ufrag"), remote.get("pwd"), remote.get("candidates"))
+        except ValueError as e:
+            raise AttemptEnded(f"bad remote description: {e}") from None
+        if n == 0:
+            raise AttemptEnded("peer sent no usable candidates")
+        self.state = State.CHECKING
+        path = await self._bounded(ice.connect(), self.timers.checks_timeout, "ICE checks")
+        self._use_path(path)
+
+    def _use_path(self, path: Path) -> None:
+        self.path = path
+        self.dp.send = path.send  # type: ignore[union-attr]
+        self._channel_refreshed = time.monotonic()
+
+    async def _bounded(self, aw, timeout: float, what: str):
+        try:
+            return await asyncio.wait_for(aw, timeout)
+        except asyncio.TimeoutError:
+            raise AttemptEnded(f"{what}: timed out after {timeout:.0f}s") from None
+        except ConnectionError as e:
+            raise AttemptEnded(f"{what}: {e}") from None
+
+    async def _up(self) -> None:
+        """UP until the path dies: pings, dead-peer detection, rekeys, TURN refreshes, upgrades."""
+        t = self.timers
+        self.state = State.UP
+        self.up_since = time.monotonic()
+        self.stats.last_rx = max(self.stats.last_rx, self.up_since)
+        self._emit({"kind": "up", "link_id": self.spec.link_id, "peer_id": self.spec.peer_id,
+                    "tap": self.spec.tap, "attempt": self.attempt, **self.path.describe()})  # type: ignore[union-attr]
+        last_ping = last_addr = 0.0
+        addrs = self.ice.local_addresses() if self.ice else set()
+        tick = min(0.25, t.keepalive / 2)
+        while True:
+            now = time.monotonic()
+            age = now - self.stats.last_rx
+            if age > t.dead_after:
+                raise AttemptEnded(f"dead path: nothing authenticated for {age:.1f}s")
+            if now - last_ping >= t.keepalive:
+                last_ping = now
+                self.dp.send_control(bytes([codec.CTRL_PING]) + time.monotonic_ns().to_bytes(8, "big"))  # type: ignore[union-attr]
+            cur = self.dp.current  # type: ignore[union-attr]
+            if cur is not None and now - cur.created > t.reject_after:
+                raise AttemptEnded("session expired without a rekey")
+            if self.spec.controlling:
+                if self._initiator is None and cur is not None and now - cur.created > t.rekey_after:
+                    self._start_handshake()
+                self._handshake_tick()
+            if self.previous is not None and now > self._previous_until:
+                self._drop_session(self.previous)
+                self.previous = None
+            if self.path and self.path.turn_inner is not None and now - self._channel_refreshed > TURN_CHANNEL_REFRESH:
+                self._channel_refreshed = now
+                self._spawn(self._refresh_channel(self.path))
+            if now - last_addr >= t.addr_poll:
+                last_addr = now
+                cur_addrs = set(host_addresses(list(DEFAULT_EXCLUDE) + list(self.spec.exclude_interfaces)
+                                               + [self.spec.tap], False))
+                if addrs and not addrs <= cur_addrs:
+                    raise AttemptEnded("local addresses changed: ICE restart")
+            if (self.spec.controlling and self.path and self.path.kind == "relay" and self.probe is None
+                    and now - self._probe_last() > t.upgrade_interval):
+                self._probe_at = now
+                self._spawn(self._upgrade_probe())
+            await asyncio.sleep(tick)
+
+    def _probe_last(self) -> float:
+        return getattr(self, "_probe_at", self.up_since)
+
+    async def _refresh_channel(self, path: Path) -> None:
+        try:
+            await asyncio.wait_for(path.turn_inner.channel_bind(path.channel, path.remote_addr), 10)  # type: ignore[union-attr]
+        except Exception as e:
+            log.info("link %s: TURN channel refresh failed: %s", self.spec.link_id, e)
+
+    async def _upgrade_probe(self) -> None:
+        """Relayed link: try a direct-only ICE session beside the working relay; switch if it works.
+        Keys stay (they belong to the link, not to a path); the old relay session closes afterwards."""
+        # Not started yet on the controlled side: it needs a parallel ICE session keyed by
+        # a probe id. Left for the upgrade issue; the relay path keeps working meanwhile.
+        return
+
+    async def _end_attempt(self, reason: str) -> None:
+        was_up = self.up_since > 0
+        self.up_since = 0.0
+        if self.dp:
+            self.dp.send = None
+            self.dp.current = None
+            self.dp.sessions.clear()
+        self.previous = self.next_ = None
+        self._initiator = None
+        self.path = None
+        self._answer = None
+        for s in (self.ice, self.probe):
+            if s is not None:
+                await s.close()
+        self.ice = self.probe = None
+        if was_up:
+            self._emit({"kind": "down", "link_id": self.spec.link_id, "peer_id": self.spec.peer_id,
+                        "tap": self.spec.tap, "reason": reason})
+
+    # -- handshake --------------------------------------------------------------------
+    def _set_prologue(self, ufrag_controlling: str, ufrag_controlled: str) -> None:
+        self._prologue = hs.prologue_for(self.spec.link_id, ufrag_controlling, ufrag_controlled)
+        self._last_init_ts = -1
+
+    def _start_handshake(self) -> None:
+        self._initiator = hs.Initiator(self.static, bytes(self.spec.peer_static), self._prologue)
+        self._hs_started = time.monotonic()
+        self._hs_sent = 0.0
+
+    def _handshake_tick(self) -> None:
+        """Initiator: (re)send a fresh initiation every handshake_retry until answered."""
+        if self._initiator is None or self.dp is None or self.dp.send is None:
+            return
+        now = time.monotonic()
+        if now - self._hs_sent < self.timers.handshake_retry:
+            return
+        self._hs_sent = now
+        self._last_ts = max(time.time_ns(), self._last_ts + 1)
+        pkt = self._initiator.initiation(hs.new_index(), self._last_ts)
+        try:
+            self.dp.send(pkt)
+        except OSError:
+            self.stats.drops["send_error"] += 1
+
+    def _on_handshake_packet(self, data: bytes, protocol, addr: tuple) -> None:
+        t = data[0]
+        if t == codec.TYPE_INIT and not self.spec.controlling:
+            self._on_initiation(data, protocol, addr)
+        elif t == codec.TYPE_RESP and self.spec.controlling:
+            self._on_response(data)
+        else:
+            self.stats.drops["handshake_unexpected"] += 1
+
+    def _rate_ok(self) -> bool:
+        now = time.monotonic()
+        start, n = self._hs_bucket
+        if now - start >= 1.0:
+            self._hs_bucket = (now, 1)
+            return True
+        if n >= HANDSHAKE_RATE:
+            return False
+        self._hs_bucket = (start, n + 1)
+        return True
+
+    def _on_initiation(self, data: bytes, protocol, addr: tuple) -> None:
+        if not self._prologue or self.state in (State.WAIT_OFFER, State.BACKOFF, State.CLOSED):
+            self.stats.drops["handshake_unexpected"] += 1
+            return
+        if not self._rate_ok():
+            self.stats.drops["handshake_ratelimit"] += 1
+            return
+        r = hs.Responder(self.static, bytes(self.spec.peer_static), self._prologue)
+        try:
+            got = r.consume_initiation(data)
+        except hs.HandshakeError:
+            self.stats.drops["handshake_auth"] += 1
+            return
+        if got.timestamp <= self._last_init_ts:
+            self.stats.drops["handshake_replay"] += 1
+            return
+        self._last_init_ts = got.timestamp
+        pkt, keys = r.response(got, hs.new_index())
+        s = Session(keys.send_key, keys.recv_key, keys.local_index, keys.remote_index, initiator=False)
+        if self.next_ is not None:
+            self._drop_session(self.next_)
+        self.next_ = s
+        self.dp.sessions[s.local_index] = s  # type: ignore[union-attr]
+        self.stats.handshakes += 1
+        try:
+            protocol.transport.sendto(pkt, addr)     # back where the initiation came from
+        except OSError:
+            self.stats.drops["send_error"] += 1
+
+    def _on_response(self, data: bytes) -> None:
+        if self._initiator is None:
+            self.stats.drops["handshake_unexpected"] += 1
+            return
+        try:
+            keys = self._initiator.consume_response(data)
+        except hs.HandshakeError:
+            self.stats.drops["handshake_auth"] += 1
+            return
+        self._initiator = None
+        s = Session(keys.send_key, keys.recv_key, keys.local_index, keys.remote_index, initiator=True)
+        self._install(s)
+        self.stats.handshakes += 1
+        self.dp.send_control(codec.CTRL_KEEPALIVE)    # confirms the session at the responder  # type: ignore[union-attr]
+
+    def _on_confirm(self, s: Session) -> None:
+        """Responder: the initiator used the new session, so switch sending to it."""
+        if s is self.next_:
+            self.next_ = None
+            self._install(s)
+            self._confirmed.set()
+
+    def _install(self, s: Session) -> None:
+        dp = self.dp
+        assert dp is not None
+        old = dp.current
+        if self.previous is not None and self.previous is not old:
+            self._drop_session(self.previous)
+        self.previous = old
+        self._previous_until = time.monotonic() + self.timers.previous_keep
+        dp.sessions[s.local_index] = s
+        dp.current = s
+
+    def _drop_session(self, s: Session) -> None:
+        if self.dp and self.dp.sessions.get(s.local_index) is s:
+            del self.dp.sessions[s.local_index]
+
+    # -- control messages --------------------------------------------------------------
+    def _on_control(self, s: Session, plain: bytes) -> None:
+        if not plain:
+            return                                            # keepalive
+        if plain[0] == codec.CTRL_PING and len(plain) == 9:
+            self.dp.send_control(bytes([codec.CTRL_PONG]) + plain[1:])  # type: ignore[union-attr]
+        elif plain[0] == codec.CTRL_PONG and len(plain) == 9:
+            sent = int.from_bytes(plain[1:], "big")
+            rtt = (time.monotonic_ns() - sent) / 1e6
+            if 0 <= rtt < 60_000:
+                self.stats.rtt_ms = rtt
+        else:
+            self.stats.drops["control_unknown"] += 1
+
+    def _on_stray(self) -> None:
+        self.stats.drops["not_ours"] += 1
+
+    # -- helpers ------------------------------------------------------------------------
+    def _rx_age(self) -> float:
+        return time.monotonic() - self.stats.last_rx if self.stats.last_rx else 1e9
+
+    def _signal(self, type_: str, payload: dict) -> None:
+        self._emit({"kind": "signal", "link_id": self.spec.link_id, "peer_id": self.spec.peer_id,
+                    "type": type_, "payload": {"link_id": self.spec.link_id, **payload}})
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def snapshot(self) -> dict:
+        d = {"link_id": self.spec.link_id, "peer_id": self.spec.peer_id, "tap": self.spec.tap,
+             "state": self.state.value, "attempt": self.attempt, "controlling": self.spec.controlling,
+             "up_for": round(time.monotonic() - self.up_since, 3) if self.up_since else 0.0,
+             **self.stats.as_dict()}
+        if self.path:
+            d.update(self.path.describe())
+        else:
+            d.update({"path": None, "local": None, "remote": None})
+        cur = self.dp.current if self.dp else None
+        d["session_age"] = round(time.monotonic() - cur.created, 3) if cur else None
+        d["session_index"] = cur.local_index if cur else None
+        return d
