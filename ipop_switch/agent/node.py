@@ -98,6 +98,9 @@ class Node:
         if note:
             self.notes.append(note)
         rundir = self.cfg.ovs.rundir or (self.cfg.node.state_dir / "ovs")
+        stale = kill_stale(rundir)
+        if stale:
+            log.warning("event=stale_processes_stopped count=%d rundir=%s (a previous agent died)", stale, rundir)
         self.ovs = OvsInstance(rundir, netns=self.netns, datapath=datapath).start()
 
     def _start_metrics(self) -> None:
@@ -184,6 +187,25 @@ class Node:
             },
             "overlays": [ov.snapshot() for ov in self.overlays],
         }
+
+
+def kill_stale(rundir: Path) -> int:
+    """Stop what a killed agent left running on our private OVS run directory: ovsdb-server,
+    ovs-vswitchd and the switch app all name it on their command line."""
+    needle = str(Path(rundir).absolute()).encode()
+    me = os.getpid()
+    count = 0
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == me:
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if needle in cmd and proc.alive(int(d.name)):
+            proc.terminate(int(d.name), grace=2.0)
+            count += 1
+    return count
 
 
 def normalise_stats(s: dict) -> dict:

@@ -28,6 +28,7 @@ class LabNode:
     node_id: str
     address: str
     address6: str
+    index: int = 0
     proc: subprocess.Popen | None = None
 
     @property
@@ -49,34 +50,34 @@ def overlay_address(index: int, *, net: int = 99) -> tuple[str, str]:
 
 
 class LabGroup:
-    """One GroupVPN overlay over some hosts of a lab."""
+    """GroupVPN overlays over some hosts of a lab: by default one overlay ``demo`` on 100.99/16;
+    with ``overlays={"red": 97, "blue": 98}`` every node joins each (one bridge each)."""
 
     def __init__(self, lab: Lab, name: str = "demo", *, net: int = 99, mtu: int = 1400,
-                 extra: dict | None = None) -> None:
+                 extra: dict | None = None, overlays: dict[str, int] | None = None) -> None:
         self.lab = lab
-        self.name = name
-        self.net = net
+        self.overlays = overlays or {name: net}
+        self.name = next(iter(self.overlays))
         self.mtu = mtu
         self.extra = extra or {}
-        self.dir = lab.dir / "groups" / name
+        self.dir = lab.dir / "groups" / "-".join(self.overlays)
         # OVS's userspace datapath reads ports through packet sockets sized by the host-wide
         # net.core.rmem_default, writable only from the root namespace (where we are now)
         from ..agent.node import host_buffer_note
         self.buffer_note = host_buffer_note("netdev")
-        self.ca = GroupCA.create(self.dir / "ca", name, force=True)
+        self.cas = {ov: GroupCA.create(self.dir / f"ca-{ov}", ov, force=True) for ov in self.overlays}
         self.nodes: dict[str, LabNode] = {}
 
     def add(self, host: str, *, index: int | None = None) -> LabNode:
-        """Identity, certificate (issued by the group CA and installed) and config for ``host``."""
+        """Identity, certificates (issued by each group CA and installed) and config for ``host``."""
         h = self.lab.host(host)
         index = index or len(self.nodes) + 1
         ndir = self.dir / "nodes" / host
         ident = NodeIdentity.create(ndir / "identity", name=host, force=True)
-        ident.install(self.ca.bundle(self.ca.issue(ident.request())))
-        addr, addr6 = overlay_address(index, net=self.net)
+        for ca in self.cas.values():
+            ident.install(ca.bundle(ca.issue(ident.request())))
         turn = self.lab.services()["turn"]
-        cfg = ndir / "node.toml"
-        cfg.write_text(
+        text = (
             "# written by the ipop-switch lab\n"
             "[node]\n"
             f'identity_dir = "{ndir / "identity"}"\n'
@@ -85,26 +86,40 @@ class LabGroup:
             f"worker_processes = {self.extra.get('worker_processes', 1)}\n"
             "[ovs]\n"
             'mode = "private"\n'
-            "[[overlay]]\n"
-            f'name = "{self.name}"\n'
-            f'address = "{addr}"\n'
-            f'address6 = "{addr6}"\n'
-            f"mtu = {self.mtu}\n"
-            "[overlay.xmpp]\n"
-            f'server = "{services.XMPP_ADDR}"\n'
-            f'jid = "{h.xmpp_user}@{services.XMPP_DOMAIN}"\n'
-            f'password = "{h.xmpp_password}"\n'
-            f'ca_file = "{self.lab.ca_cert}"\n'
-            "[overlay.ice]\n"
-            f'stun = "{services.TURN_ADDR}:{services.TURN_PORT}"\n'
-            f'turn = "{services.TURN_ADDR}:{services.TURN_PORT}"\n'
-            f'turn_user = "{turn["user"]}"\n'
-            f'turn_password = "{turn["password"]}"\n'
-            f'turn_transport = "{self.extra.get("turn_transport", "udp")}"\n'
         )
-        node = LabNode(host, ndir, cfg, ident.node_id, addr, addr6)
+        first = None
+        for ov, net in self.overlays.items():
+            addr, addr6 = overlay_address(index, net=net)
+            first = first or (addr, addr6)
+            text += (
+                "[[overlay]]\n"
+                f'name = "{ov}"\n'
+                f'address = "{addr}"\n'
+                f'address6 = "{addr6}"\n'
+                f"mtu = {self.mtu}\n"
+                "[overlay.xmpp]\n"
+                f'server = "{services.XMPP_ADDR}"\n'
+                f'jid = "{h.xmpp_user}@{services.XMPP_DOMAIN}"\n'
+                f'password = "{h.xmpp_password}"\n'
+                f'ca_file = "{self.lab.ca_cert}"\n'
+                "[overlay.ice]\n"
+                f'stun = "{services.TURN_ADDR}:{services.TURN_PORT}"\n'
+                f'turn = "{services.TURN_ADDR}:{services.TURN_PORT}"\n'
+                f'turn_user = "{turn["user"]}"\n'
+                f'turn_password = "{turn["password"]}"\n'
+                f'turn_transport = "{self.extra.get("turn_transport", "udp")}"\n'
+            )
+        cfg = ndir / "node.toml"
+        cfg.write_text(text)
+        cfg.chmod(0o600)
+        node = LabNode(host, ndir, cfg, ident.node_id, *first, index=index)
         self.nodes[host] = node
         return node
+
+    def address(self, host: str, overlay: str, v6: bool = False) -> str:
+        """A node's overlay address (without prefix) in one of the overlays."""
+        a4, a6 = overlay_address(self.nodes[host].index, net=self.overlays[overlay])
+        return (a6 if v6 else a4).split("/")[0]
 
     def start(self, host: str) -> LabNode:
         """Run ``ipop-switch up`` in the host's namespace (output in <node dir>/agent.log)."""
