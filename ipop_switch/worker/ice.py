@@ -64,6 +64,8 @@ def host_addresses(exclude: tuple[str, ...] | list[str], use_ipv6: bool) -> list
 class Connection(aioice.Connection):
     """aioice Connection with our gathering filter, relay-last checks and no data queue."""
 
+    server_timeout = 3       # STUN/TURN answers during gathering (aioice's default is 5 s)
+
     def __init__(self, *, exclude: list[str], relay_delay: float, on_stray: Callable[[], None], **kw) -> None:
         super().__init__(**kw)
         self._exclude = tuple(exclude)
@@ -76,7 +78,8 @@ class Connection(aioice.Connection):
         self._local_candidates_start = True
         addresses = host_addresses(self._exclude, self._use_ipv6)
         for cands in await asyncio.gather(*[
-                self.get_component_candidates(component=c, addresses=addresses) for c in self._components]):
+                self.get_component_candidates(component=c, addresses=addresses, timeout=self.server_timeout)
+                for c in self._components]):
             self._local_candidates += cands
         self._local_candidates_end = True
 

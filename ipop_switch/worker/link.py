@@ -379,13 +379,13 @@ class LinkWorker:
         self._initiator = None
         self.path = None
         self._answer = None
-        for s in (self.ice, self.probe):
-            if s is not None:
-                await s.close()
-        self.ice = self.probe = None
-        if was_up:
+        if was_up:      # first: closing ICE may wait on a dead TURN server
             self._emit({"kind": "down", "link_id": self.spec.link_id, "peer_id": self.spec.peer_id,
                         "tap": self.spec.tap, "reason": reason})
+        ices, self.ice, self.probe = (self.ice, self.probe), None, None
+        for s in ices:
+            if s is not None:
+                await s.close()
 
     # -- handshake --------------------------------------------------------------------
     def _set_prologue(self, ufrag_controlling: str, ufrag_controlled: str) -> None:

@@ -18,10 +18,10 @@ class Timers:
     handshake_timeout: float = 5.0  # first handshake of an attempt
     gather_timeout: float = 8.0
     answer_timeout: float = 8.0     # controlling side waits this long for link_answer
-    checks_timeout: float = 10.0    # ICE checks
+    checks_timeout: float = 5.0     # ICE checks
     relay_delay: float = 1.0        # relay pairs are checked this much later than direct ones
     backoff_min: float = 0.5
-    backoff_max: float = 4.0
+    backoff_max: float = 2.0
     restart_every: float = 3.0      # controlled side re-asks for an offer this often while waiting
     upgrade_interval: float = 30.0  # a relayed link tries a direct path this often
     addr_poll: float = 2.0          # local addresses are compared this often (ICE restart on change)

@@ -49,6 +49,7 @@ class NodeClient:
         self._ids = itertools.count(1)
         self.relay = relay
         self.popen: subprocess.Popen | None = None
+        self._relays: set[asyncio.Task] = set()
 
     async def start(self) -> "NodeClient":
         self.rundir.mkdir(parents=True, exist_ok=True)
@@ -87,7 +88,11 @@ class NodeClient:
                     fut.set_result(msg)
                 continue
             if msg.get("ev") == "signal" and self.relay:
-                await self.relay(self, msg)
+                # not awaited here: the peer's reply comes through its own reader, and two
+                # readers waiting on each other would deadlock
+                t = asyncio.create_task(self.relay(self, msg))
+                self._relays.add(t)
+                t.add_done_callback(self._relays.discard)
             async with self._cond:
                 self.events.append(msg)
                 self._cond.notify_all()
