@@ -58,7 +58,8 @@ class Result:
 
 
 def run_bench(*, systems: list[str], runs: int = 3, seconds: float = 10.0, console: Console,
-              extra_systems: dict[str, type[System]] | None = None) -> dict:
+              extra_systems: dict[str, type[System]] | None = None,
+              variants: tuple[str, ...] = ("relay", "loss1")) -> dict:
     proc.require_root()
     ensure_packages(console)
     registry = {**PEERS, **(extra_systems or {})}
@@ -103,6 +104,15 @@ def run_bench(*, systems: list[str], runs: int = 3, seconds: float = 10.0, conso
             if udp is not None:
                 res.extra["outer_udp"] = udp
             res.extra.update(s.extra_results(lab) if hasattr(s, "extra_results") else {})
+        if "ipop-switch" in results and variants:
+            from .systems import variant_throughput
+            for kind in variants:
+                with console.status(f"ipop-switch over a {kind} path ({seconds:.0f} s) ..."):
+                    v = variant_throughput(kind, seconds=seconds, workdir=workdir)
+                results["ipop-switch"].extra[f"tcp1_{kind}_mbit"] = v["mbit"]
+                if kind == "relay":
+                    results["ipop-switch"].extra["relay_setup_s"] = v["setup_s"]
+                    results["ipop-switch"].extra["relay_path"] = v["path"]
     finally:
         for s in started:
             try:

@@ -1,10 +1,93 @@
-"""ipop-switch itself as a benchmarked system (filled in as the overlay lands)."""
+"""ipop-switch itself as a benchmarked system: agents run as users run them (``ipop-switch up``
+with signaling, the switch app, OVS and tunnel workers), measured over the full path
+app -> OVS bridge -> worker -> wire -> worker -> OVS bridge -> app."""
 
 from __future__ import annotations
 
-from .peers import System
+import time
+from pathlib import Path
+
+from .. import proc
+from ..lab import Lab, LabSpec, SiteSpec
+from ..lab.demo import first_ping, wait_links
+from ..lab.nodes import LabGroup
+from .measure import iperf3
+from .peers import BenchError, System
+
+SETUP_TIMEOUT = 60.0
+
+
+def node_pids(group: LabGroup, host: str) -> list[int]:
+    """The agent and every process it started: workers, switch app, ovsdb-server, ovs-vswitchd."""
+    node = group.nodes[host]
+    pids = [node.proc.pid] if node.proc else []
+    needle = str(node.dir).encode()
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                cmd = (d / "cmdline").read_bytes()
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            pid = int(d.name)
+            if pid not in pids and (needle in cmd or ppid in pids) and proc.alive(pid):
+                pids.append(pid)
+    # children of children (pool processes are the agent's, the app's threads are one process)
+    return pids
+
+
+class IpopSwitch(System):
+    """Two ipop-switch nodes between the bench hosts."""
+
+    def start(self) -> None:
+        self.group = LabGroup(self.lab, "bench", net=96)
+        for h in (self.a, self.b):
+            self.group.add(h)
+        t0 = time.monotonic()
+        for h in (self.a, self.b):
+            self.group.start(h)
+        self.addr_a, self.addr_b = self.group.nodes[self.a].ip, self.group.nodes[self.b].ip
+        took = first_ping(self.lab, self.a, self.addr_b, timeout=SETUP_TIMEOUT)
+        if took is None:
+            raise BenchError("ipop-switch link did not come up")
+        self.setup_s = time.monotonic() - t0
+        if wait_links(self.group, timeout=SETUP_TIMEOUT) is None:
+            raise BenchError("ipop-switch status does not show the link up")
+        self.pids_a = node_pids(self.group, self.a)
+        self.pids_b = node_pids(self.group, self.b)
+
+    def stop(self) -> None:
+        self.group.stop_all()
+        super().stop()
+
+    def outer_udp_ok(self) -> bool:
+        st = self.group.status(self.a)["overlays"][0]["peers"][0]
+        return st.get("path") in ("direct", "relay") and st.get("tx_bytes", 0) > 0
+
+    def extra_results(self, lab: Lab) -> dict:
+        st = self.group.status(self.a)["overlays"][0]["peers"][0]
+        return {"setup_s": round(self.setup_s, 2), "path": st.get("path")}
+
+
+def variant_throughput(kind: str, *, seconds: float, workdir: Path) -> dict:
+    """TCP 1 stream over a TURN-relayed path (easy <-> hard) or at 1% loss each way."""
+    sites = {"relay": (SiteSpec("e", "easy"), SiteSpec("h", "hard")),
+             "loss1": (SiteSpec("p", "none", loss=1.0), SiteSpec("q", "none", loss=1.0))}[kind]
+    lab = Lab(LabSpec(name=f"bv{kind[:4]}{int(time.time()) % 1000}", sites=sites))
+    sysm = None
+    try:
+        lab.up()
+        a, b = list(lab.hosts)
+        sysm = IpopSwitch("ipop-switch", lab, a, b, workdir / kind)
+        sysm.start()
+        path = sysm.extra_results(lab)["path"]
+        t = iperf3(lab, a, b, sysm.addr_b, streams=1, seconds=seconds)
+        return {"mbit": round(t.mbit, 1), "path": path, "setup_s": round(sysm.setup_s, 2)}
+    finally:
+        if sysm:
+            sysm.stop()
+        lab.down()
 
 
 def available() -> dict[str, type[System]]:
-    """Systems of ours that can be benchmarked on this checkout."""
-    return {}
+    return {"ipop-switch": IpopSwitch}
