@@ -129,7 +129,7 @@ class NodeConfig(_Strict):
     identity_dir: Path = Path("/var/lib/ipop-switch")
     state_dir: Path = Path("/run/ipop-switch")
     metrics: str | None = Field("127.0.0.1:9465", description="host:port for Prometheus metrics, or empty to disable")
-    worker_processes: int = Field(0, ge=0, le=64, description="tunnel worker processes (0: one per core)")
+    worker_processes: int = Field(0, ge=0, le=64, description="tunnel worker processes (0: one per core but one, at least one)")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 

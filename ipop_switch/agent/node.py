@@ -116,7 +116,9 @@ class Node:
 
     async def _start_pool(self) -> None:
         from ..worker.pool import WorkerPool
-        n = self.cfg.node.worker_processes or None
+        # default: one per core but one (OVS's userspace datapath and the kernel need a core too;
+        # on 2 cores this also keeps the node within its memory budget)
+        n = self.cfg.node.worker_processes or max(1, (os.cpu_count() or 1) - 1)
         self.pool = await WorkerPool(n, log_dir=self.cfg.node.state_dir).start()
         self._tasks.append(asyncio.create_task(self._pool_events(), name="pool-events"))
 
