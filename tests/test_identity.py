@@ -158,10 +158,15 @@ def test_request_must_carry_node_id_and_tunnel_key(group):
 
 def test_cli_init_group_issue_join_revoke(tmp_path):
     r = CliRunner()
-    res = r.invoke(cli, ["init", "--dir", str(tmp_path / "n"), "--json", "--name", "alice"])
+    cfg = tmp_path / "etc" / "node.toml"
+    res = r.invoke(cli, ["init", "--dir", str(tmp_path / "n"), "--json", "--name", "alice", "--config", str(cfg)])
     assert res.exit_code == 0, res.output
     nid = json.loads(res.output)["node_id"]
-    res = r.invoke(cli, ["init", "--dir", str(tmp_path / "n")])
+    assert json.loads(res.output)["config"] == str(cfg)
+    from ipop_switch.config import load_config
+    assert load_config(cfg).node.identity_dir == tmp_path / "n"   # the starter config is valid as written
+    assert stat.S_IMODE(cfg.stat().st_mode) == 0o600
+    res = r.invoke(cli, ["init", "--dir", str(tmp_path / "n"), "--config", str(cfg)])
     assert res.exit_code == 1 and "refusing to overwrite" in res.output
     assert r.invoke(cli, ["group", "create", "blue", "--dir", str(tmp_path / "g")]).exit_code == 0
     res = r.invoke(cli, ["group", "create", "blue", "--dir", str(tmp_path / "g")])

@@ -25,17 +25,26 @@ _groups_opt = click.option("--dir", "groups", type=click.Path(file_okay=False, p
 @_dir_opt
 @click.option("--name", help="a human name put in the certificate request (default: the host name)")
 @click.option("--force", is_flag=True, help="replace an existing identity (a new node id: peers will not know it)")
+@click.option("--config", "config", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("/etc/ipop-switch/node.toml"), show_default=True,
+              help="also write a starter node config here (never overwritten)")
 @click.option("--json", "as_json", is_flag=True)
-def init_cmd(dir_: Path, name: str | None, force: bool, as_json: bool) -> None:
-    """Create this node's identity: keys, node id and a certificate request for a group admin."""
+def init_cmd(dir_: Path, name: str | None, force: bool, config: Path, as_json: bool) -> None:
+    """Create this node's identity (keys, node id, a certificate request for a group admin)
+    and a starter config to edit."""
+    from ..starter import write_starter_config
     ident = NodeIdentity.create(dir_, name=name, force=force)
-    out = {"node_id": ident.node_id, "dir": str(dir_), "request": str(dir_ / "node.csr")}
+    wrote = write_starter_config(config, identity_dir=dir_)
+    out = {"node_id": ident.node_id, "dir": str(dir_), "request": str(dir_ / "node.csr"),
+           "config": str(config) if wrote else None}
     if as_json:
         click.echo(json.dumps(out))
     else:
         click.echo(f"node id {ident.node_id}\nidentity in {dir_} (private keys mode 0600)\n"
                    f"certificate request: {dir_ / 'node.csr'} -> give it to the group admin "
                    f"('ipop-switch group issue'), then 'ipop-switch group join BUNDLE'")
+        click.echo(f"starter config written to {config}: edit the XMPP, STUN/TURN and address fields"
+                   if wrote else f"config {config} exists: left as it is")
 
 
 @click.command("whoami")
