@@ -346,27 +346,13 @@ class LinkWorker:
                                                + [self.spec.tap], False))
                 if addrs and not addrs <= cur_addrs:
                     raise AttemptEnded("local addresses changed: ICE restart")
-            if (self.spec.controlling and self.path and self.path.kind == "relay" and self.probe is None
-                    and now - self._probe_last() > t.upgrade_interval):
-                self._probe_at = now
-                self._spawn(self._upgrade_probe())
             await asyncio.sleep(tick)
-
-    def _probe_last(self) -> float:
-        return getattr(self, "_probe_at", self.up_since)
 
     async def _refresh_channel(self, path: Path) -> None:
         try:
             await asyncio.wait_for(path.turn_inner.channel_bind(path.channel, path.remote_addr), 10)  # type: ignore[union-attr]
         except Exception as e:
             log.info("link %s: TURN channel refresh failed: %s", self.spec.link_id, e)
-
-    async def _upgrade_probe(self) -> None:
-        """Relayed link: try a direct-only ICE session beside the working relay; switch if it works.
-        Keys stay (they belong to the link, not to a path); the old relay session closes afterwards."""
-        # Not started yet on the controlled side: it needs a parallel ICE session keyed by
-        # a probe id. Left for the upgrade issue; the relay path keeps working meanwhile.
-        return
 
     async def _end_attempt(self, reason: str) -> None:
         was_up = self.up_since > 0
