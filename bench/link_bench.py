@@ -25,10 +25,6 @@ from helpers.link_harness import Mesh  # noqa: E402
 from ipop_switch import proc  # noqa: E402
 from ipop_switch.lab import Lab, LabSpec, SiteSpec  # noqa: E402
 
-INPUT_DROP = ("table ip ipsw_input {\n chain input {\n  type filter hook input priority filter; policy accept;\n"
-              "  iifname \"wan\" ct state new counter drop\n }\n}\n")
-
-
 def rss_kb(pid: int) -> int:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -82,8 +78,6 @@ async def main(args) -> dict:
     report: dict = {}
     mesh = Mesh(lab)
     try:
-        proc.run(["nft", "-f", "-"], netns=lab.netns_of("lanr"), input=INPUT_DROP)
-        proc.run(["nft", "-f", "-"], netns=lab.netns_of("hdr"), input=INPUT_DROP)
         await mesh.start(["lanh1", "lanh2", "hdh1"], processes=args.processes)
         # 1. setup time, p50 over N tries, LAN and across NATs (easy <-> hard: relay)
         lan, lan_path = await setup_times(mesh, "lanh1", "lanh2", args.tries, 100)

@@ -45,10 +45,6 @@ PAIRS = [("n1h1", "n2h1"), ("n1h1", "o1h1"), ("n1h1", "e1h1"), ("n2h1", "h1h1"),
          ("u1h1", "n2h1")]
 
 
-INPUT_DROP = ("table ip ipsw_input {\n chain input {\n  type filter hook input priority filter; policy accept;\n"
-              "  iifname \"wan\" ct state new counter drop\n }\n}\n")
-
-
 def expected_path(a: str, b: str) -> str:
     """From the NAT behaviours: a public or 1:1 side accepts the other's checks (direct);
     two endpoint-independent mappings punch through each other's address+port filters
@@ -87,14 +83,6 @@ def world():
     mesh = None
     try:
         lab.up()
-        for site in SITES:
-            if site.nat in ("easy", "hard"):
-                # Unsolicited packets to the router's own WAN address must not get a confirmed
-                # conntrack entry (as on a home router, which drops them): otherwise the first
-                # check from the peer claims the tuple and masquerade moves our mapping to
-                # another port, so "easy" stops being endpoint-independent under simultaneous
-                # open. (Belongs in the lab's nat.py; reported.)
-                proc.run(["nft", "-f", "-"], netns=lab.netns_of(f"{site.name}r"), input=INPUT_DROP)
         mesh = Mesh(lab)
         lt.run(mesh.start(list(lab.hosts)), 60)
         lp = {}

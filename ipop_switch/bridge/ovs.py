@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -92,7 +93,7 @@ class OvsInstance:
         )
         try:
             proc.wait_for(self.db_sock.exists, timeout=timeout, what="ovsdb-server socket")
-            self.vsctl("--no-wait", "init")
+            self._init_db(timeout)
             if self.datapath == "netdev":
                 # Must be set before ovs-vswitchd starts (read once at start-up).
                 self.vsctl("--no-wait", "set", "Open_vSwitch", ".", "other_config:userspace-tso-enable=true")
@@ -118,6 +119,19 @@ class OvsInstance:
             self.stop()
             raise
         return self
+
+    def _init_db(self, timeout: float) -> None:
+        """The socket file appears at bind(), before listen(): retry while the server is refusing."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.vsctl("--no-wait", "init", timeout=5)
+                return
+            except OvsError as e:
+                if "Connection refused" not in str(e) or time.monotonic() > deadline \
+                        or self.procs["ovsdb-server"].poll() is not None:
+                    raise
+                time.sleep(0.02)
 
     def running(self) -> bool:
         pids = [proc.read_pidfile(self.rundir / f"{n}.pid") for n in ("ovsdb-server", "ovs-vswitchd")]

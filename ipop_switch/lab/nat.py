@@ -57,6 +57,10 @@ def router_ruleset(p: RouterPlan) -> str:
             post_late.append(f'oifname "{p.wan_if}" meta l4proto udp update @hairpin {{ udp sport : ct original ip saddr }}')
             pre.append(f'iifname "{p.lan_if}" ip daddr {p.wan_ip} meta l4proto udp dnat to udp dport map @hairpin')
             post.append(f'oifname "{p.lan_if}" ip saddr {p.lan_net} ct status dnat snat to {p.wan_ip}')
+    # Nothing unsolicited reaches the router itself: otherwise a peer's early probe to the
+    # router's public address gets a conntrack entry of its own, and masquerade then gives
+    # our next flow to that peer another port (easy<->easy punching fails depending on timing)
+    inp = [f'iifname "{p.wan_if}" ct state new counter drop']
     if p.udp_blocked:
         fwd.insert(0, "meta l4proto udp counter drop")
     if p.loss > 0:
@@ -72,6 +76,7 @@ def router_ruleset(p: RouterPlan) -> str:
         + chain("post", "postrouting", "srcnat", "nat", post)
         + chain("post_late", "postrouting", "srcnat + 10", "filter", post_late)
         + chain("filter_fwd", "forward", "filter", "filter", fwd)
+        + chain("filter_in", "input", "filter", "filter", inp)
         + "}\n"
     )
 
