@@ -26,7 +26,7 @@ from ..worker.messages import LinkSpec, TurnServer
 
 log = logging.getLogger("ipop_switch.agent")
 
-LINK_TYPES = ("link_offer", "link_answer", "link_close", "link_restart")
+LINK_TYPES = ("link_offer", "link_answer", "link_close", "link_restart", "link_probe", "link_probe_answer")
 TOPOLOGY = "topology"
 OFP_PORT_BASE = 6653
 SIGNALING_START_TIMEOUT = 15.0
@@ -236,6 +236,10 @@ class Overlay:
             log.info("event=link_up overlay=%s peer=%s path=%s local=%s remote=%s", self.cfg.name, link.node_id,
                      link.path, link.local, link.remote)
             await self._push_topology()
+        elif e.kind == "path":      # a relayed link moved to a direct path (make before break)
+            link.path, link.local, link.remote = d.get("path"), d.get("local"), d.get("remote")
+            log.info("event=link_path overlay=%s peer=%s path=%s local=%s remote=%s", self.cfg.name, link.node_id,
+                     link.path, link.local, link.remote)
         elif e.kind in ("down", "closed"):
             await self._remove_port(link)
             link.state = "connecting"

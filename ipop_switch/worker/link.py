@@ -91,11 +91,17 @@ class LinkWorker:
         self._previous_until = 0.0
         self._last_offer_payload: dict | None = None
         self._tasks: set[asyncio.Task] = set()
+        # upgrade of a relayed path: a direct-only ICE probe beside the working relay
+        self._probe_task: asyncio.Task | None = None
+        self._probe_answer: asyncio.Future | None = None
+        self._last_probe = 0.0
+        self.upgrades = 0
 
     # -- lifecycle -------------------------------------------------------------
     def start(self) -> None:
         self.tap.open()
-        self.dp = Datapath(self.tap.fd, self.stats, self._on_control, self._on_handshake_packet)
+        self.dp = Datapath(self.tap.fd, self.stats, self._on_control, self._on_handshake_packet,
+                           tap=self.tap, bridge_tso=self.spec.bridge_tso, offload=self.spec.offload)
         self.dp.on_confirm = self._on_confirm
         self.dp.max_frame = self.spec.mtu + 18
         asyncio.get_running_loop().add_reader(self.tap.fd, self.dp.tap_readable)
@@ -159,6 +165,16 @@ class LinkWorker:
                     self._supersede()
             else:
                 self._wake.set()
+        elif type_ == "link_probe" and not self.spec.controlling:
+            if attempt != self.attempt or self.state != State.UP or self._probe_task is not None:
+                self.stats.drops["signal_stale"] += 1
+                return
+            self._probe_task = self._spawn(self._probe_controlled(payload))
+        elif type_ == "link_probe_answer" and self.spec.controlling:
+            if attempt != self.attempt or self._probe_answer is None or self._probe_answer.done():
+                self.stats.drops["signal_stale"] += 1
+                return
+            self._probe_answer.set_result(payload)
         elif type_ == "link_close":
             if attempt == self.attempt and self.state not in (State.BACKOFF, State.WAIT_OFFER):
                 self._supersede(keep_backoff=True)
@@ -255,7 +271,7 @@ class LinkWorker:
         loop = asyncio.get_running_loop()
         self._answer = loop.create_future()
         self.state = State.OFFERED
-        self._last_offer_payload = {"attempt": self.attempt, **local, "hints": {"mtu": self.spec.mtu}}
+        self._last_offer_payload = {"attempt": self.attempt, **local, "hints": {"mtu": self.spec.mtu, **self.dp.local_hints()}}  # type: ignore[union-attr]
         self._signal("link_offer", self._last_offer_payload)
         answer = await self._bounded(self._answer, t.answer_timeout, "link_answer")
         await self._connect(ice, answer)
@@ -278,7 +294,7 @@ class LinkWorker:
         local = await self._bounded(ice.gather(), t.gather_timeout, "gathering")
         self._set_prologue(offer.get("ufrag", ""), ice.ufrag)
         self._confirmed.clear()
-        self._signal("link_answer", {"attempt": self.attempt, **local})
+        self._signal("link_answer", {"attempt": self.attempt, **local, "hints": self.dp.local_hints()})  # type: ignore[union-attr]
         await self._connect(ice, offer)
         self.state = State.HANDSHAKE
         await self._bounded(self._confirmed.wait(), t.handshake_timeout, "handshake")
@@ -287,6 +303,7 @@ class LinkWorker:
     async def _connect(self, ice: IceSession, remote: dict) -> None:
         try:
             n = await ice.set_remote(remote.get("ufrag"), remote.get("pwd"), remote.get("candidates"))
+            self.dp.set_peer_hints(remote.get("hints"))  # type: ignore[union-attr]
         except ValueError as e:
             raise AttemptEnded(f"bad remote description: {e}") from None
         if n == 0:
@@ -297,7 +314,7 @@ class LinkWorker:
 
     def _use_path(self, path: Path) -> None:
         self.path = path
-        self.dp.send = path.send  # type: ignore[union-attr]
+        self.dp.use_path(path)  # type: ignore[union-attr]
         self._channel_refreshed = time.monotonic()
 
     async def _bounded(self, aw, timeout: float, what: str):
@@ -317,6 +334,7 @@ class LinkWorker:
         self._emit({"kind": "up", "link_id": self.spec.link_id, "peer_id": self.spec.peer_id,
                     "tap": self.spec.tap, "attempt": self.attempt, **self.path.describe()})  # type: ignore[union-attr]
         last_ping = last_addr = 0.0
+        self._last_probe = time.monotonic()   # the first direct probe one interval after up
         addrs = self.ice.local_addresses() if self.ice else set()
         tick = min(0.25, t.keepalive / 2)
         while True:
@@ -334,6 +352,7 @@ class LinkWorker:
                 if self._initiator is None and cur is not None and now - cur.created > t.rekey_after:
                     self._start_handshake()
                 self._handshake_tick()
+                self._maybe_probe(now)
             if self.previous is not None and now > self._previous_until:
                 self._drop_session(self.previous)
                 self.previous = None
@@ -355,6 +374,9 @@ class LinkWorker:
             log.info("link %s: TURN channel refresh failed: %s", self.spec.link_id, e)
 
     async def _end_attempt(self, reason: str) -> None:
+        if self._probe_task is not None and not self._probe_task.done():
+            self._probe_task.cancel()
+        self._probe_task = self._probe_answer = None
         was_up = self.up_since > 0
         self.up_since = 0.0
         if self.dp:
@@ -372,6 +394,75 @@ class LinkWorker:
         for s in ices:
             if s is not None:
                 await s.close()
+
+    # -- upgrade of a relayed path ------------------------------------------------------
+    # Make before break: the controlling side periodically runs a direct-only ICE session
+    # (fresh credentials, no TURN) beside the working relay, exchanged as link_probe /
+    # link_probe_answer. Keys belong to the link, not the path, so when the probe finds a
+    # direct pair each side only swaps its send function (both sockets receive meanwhile)
+    # and closes the relayed session; nothing is re-handshaken, no frame is lost.
+    def _maybe_probe(self, now: float) -> None:
+        if (self.path is not None and self.path.kind == "relay" and self._probe_task is None
+                and now - self._last_probe >= self._probe_every):
+            self._last_probe = now
+            self._probe_task = self._spawn(self._probe_controlling())
+
+    @property
+    def _probe_every(self) -> float:
+        if not hasattr(self, "_probe_every_v"):
+            self._probe_every_v = jitter(self.timers.upgrade_interval)
+        return self._probe_every_v
+
+    async def _probe_controlling(self) -> None:
+        t, attempt = self.timers, self.attempt
+        probe = self.probe = self._new_ice(attempt, direct_only=True)
+        try:
+            local = await self._bounded(probe.gather(), t.gather_timeout, "probe gathering")
+            self._probe_answer = asyncio.get_running_loop().create_future()
+            self._signal("link_probe", {"attempt": attempt, **local})
+            answer = await self._bounded(self._probe_answer, t.answer_timeout, "probe answer")
+            await self._probe_finish(probe, answer, attempt)
+        except Exception as e:            # a probe failing never touches the working path
+            log.info("link %s: no direct path yet (%s)", self.spec.link_id, e)
+            await self._probe_drop(probe)
+        finally:
+            self._probe_task = self._probe_answer = None
+            self._probe_every_v = jitter(self.timers.upgrade_interval)
+
+    async def _probe_controlled(self, offer: dict) -> None:
+        attempt = self.attempt
+        probe = self.probe = self._new_ice(attempt, direct_only=True)
+        try:
+            local = await self._bounded(probe.gather(), self.timers.gather_timeout, "probe gathering")
+            self._signal("link_probe_answer", {"attempt": attempt, **local})
+            await self._probe_finish(probe, offer, attempt)
+        except Exception as e:
+            log.info("link %s: probe answered, no direct path (%s)", self.spec.link_id, e)
+            await self._probe_drop(probe)
+        finally:
+            self._probe_task = None
+
+    async def _probe_finish(self, probe: IceSession, remote: dict, attempt: int) -> None:
+        n = await probe.set_remote(remote.get("ufrag"), remote.get("pwd"), remote.get("candidates"))
+        if n == 0:
+            raise AttemptEnded("peer sent no direct candidates")
+        path = await self._bounded(probe.connect(), self.timers.checks_timeout, "probe checks")
+        if path.kind != "direct":
+            raise AttemptEnded(f"probe selected a {path.kind} pair")
+        if attempt != self.attempt or self.state != State.UP or self.ice is None:
+            raise AttemptEnded("the attempt changed while probing")
+        old, self.ice, self.probe = self.ice, probe, None
+        self._use_path(path)
+        self.upgrades += 1
+        log.info("link %s: upgraded to a direct path %s -> %s", self.spec.link_id, path.local, path.remote)
+        self._emit({"kind": "path", "link_id": self.spec.link_id, "peer_id": self.spec.peer_id,
+                    "tap": self.spec.tap, "attempt": attempt, **path.describe()})
+        await old.close()
+
+    async def _probe_drop(self, probe: IceSession) -> None:
+        if self.probe is probe:
+            self.probe = None
+        await probe.close()
 
     # -- handshake --------------------------------------------------------------------
     def _set_prologue(self, ufrag_controlling: str, ufrag_controlled: str) -> None:
@@ -509,15 +600,17 @@ class LinkWorker:
         self._emit({"kind": "signal", "link_id": self.spec.link_id, "peer_id": self.spec.peer_id,
                     "type": type_, "payload": {"link_id": self.spec.link_id, **payload}})
 
-    def _spawn(self, coro) -> None:
+    def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     def snapshot(self) -> dict:
         d = {"link_id": self.spec.link_id, "peer_id": self.spec.peer_id, "tap": self.spec.tap,
              "state": self.state.value, "attempt": self.attempt, "controlling": self.spec.controlling,
              "up_for": round(time.monotonic() - self.up_since, 3) if self.up_since else 0.0,
+             "upgrades": self.upgrades,
              **self.stats.as_dict()}
         if self.path:
             d.update(self.path.describe())

@@ -23,7 +23,7 @@ class Timers:
     backoff_min: float = 0.5
     backoff_max: float = 2.0
     restart_every: float = 3.0      # controlled side re-asks for an offer this often while waiting
-    upgrade_interval: float = 30.0  # NOT USED YET: periodic direct probe of a relayed link (docs/tunnel.md §6)
+    upgrade_interval: float = 30.0  # a relayed link probes for a direct path this often (docs/tunnel.md §6)
     addr_poll: float = 2.0          # local addresses are compared this often (ICE restart on change)
 
     @classmethod
