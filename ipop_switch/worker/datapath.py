@@ -1,16 +1,31 @@
-"""The per-frame hot path: TAP -> AEAD -> UDP and UDP -> AEAD -> TAP, one packet at a time.
+"""The per-frame hot path: TAP -> AEAD -> UDP and UDP -> AEAD -> TAP, batched where it can be.
 
-Kept in one module on purpose: the performance issue replaces it with a batched
-path (TSO reads, UDP GSO/GRO, coalesced TAP writes; see datapath-facts.md).
-Everything here runs in the pool process's event loop (uvloop): the TAP is read
-with ``add_reader`` and drained up to ``TAP_BURST`` frames per wake-up; datagrams
-arrive through the ICE socket's protocol (a hook installed by the link worker).
-Nothing in here raises on bad input: every refusal is a counted drop.
+Two modes, chosen per link attempt from what both ends support (docs/tunnel.md, "Data
+packets" and "Offload negotiation"):
+
+- **batched** (both ends announced ``offload: 1``): the TAP runs with TSO, so a read is
+  often a 64 KiB TCP super-frame; it is cut into MSS segments (``gso.segment``), each
+  sealed as its own data packet (a lost datagram loses one segment) carrying the
+  offload format in the authenticated header, and sent with one UDP GSO ``sendmsg``
+  per group on a direct path. The receiver queues the segments of one receive burst
+  and writes runs of contiguous ones as one GSO frame (``gso.Coalescer``), the largest
+  lever measured (shared/datapath-facts.md). Nothing TCP needs no batching: other
+  frames pass one by one, in order.
+- **per packet** (the peer is older, the bridge has no TSO, the kernel has no vnet
+  header): the TAP hands over complete, segmented frames and each is sealed alone.
+
+Every offload header that comes from the peer is checked by ``gso.check_vnet`` (or
+the coalescer's parser) before a TAP write; refusals are counted drops. Everything
+runs in the pool process's event loop (uvloop): the TAP is read with ``add_reader``,
+up to ``TAP_BURST`` frames per wake-up; datagrams arrive through the ICE socket's
+protocol (a hook installed by the link worker). Nothing here raises on bad input.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
+import socket
 import time
 from collections import Counter
 from typing import Callable
@@ -18,10 +33,20 @@ from typing import Callable
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from . import codec
+from . import batch_io, codec, gso
 
 TAP_BURST = 64
 ZERO4 = b"\0\0\0\0"
+TAP_READ = 65536 + gso.VNET_LEN + 64        # a 64 KiB IP packet + Ethernet (+ VLAN) + vnet header
+
+# Data format (header byte 1, inside the AEAD's AAD; docs/tunnel.md "Data packets").
+# 0: a complete frame (format v1). With FMT_CSUM the frame has a partial checksum
+# (NEEDS_CSUM): bytes 2-3 hold csum_start (big-endian), the checksum field is at
+# csum_start + 16 with FMT_TCP (a TCP segment the receiver may coalesce), else + 6 (UDP).
+FMT_CSUM = 0x01
+FMT_TCP = 0x02
+FMT_KNOWN = FMT_CSUM | FMT_TCP
+OFFLOAD_VERSION = 1                          # the "offload" hint both ends must announce
 
 Sender = Callable[[bytes], None]
 
@@ -30,7 +55,7 @@ class Session:
     """One set of transport keys (one handshake). Receiving and sending state."""
 
     __slots__ = ("local_index", "remote_index", "send_aead", "recv_aead", "counter", "window",
-                 "created", "prefix", "confirmed", "initiator", "rx_packets")
+                 "created", "prefix", "ridx", "confirmed", "initiator", "rx_packets")
 
     def __init__(self, send_key: bytes, recv_key: bytes, local_index: int, remote_index: int,
                  *, initiator: bool, window: int = 2048) -> None:
@@ -42,17 +67,21 @@ class Session:
         self.window = codec.ReplayWindow(window)
         self.created = time.monotonic()
         self.prefix = codec.data_prefix(remote_index)
+        self.ridx = self.prefix[4:]
         # The responder may only send with a new session once the initiator has used it
         # (proves the initiator has the keys); the initiator's sessions are confirmed at once.
         self.confirmed = initiator
         self.initiator = initiator
         self.rx_packets = 0
 
-    def seal(self, plaintext: bytes) -> bytes:
+    def seal(self, plaintext, fmt: int = 0, csum_start: int = 0) -> bytes:
         c = self.counter
         self.counter = c + 1
         cb = c.to_bytes(8, "big")
-        header = self.prefix + cb
+        if fmt:
+            header = bytes((codec.TYPE_DATA, fmt, csum_start >> 8, csum_start & 0xFF)) + self.ridx + cb
+        else:
+            header = self.prefix + cb
         return header + self.send_aead.encrypt(ZERO4 + cb, plaintext, header)
 
 
@@ -60,21 +89,27 @@ class Stats:
     """Counters a link reports to the agent."""
 
     __slots__ = ("tx_frames", "tx_bytes", "rx_frames", "rx_bytes", "drops", "last_rx", "last_tx",
-                 "rtt_ms", "handshakes")
+                 "rtt_ms", "handshakes", "tx_packets", "rx_packets", "tx_super", "rx_coalesced", "mode")
 
     def __init__(self) -> None:
         self.tx_frames = self.tx_bytes = self.rx_frames = self.rx_bytes = 0
+        self.tx_packets = self.rx_packets = 0       # data packets on the wire (segments)
+        self.tx_super = self.rx_coalesced = 0       # TSO frames read / GSO frames written
         self.drops: Counter[str] = Counter()
         self.last_rx = 0.0          # monotonic time of the last authenticated packet
         self.last_tx = 0.0
         self.rtt_ms: float | None = None
         self.handshakes = 0
+        self.mode = "per-packet"
 
     def as_dict(self) -> dict:
         now = time.monotonic()
         return {
             "tx_frames": self.tx_frames, "tx_bytes": self.tx_bytes,
             "rx_frames": self.rx_frames, "rx_bytes": self.rx_bytes,
+            "tx_packets": self.tx_packets, "rx_packets": self.rx_packets,
+            "tx_super": self.tx_super, "rx_coalesced": self.rx_coalesced,
+            "datapath": self.mode,
             "drops": dict(self.drops),
             "since_last_rx": None if not self.last_rx else round(now - self.last_rx, 3),
             "rtt_ms": None if self.rtt_ms is None else round(self.rtt_ms, 3),
@@ -83,55 +118,193 @@ class Stats:
 
 
 class Datapath:
-    """Frames of one link. The link worker sets ``current`` / ``previous`` / ``next_``
-    sessions and ``send``; control plaintexts (keepalive, ping, pong) go to ``on_control``."""
+    """Frames of one link. The link worker sets ``current`` / ``sessions``, the path
+    (``use_path``, or ``send`` for a bare send function) and the peer's hints
+    (``set_peer_hints``); control plaintexts (keepalive, ping, pong) go to ``on_control``.
+
+    ``tap`` (a ``tap.Tap``) gives the vnet header and offload switch; ``bridge_tso`` says
+    whether the bridge behind the TAP takes GSO frames and partial checksums (with
+    OVS's userspace datapath only with ``userspace-tso-enable``): only then do we
+    accept offloaded frames from the peer, and coalesce. ``offload=False`` forces the
+    per-packet path."""
 
     def __init__(self, tap_fd: int, stats: Stats, on_control: Callable[[Session, bytes], None],
-                 on_handshake: Callable[[bytes, object, tuple], None]) -> None:
+                 on_handshake: Callable[[bytes, object, tuple], None], *, tap=None,
+                 bridge_tso: bool = True, offload: bool = True) -> None:
         self.tap_fd = tap_fd
+        self.tap = tap
+        self.vnet = bool(tap is not None and tap.vnet)
         self.stats = stats
         self.on_control = on_control
         self.on_handshake = on_handshake
-        self.send: Sender | None = None
+        self._send: Sender | None = None
+        self._sock: socket.socket | None = None     # a dup of the direct path's socket, for GSO sends
+        self._addr: tuple | None = None
+        self._gso = batch_io.gso_supported()
         self.current: Session | None = None
         self.sessions: dict[int, Session] = {}     # local index -> session (current, previous, next)
         self.on_confirm: Callable[[Session], None] | None = None
         self.max_frame = 65535
+        # what we accept from the peer (announced in our hints) and what we send it
+        self.rx_offload = self.vnet and bridge_tso and offload
+        self.tx_offload = False
+        self._allow = offload
+        self._rbuf = bytearray(TAP_READ)
+        self._rview = memoryview(self._rbuf)
+        self._co = gso.Coalescer()
+        self._flush_pending = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- negotiation and path ----------------------------------------------------
+    def local_hints(self) -> dict:
+        """What our link offer/answer announces: ``offload`` when we accept segmented,
+        partial-checksum frames (format with FMT_* bits) and write them to a TSO bridge."""
+        return {"offload": OFFLOAD_VERSION} if self.rx_offload else {}
+
+    def set_peer_hints(self, hints) -> None:
+        """The peer's hints for this attempt: send offloaded frames only if it takes them.
+        Switches the TAP's offloads accordingly (TSO reads only when they can be sent)."""
+        want = (self._allow and self.vnet and isinstance(hints, dict)
+                and hints.get("offload") == OFFLOAD_VERSION)
+        self.tx_offload = bool(self.tap.set_offloads(want)) if self.tap is not None and self.vnet else False
+        self.stats.mode = ("batched" if self.tx_offload else "per-packet") + \
+            ("/coalescing" if self.rx_offload else "")
+
+    def use_path(self, path) -> None:
+        """Send on ``path`` (ice.Path): on a direct UDP path through a dup of its socket
+        (one GSO ``sendmsg`` per group of segments), otherwise with its send function."""
+        self.send = path.send
+        if not self._gso or path.kind != "direct" or path.turn_inner is not None:
+            return
+        try:
+            raw = path.protocol.transport.get_extra_info("socket")
+            sock = socket.socket(fileno=os.dup(raw.fileno()))
+        except (AttributeError, OSError, ValueError):
+            return
+        if sock.type != socket.SOCK_DGRAM:
+            sock.close()
+            return
+        sock.setblocking(False)
+        batch_io.tune_socket(sock, gro=False)
+        self._sock, self._addr = sock, tuple(path.remote_addr)
+
+    @property
+    def send(self) -> Sender | None:
+        return self._send
+
+    @send.setter
+    def send(self, fn: Sender | None) -> None:
+        self._send = fn
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = self._addr = None
 
     # -- TAP -> UDP ------------------------------------------------------------
     def tap_readable(self) -> None:
-        fd = self.tap_fd
-        st = self.stats
+        fd, st, vnet = self.tap_fd, self.stats, self.vnet
+        buf, view = self._rbuf, self._rview
         for _ in range(TAP_BURST):
             try:
-                frame = os.read(fd, 65536)
+                n = os.readv(fd, (buf,))
             except (BlockingIOError, InterruptedError):
-                return
+                break
             except OSError:
                 st.drops["tap_read"] += 1
-                return
+                break
             s = self.current
-            send = self.send
-            if s is None or send is None or not s.confirmed:
+            if s is None or self._send is None or not s.confirmed:
                 st.drops["no_session"] += 1
                 continue
-            if s.counter >= codec.REJECT_AFTER_MESSAGES:
+            if s.counter >= codec.REJECT_AFTER_MESSAGES - 1024:
                 st.drops["counter_exhausted"] += 1
                 continue
+            fmt = cs = 0
+            if vnet:
+                if n < gso.VNET_LEN + codec.ETH_MIN:
+                    st.drops["tap_short"] += 1
+                    continue
+                frame = view[gso.VNET_LEN:n]
+                gtype = buf[1] & ~gso.GSO_ECN
+                if gtype:
+                    self._send_super(s, frame, gtype, buf[4] | buf[5] << 8, buf[6] | buf[7] << 8)
+                    continue
+                if buf[0] & gso.F_NEEDS_CSUM:
+                    cs, co = buf[6] | buf[7] << 8, buf[8] | buf[9] << 8
+                    if self.tx_offload and co in (6, 16) and gso.ETH_LEN <= cs <= n - gso.VNET_LEN - co - 2:
+                        fmt = FMT_CSUM | (FMT_TCP if co == 16 else 0)
+                    else:                                   # the peer wants complete frames
+                        frame = bytearray(frame)
+                        try:
+                            gso.complete_checksum(frame, cs, co)
+                        except Exception:
+                            st.drops["tap_bad_csum"] += 1
+                            continue
+                        cs = 0
+            else:
+                frame = view[:n]
             if len(frame) > self.max_frame:
                 st.drops["too_big"] += 1
                 continue
             try:
-                send(s.seal(frame))
+                self._send(s.seal(frame, fmt, cs))
             except OSError:
                 st.drops["send_error"] += 1
                 continue
             st.tx_frames += 1
+            st.tx_packets += 1
             st.tx_bytes += len(frame)
         st.last_tx = time.monotonic()
 
+    def _send_super(self, s: Session, frame: memoryview, gtype: int, gso_size: int, cs: int) -> None:
+        """A TSO super-frame: one data packet per MSS segment, sent in GSO groups."""
+        st = self.stats
+        if not self.tx_offload or gtype not in (gso.GSO_TCPV4, gso.GSO_TCPV6):
+            st.drops["gso_unexpected"] += 1
+            return
+        try:
+            segs = gso.segment(frame, gso_size)
+        except gso.OffloadError as e:
+            st.drops["tap_" + e.reason] += 1
+            return
+        prefix = bytes((codec.TYPE_DATA, FMT_CSUM | FMT_TCP, cs >> 8, cs & 0xFF)) + s.ridx
+        c = s.counter
+        s.counter = c + len(segs)
+        enc = s.send_aead.encrypt
+        dgrams = []
+        for seg in segs:
+            cb = c.to_bytes(8, "big")
+            c += 1
+            h = prefix + cb
+            dgrams.append(h + enc(ZERO4 + cb, seg, h))
+        self._send_many(dgrams)
+        st.tx_frames += 1
+        st.tx_super += 1
+        st.tx_packets += len(dgrams)
+        st.tx_bytes += len(frame)
+
+    def _send_many(self, dgrams: list[bytes]) -> None:
+        sock = self._sock
+        if sock is not None:
+            try:
+                batch_io.send_batch(sock, dgrams, self._addr)
+                return
+            except BlockingIOError:
+                self.stats.drops["send_full"] += len(dgrams)
+                return
+            except OSError:                 # GSO refused on this route: per datagram from now on
+                self.stats.drops["gso_send_error"] += 1
+                self._gso = False
+                sock.close()
+                self._sock = None
+        send = self._send
+        for d in dgrams:
+            try:
+                send(d)  # type: ignore[misc]
+            except OSError:
+                self.stats.drops["send_error"] += 1
+
     def send_control(self, plaintext: bytes) -> bool:
-        s, send = self.current, self.send
+        s, send = self.current, self._send
         if s is None or send is None or not s.confirmed:
             return False
         try:
@@ -145,13 +318,23 @@ class Datapath:
     # -- UDP -> TAP ------------------------------------------------------------
     def datagram(self, data: bytes, addr: tuple, protocol: object) -> None:
         """Every datagram whose first byte is one of ours lands here."""
-        t = data[0]
-        if t != codec.TYPE_DATA:
+        if data[0] != codec.TYPE_DATA:
             self.on_handshake(data, protocol, addr)
             return
         st = self.stats
-        if len(data) < codec.DATA_MIN_LEN or data[1:4] != b"\0\0\0":
+        if len(data) < codec.DATA_MIN_LEN:
             st.drops["malformed"] += 1
+            return
+        fmt = data[1]
+        if not fmt:
+            if data[2] or data[3]:
+                st.drops["malformed"] += 1
+                return
+        elif fmt & ~FMT_KNOWN or not fmt & FMT_CSUM:
+            st.drops["malformed"] += 1
+            return
+        elif not self.rx_offload:
+            st.drops["offload_refused"] += 1        # we never announced it: a confused or hostile peer
             return
         s = self.sessions.get(int.from_bytes(data[4:8], "little"))
         if s is None:
@@ -170,21 +353,86 @@ class Datapath:
             return
         w.update(counter)
         st.last_rx = time.monotonic()
+        st.rx_packets += 1
         s.rx_packets += 1
         if not s.confirmed:
             s.confirmed = True
             if self.on_confirm:
                 self.on_confirm(s)
         if len(plain) < codec.ETH_MIN:
+            if fmt:
+                st.drops["bad_offload"] += 1
+                return
             self.on_control(s, plain)
             return
+        if not self.vnet:
+            self._write1(plain)
+            return
+        co = self._co
+        if not fmt:
+            if len(co):
+                co.add_frame(gso.NO_VNET, plain)
+            else:
+                self._write(gso.NO_VNET, plain)
+            return
+        cs = data[2] << 8 | data[3]
+        if fmt & FMT_TCP:
+            try:
+                co.add_segment(plain, cs)
+            except gso.OffloadError as e:
+                st.drops["offload_" + e.reason] += 1
+                return
+            if not self._flush_pending:
+                self._flush_pending = True
+                if self._loop is None:
+                    self._loop = asyncio.get_running_loop()
+                self._loop.call_soon(self.flush)
+            return
+        vh = gso.VNET.pack(gso.F_NEEDS_CSUM, gso.GSO_NONE, 0, 0, cs, 6)
         try:
-            os.write(self.tap_fd, plain)
+            gso.check_vnet(vh, plain)
+        except gso.OffloadError as e:
+            st.drops["offload_" + e.reason] += 1
+            return
+        if len(co):
+            co.add_frame(vh, plain)
+        else:
+            self._write(vh, plain)
+
+    def flush(self) -> None:
+        """End of a receive burst: write what the coalescer holds, one TAP write per run."""
+        self._flush_pending = False
+        st = self.stats
+        for vh, frame in self._co.flush():
+            if vh[1]:                                   # a merged GSO frame: validate what we built
+                try:
+                    gso.check_vnet(vh, frame)
+                except gso.OffloadError as e:
+                    st.drops["offload_" + e.reason] += 1
+                    continue
+                st.rx_coalesced += 1
+            self._write(vh, frame)
+
+    def _write(self, vh: bytes, frame) -> None:
+        try:
+            os.writev(self.tap_fd, (vh, frame))
         except (BlockingIOError, InterruptedError):
-            st.drops["tap_full"] += 1
+            self.stats.drops["tap_full"] += 1
             return
         except OSError:
-            st.drops["tap_write"] += 1
+            self.stats.drops["tap_write"] += 1
             return
-        st.rx_frames += 1
-        st.rx_bytes += len(plain)
+        self.stats.rx_frames += 1
+        self.stats.rx_bytes += len(frame)
+
+    def _write1(self, frame: bytes) -> None:
+        try:
+            os.write(self.tap_fd, frame)
+        except (BlockingIOError, InterruptedError):
+            self.stats.drops["tap_full"] += 1
+            return
+        except OSError:
+            self.stats.drops["tap_write"] += 1
+            return
+        self.stats.rx_frames += 1
+        self.stats.rx_bytes += len(frame)

@@ -47,18 +47,20 @@ def _fold(s: int) -> int:
     return s
 
 
-def _sum_words(b: bytes | memoryview) -> int:
-    s = 0
-    for (w,) in struct.iter_unpack("!H", b):
-        s += w
-    return s
+def _sum_words(b: bytes | bytearray | memoryview) -> int:
+    """Ones' complement sum of big-endian 16-bit words, folded to 16 bits (odd tail padded).
+
+    2^16 = 1 (mod 0xFFFF), so the sum of the words is the whole buffer read as one
+    big integer modulo 0xFFFF: one C call instead of a loop over words."""
+    if len(b) & 1:
+        b = bytes(b) + b"\0"
+    return int.from_bytes(b, "big") % 0xFFFF
 
 
 def ipv4_header_checksum(hdr: bytes | bytearray | memoryview) -> int:
     """RFC 791 header checksum over ``hdr`` with its checksum field taken as zero."""
-    h = bytearray(hdr)
-    h[10:12] = b"\0\0"
-    return (~_fold(_sum_words(h))) & 0xFFFF
+    s = _sum_words(hdr) + 0xFFFF - _H.unpack_from(hdr, 10)[0]
+    return (~_fold(s)) & 0xFFFF
 
 
 def pseudo_partial(ip_ver: int, ip: bytes | memoryview, tcp_len: int) -> int:
@@ -68,6 +70,17 @@ def pseudo_partial(ip_ver: int, ip: bytes | memoryview, tcp_len: int) -> int:
     else:
         s = _sum_words(ip[8:40]) + 6 + tcp_len
     return _fold(s)
+
+
+def complete_checksum(frame: bytearray, csum_start: int, csum_offset: int) -> None:
+    """Do in software what NEEDS_CSUM asks of the device: the field holds the partial
+    (pseudo-header) sum; store the complement of the sum from ``csum_start`` on.
+    For the rare partial-checksum frame on the per-packet path."""
+    s = _fold(_sum_words(memoryview(frame)[csum_start:]))
+    c = (~s) & 0xFFFF
+    if c == 0 and csum_offset == 6:
+        c = 0xFFFF                  # UDP: 0 means "no checksum"
+    _H.pack_into(frame, csum_start + csum_offset, c)
 
 
 class Layout:
@@ -108,112 +121,197 @@ def segment(frame: bytes | memoryview, gso_size: int) -> list[bytearray]:
     """Split a TCP super-frame into segments of ``gso_size`` payload bytes.
 
     seq += i*mss, IPv4 id += i, CWR on the first segment only, FIN/PSH on the last
-    only; every segment is NEEDS_CSUM with its own pseudo-header partial sum.
+    only; every segment is NEEDS_CSUM with its own pseudo-header partial sum. Header
+    sums are computed once and adjusted per segment (this runs per MSS on the hot path).
     """
     lay = Layout(frame)
     if gso_size <= 0:
         raise OffloadError("bad_gso_size")
     hdr_end = lay.payload_off
     payload = memoryview(frame)[hdr_end:]
-    n = max(1, -(-len(payload) // gso_size))
+    plen = len(payload)
+    n = max(1, -(-plen // gso_size))
     if n > 1024:
         raise OffloadError("too_many_segments")
     template = bytearray(frame[:hdr_end])
-    t, ip = lay.tcp_off, lay.ip_off
+    t, ip, v4 = lay.tcp_off, lay.ip_off, lay.ver == 4
     seq0 = _I.unpack_from(template, t + 4)[0]
     flags0 = template[t + 13]
-    ip_id0 = _H.unpack_from(template, ip + 4)[0] if lay.ver == 4 else 0
+    tcp_hlen = lay.tcp_len
+    if v4:
+        ip_id0 = _H.unpack_from(template, ip + 4)[0]
+        # header sum without total length, id and checksum: those are added per segment
+        for o in (2, 4, 10):
+            _H.pack_into(template, ip + o, 0)
+        base = _sum_words(template[ip:ip + lay.ip_len])
+        addr = _sum_words(template[ip + 12:ip + 20])
+    else:
+        addr = _sum_words(template[ip + 8:ip + 40])
+    mid_flags = flags0 & ~(TCP_FIN | TCP_PSH | TCP_CWR)
+    pack_seq, pack_h = _I.pack_into, _H.pack_into
     out = []
     for i in range(n):
         chunk = payload[i * gso_size:(i + 1) * gso_size]
-        seg = bytearray(template)
-        seg += chunk
-        tcp_len = lay.tcp_len + len(chunk)
-        _I.pack_into(seg, t + 4, (seq0 + i * gso_size) & 0xFFFFFFFF)
-        f = flags0
-        if i > 0:
-            f &= ~TCP_CWR
-        if i < n - 1:
-            f &= ~(TCP_FIN | TCP_PSH)
-        seg[t + 13] = f
-        if lay.ver == 4:
-            _H.pack_into(seg, ip + 2, lay.ip_len + tcp_len)
-            _H.pack_into(seg, ip + 4, (ip_id0 + i) & 0xFFFF)
-            _H.pack_into(seg, ip + 10, 0)
-            _H.pack_into(seg, ip + 10, ipv4_header_checksum(seg[ip:ip + lay.ip_len]))
+        seg = template + chunk
+        tcp_len = tcp_hlen + len(chunk)
+        pack_seq(seg, t + 4, (seq0 + i * gso_size) & 0xFFFFFFFF)
+        if n > 1:
+            f = mid_flags
+            if i == 0:
+                f |= flags0 & TCP_CWR
+            if i == n - 1:
+                f |= flags0 & (TCP_FIN | TCP_PSH)
+            seg[t + 13] = f
+        if v4:
+            total = lay.ip_len + tcp_len
+            ip_id = (ip_id0 + i) & 0xFFFF
+            pack_h(seg, ip + 2, total)
+            pack_h(seg, ip + 4, ip_id)
+            pack_h(seg, ip + 10, (~_fold(base + total + ip_id)) & 0xFFFF)
         else:
-            _H.pack_into(seg, ip + 4, tcp_len)
-        _H.pack_into(seg, t + 16, pseudo_partial(lay.ver, seg[ip:ip + lay.ip_len], tcp_len))
+            pack_h(seg, ip + 4, tcp_len)
+        pack_h(seg, t + 16, _fold(addr + 6 + tcp_len))
         out.append(seg)
     return out
 
 
-def _flow_key(seg: bytes | bytearray, lay: Layout) -> bytes:
-    """Everything that must match for two segments to be merged: Ethernet, IP (but lengths,
-    id and checksum), ports, ack, window, options; flags but PSH/FIN/CWR."""
-    ip, t = lay.ip_off, lay.tcp_off
-    if lay.ver == 4:
-        iph = bytes(seg[ip:ip + 2]) + bytes(seg[ip + 6:ip + 10]) + bytes(seg[ip + 12:ip + lay.ip_len])
-    else:
-        iph = bytes(seg[ip:ip + 4]) + bytes(seg[ip + 6:ip + 40])
-    tcph = bytes(seg[t:t + 4]) + bytes(seg[t + 8:t + 13]) + bytes([seg[t + 13] & ~(TCP_PSH | TCP_FIN | TCP_CWR) & 0xFF]) \
-        + bytes(seg[t + 14:t + 16]) + bytes(seg[t + 18:lay.payload_off])
-    return bytes(seg[:ETH_LEN]) + iph + tcph
+_MERGE_STOP = TCP_SYN | TCP_RST | TCP_URG
+_PSH_FIN = TCP_PSH | TCP_FIN
+_KEY_FLAGS_MASK = ~(TCP_PSH | TCP_FIN | TCP_CWR) & 0xFF
+
+
+class Coalescer:
+    """Merges runs of contiguous TCP segments of one receive burst into GSO frames.
+
+    ``add_segment`` takes a TCP segment whose checksum field holds the pseudo-header
+    partial sum (NEEDS_CSUM); ``add_frame`` any other frame with its ready vnet header
+    (it ends the current run: nothing is reordered). ``flush`` returns the
+    ``(vnet_header, frame)`` pairs to write, in order. A segment that cannot join a
+    run (another flow, a gap, a SYN/RST/URG, a short one before the end, 64 KiB reached)
+    starts a new one, so a lost segment only splits a run: it never loses another.
+    Parsing is inlined (this runs once per received MSS).
+    """
+
+    __slots__ = ("max_len", "out", "run", "key", "next_seq", "mss", "total", "t", "po", "v4", "last_flags")
+
+    def __init__(self, max_len: int = 65535) -> None:
+        self.max_len = max_len
+        self.out: list[tuple[bytes, bytes | bytearray]] = []
+        self.run: list[bytes | bytearray] = []
+        self.key = b""
+        self.next_seq = self.mss = self.total = self.t = self.po = self.last_flags = 0
+        self.v4 = True
+
+    def __len__(self) -> int:
+        return len(self.out) + len(self.run)
+
+    def add_frame(self, vnet: bytes, frame: bytes | bytearray) -> None:
+        if self.run:
+            self._end_run()
+        self.out.append((vnet, frame))
+
+    def add_segment(self, seg: bytes | bytearray, csum_start: int = -1) -> None:
+        """Queue one TCP segment; OffloadError (nothing queued) if it is not one, or if
+        ``csum_start`` (when given) is not where its TCP header starts."""
+        n = len(seg)
+        if n < ETH_LEN + 40:
+            raise OffloadError("short_frame")
+        et = seg[12] << 8 | seg[13]
+        if et == ETH_IPV4:
+            vihl = seg[14]
+            ihl = (vihl & 0xF) * 4
+            if vihl >> 4 != 4 or ihl < 20:
+                raise OffloadError("bad_ip")
+            if seg[23] != 6:
+                raise OffloadError("not_tcp")
+            t = ETH_LEN + ihl
+            v4 = True
+            ip_ok = (seg[16] << 8 | seg[17]) == n - ETH_LEN
+        elif et == ETH_IPV6:
+            if seg[20] != 6:
+                raise OffloadError("not_tcp")
+            t = ETH_LEN + 40
+            v4 = False
+            ip_ok = (seg[18] << 8 | seg[19]) == n - t
+        else:
+            raise OffloadError("not_ip")
+        if n < t + 20:
+            raise OffloadError("short_frame")
+        thl = (seg[t + 12] >> 4) * 4
+        po = t + thl
+        if thl < 20 or n < po:
+            raise OffloadError("bad_tcp")
+        if csum_start >= 0 and csum_start != t:
+            raise OffloadError("bad_csum_offsets")
+        plen = n - po
+        flags = seg[t + 13]
+        if plen == 0 or flags & _MERGE_STOP or not ip_ok:
+            if self.run:
+                self._end_run()
+            self.out.append((VNET.pack(F_NEEDS_CSUM, GSO_NONE, 0, 0, t, 16), seg))
+            return
+        seq = seg[t + 4] << 24 | seg[t + 5] << 16 | seg[t + 6] << 8 | seg[t + 7]
+        if v4:
+            key = seg[:16] + seg[20:24] + seg[26:t + 4] + seg[t + 8:t + 13] + seg[t + 14:t + 16] + seg[t + 18:po]
+        else:
+            key = seg[:18] + seg[20:t + 4] + seg[t + 8:t + 13] + seg[t + 14:t + 16] + seg[t + 18:po]
+        if (self.run and key == self.key and seq == self.next_seq and plen <= self.mss
+                and (flags & _KEY_FLAGS_MASK) == (self.last_flags & _KEY_FLAGS_MASK)
+                and not self.last_flags & _PSH_FIN and not flags & TCP_CWR
+                and len(self.run[-1]) - po == self.mss and self.total + plen <= self.max_len):
+            self.run.append(seg)
+            self.total += plen
+        else:
+            if self.run:
+                self._end_run()
+            self.run.append(seg)
+            self.key, self.mss, self.total, self.t, self.po, self.v4 = key, plen, po - ETH_LEN + plen, t, po, v4
+        self.last_flags = flags
+        self.next_seq = (seq + plen) & 0xFFFFFFFF
+
+    def _end_run(self) -> None:
+        run, t, po = self.run, self.t, self.po
+        self.run = []
+        if len(run) == 1:
+            self.out.append((VNET.pack(F_NEEDS_CSUM, GSO_NONE, 0, 0, t, 16), run[0]))
+            return
+        first = run[0]
+        frame = bytearray(first)
+        frame += b"".join([memoryview(x)[po:] for x in run[1:]])
+        frame[t + 13] = first[t + 13] | (self.last_flags & _PSH_FIN)
+        ip = ETH_LEN
+        if self.v4:
+            _H.pack_into(frame, ip + 2, len(frame) - ETH_LEN)
+            _H.pack_into(frame, ip + 10, ipv4_header_checksum(memoryview(frame)[ip:t]))
+            gso_t = GSO_TCPV4
+            addr = _sum_words(memoryview(frame)[ip + 12:ip + 20])
+        else:
+            _H.pack_into(frame, ip + 4, len(frame) - t)
+            gso_t = GSO_TCPV6
+            addr = _sum_words(memoryview(frame)[ip + 8:ip + 40])
+        _H.pack_into(frame, t + 16, _fold(addr + 6 + len(frame) - t))
+        self.out.append((VNET.pack(F_NEEDS_CSUM, gso_t, po, self.mss, t, 16), frame))
+
+    def flush(self) -> list[tuple[bytes, bytes | bytearray]]:
+        if self.run:
+            self._end_run()
+        out, self.out = self.out, []
+        return out
 
 
 def coalesce(segments: list[bytes | bytearray], *, max_len: int = 65535) -> list[tuple[bytes, bytes]]:
     """Merge runs of contiguous segments of one flow into GSO frames for one TAP write each.
 
-    Returns ``(vnet_header, frame)`` pairs in order. A segment that cannot join a run
-    (another flow, a gap, a SYN/RST/URG, a short one before the end) starts a new one;
-    nothing is reordered or lost.
+    Returns ``(vnet_header, frame)`` pairs in order; anything that is not a TCP
+    segment passes through with an empty offload header. See ``Coalescer``.
     """
-    out: list[tuple[bytes, bytes]] = []
-    run: list[bytes | bytearray] = []
-    run_key = b""
-    run_lay: Layout | None = None
-    next_seq = 0
-    mss = 0
-    total = 0
-
-    def flush() -> None:
-        nonlocal run
-        if run:
-            out.append(_merge(run, run_lay, mss))  # type: ignore[arg-type]
-        run = []
-
+    c = Coalescer(max_len)
     for seg in segments:
         try:
-            lay = Layout(seg)
+            c.add_segment(seg)
         except OffloadError:
-            flush()
-            out.append((NO_VNET, bytes(seg)))
-            continue
-        t = lay.tcp_off
-        plen = len(seg) - lay.payload_off
-        flags = seg[t + 13]
-        mergeable = plen > 0 and not flags & (TCP_SYN | TCP_RST | TCP_URG) and _ip_total_ok(seg, lay)
-        if not mergeable:
-            flush()
-            out.append(_single(seg, lay))
-            continue
-        seq = _I.unpack_from(seg, t + 4)[0]
-        key = _flow_key(seg, lay)
-        joins = (
-            run and key == run_key and seq == next_seq and plen <= mss
-            and not (run[-1][run_lay.tcp_off + 13] & (TCP_PSH | TCP_FIN))  # type: ignore[union-attr]
-            and len(run[-1]) - run_lay.payload_off == mss                   # type: ignore[union-attr]
-            and total + plen <= max_len
-            and not flags & TCP_CWR
-        )
-        if not joins:
-            flush()
-            run_key, run_lay, mss, total = key, lay, plen, lay.payload_off - ETH_LEN
-        run.append(seg)
-        total += plen
-        next_seq = (seq + plen) & 0xFFFFFFFF
-    flush()
-    return out
+            c.add_frame(NO_VNET, seg)
+    return [(v, bytes(f)) for v, f in c.flush()]
 
 
 def _ip_total_ok(seg: bytes | bytearray, lay: Layout) -> bool:
@@ -221,32 +319,6 @@ def _ip_total_ok(seg: bytes | bytearray, lay: Layout) -> bool:
     if lay.ver == 4:
         return _H.unpack_from(seg, lay.ip_off + 2)[0] == len(seg) - ETH_LEN
     return _H.unpack_from(seg, lay.ip_off + 4)[0] == len(seg) - ETH_LEN - 40
-
-
-def _single(seg: bytes | bytearray, lay: Layout) -> tuple[bytes, bytes]:
-    """One segment as it is: NEEDS_CSUM with its own partial sum (set by the sender)."""
-    return VNET.pack(F_NEEDS_CSUM, GSO_NONE, 0, 0, lay.tcp_off, 16), bytes(seg)
-
-
-def _merge(run: list[bytes | bytearray], lay: Layout, mss: int) -> tuple[bytes, bytes]:
-    if len(run) == 1:
-        return _single(run[0], lay)
-    first, last = run[0], run[-1]
-    hdr = bytearray(first[:lay.payload_off])
-    po = lay.payload_off
-    frame = hdr + b"".join(memoryview(s)[po:] for s in run)
-    t, ip = lay.tcp_off, lay.ip_off
-    frame[t + 13] = first[t + 13] | (last[t + 13] & (TCP_PSH | TCP_FIN))
-    tcp_len = len(frame) - t
-    if lay.ver == 4:
-        _H.pack_into(frame, ip + 2, len(frame) - ETH_LEN)
-        _H.pack_into(frame, ip + 10, ipv4_header_checksum(frame[ip:ip + lay.ip_len]))
-        gso = GSO_TCPV4
-    else:
-        _H.pack_into(frame, ip + 4, len(frame) - ETH_LEN - 40)
-        gso = GSO_TCPV6
-    _H.pack_into(frame, t + 16, pseudo_partial(lay.ver, frame[ip:ip + lay.ip_len], tcp_len))
-    return VNET.pack(F_NEEDS_CSUM, gso, po, mss, t, 16), bytes(frame)
 
 
 def check_vnet(vnet: bytes | memoryview, frame: bytes | memoryview) -> None:
