@@ -39,6 +39,11 @@ class LinkSpec:
     turn: TurnServer | None = None
     exclude_interfaces: tuple[str, ...] = ()
     timers: dict[str, float] = field(default_factory=dict)
+    # The bridge takes GSO frames and partial checksums on this TAP (OVS userspace datapath
+    # with userspace-tso-enable, or the kernel datapath): only then is the batched format
+    # accepted from the peer (docs/tunnel.md, "Offload negotiation").
+    bridge_tso: bool = True
+    offload: bool = True             # False: always the per-packet datapath (tests, trouble-shooting)
 
     def __post_init__(self) -> None:
         for name in ("local_static", "peer_static"):
