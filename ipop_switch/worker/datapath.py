@@ -187,6 +187,39 @@ class Datapath:
         sock.setblocking(False)
         batch_io.tune_socket(sock, gro=False)
         self._sock, self._addr = sock, tuple(path.remote_addr)
+        self._enable_gro(sock, path.protocol)
+
+    def _enable_gro(self, sock: socket.socket, protocol) -> None:
+        """UDP GRO on the path's socket: the peer's GSO sends then arrive as one buffer
+        (on one machine the kernel does not even segment them). The socket is read by the
+        event loop's transport, which knows nothing of GRO, so the segment size is
+        recovered from the data: the next packet of a glued run carries the same receiver
+        index and the next counter (a 12-byte pattern; a false match fails the AEAD and
+        is counted). Pieces go back through the protocol (ours to us, STUN to aioice)."""
+        if getattr(protocol, "_ipsw_gro", False):
+            return
+        try:
+            sock.setsockopt(batch_io.SOL_UDP, batch_io.UDP_GRO, 1)
+        except OSError:
+            return
+        inner = protocol.datagram_received
+        data_t = codec.TYPE_DATA
+
+        def datagram_received(data: bytes, addr: tuple) -> None:
+            n = len(data)
+            if n < 2 * codec.DATA_MIN_LEN or data[0] != data_t:
+                inner(data, addr)
+                return
+            nxt = data[4:8] + ((int.from_bytes(data[8:16], "big") + 1) & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "big")
+            p = data.find(nxt, codec.DATA_MIN_LEN)
+            if p < 0 or data[p - 4] != data_t:
+                inner(data, addr)
+                return
+            seg = p - 4
+            for o in range(0, n, seg):
+                inner(data[o:o + seg], addr)
+        protocol.datagram_received = datagram_received
+        protocol._ipsw_gro = True
 
     @property
     def send(self) -> Sender | None:
