@@ -212,13 +212,20 @@ def _print_status(st: dict) -> None:
 @click.option("--seconds", default=10.0, show_default=True, type=click.FloatRange(1, 120), help="length of each iperf3 run")
 @click.option("--systems", default=None, help="comma list (default: all available)")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="also write the results as JSON to this file ('-': stdout)")
-def bench(runs: int, seconds: float, systems: str | None, json_path: str | None) -> None:
+@click.option("--memory", is_flag=True, help="instead: memory of one node with 1, 8, 16 and 32 peers (33 nodes, minutes)")
+def bench(runs: int, seconds: float, systems: str | None, json_path: str | None, memory: bool) -> None:
     """Measure ipop-switch beside the underlay, wireguard-go and tinc, in one lab, interleaved."""
-    from .bench.run import PEERS, print_table, run_bench
-    from .bench import systems as extra
-    names = systems.split(",") if systems else [*PEERS, *extra.available()]
-    report = run_bench(systems=names, runs=runs, seconds=seconds, console=console, extra_systems=extra.available())
-    print_table(report, console)
+    from .proc import require_root
+    require_root()
+    if memory:
+        from .bench.memory import run_memory
+        report = {"memory": run_memory(console=console)}
+    else:
+        from .bench.run import PEERS, print_table, run_bench
+        from .bench import systems as extra
+        names = systems.split(",") if systems else [*PEERS, *extra.available()]
+        report = run_bench(systems=names, runs=runs, seconds=seconds, console=console, extra_systems=extra.available())
+        print_table(report, console)
     if json_path == "-":
         click.echo(json.dumps(report, indent=1))
     elif json_path:

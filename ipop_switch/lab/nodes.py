@@ -104,11 +104,14 @@ class LabGroup:
                 f'ca_file = "{self.lab.ca_cert}"\n'
                 "[overlay.ice]\n"
                 f'stun = "{services.TURN_ADDR}:{services.TURN_PORT}"\n'
-                f'turn = "{services.TURN_ADDR}:{services.TURN_PORT}"\n'
-                f'turn_user = "{turn["user"]}"\n'
-                f'turn_password = "{turn["password"]}"\n'
-                f'turn_transport = "{self.extra.get("turn_transport", "udp")}"\n'
             )
+            if not self.extra.get("no_turn"):
+                text += (
+                    f'turn = "{services.TURN_ADDR}:{services.TURN_PORT}"\n'
+                    f'turn_user = "{turn["user"]}"\n'
+                    f'turn_password = "{turn["password"]}"\n'
+                    f'turn_transport = "{self.extra.get("turn_transport", "udp")}"\n'
+                )
         cfg = ndir / "node.toml"
         cfg.write_text(text)
         cfg.chmod(0o600)
