@@ -77,3 +77,32 @@ def rss_mb(pids: list[int]) -> float:
         except FileNotFoundError:
             continue
     return total / 1024
+
+
+def tcp_under_udp_flood(lab: Lab, a: str, b: str, addr_b: str, *, seconds: float = 10) -> dict:
+    """One TCP stream a -> b while an unthrottled UDP flood (iperf3 -u -b 0) runs a -> b too."""
+    flood_srv = lab.popen(b, ["iperf3", "-s", "-1", "-B", addr_b, "-p", "5202"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    flood = None
+    try:
+        ns_b = lab.netns_of(b)
+        proc.wait_for(lambda: bool(proc.run(["ss", "-H", "-ltn", "src", f"{addr_b}:5202"], netns=ns_b, check=False).stdout.strip()),
+                      timeout=10, what="iperf3 flood server")
+        flood = lab.popen(a, ["iperf3", "-c", addr_b, "-p", "5202", "-u", "-b", "0", "-l", "1300",
+                              "-t", str(seconds + 2), "-J"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        time.sleep(1.0)
+        t = iperf3(lab, a, b, addr_b, streams=1, seconds=seconds)
+        out, _ = flood.communicate(timeout=seconds + 30)
+        try:
+            udp = json.loads(out)["end"]["sum"]
+            flood_mbit = udp["bits_per_second"] / 1e6
+            lost = udp.get("lost_percent")
+        except (ValueError, KeyError):
+            flood_mbit, lost = None, None
+        return {"tcp_mbit": round(t.mbit, 1), "flood_offered_mbit": round(flood_mbit, 1) if flood_mbit else None,
+                "flood_lost_pct": round(lost, 1) if lost is not None else None}
+    finally:
+        for p in (flood, flood_srv):
+            if p and p.poll() is None:
+                p.kill()
+                p.wait(timeout=5)

@@ -21,7 +21,7 @@ from rich.table import Table
 
 from .. import proc
 from ..lab import Lab, LabSpec
-from .measure import iperf3, ping_rtt, rss_mb
+from .measure import iperf3, ping_rtt, rss_mb, tcp_under_udp_flood
 from .peers import System, TincSwitch, Underlay, WireguardGo
 
 PEERS: dict[str, type[System]] = {"underlay": Underlay, "wireguard-go": WireguardGo, "tinc": TincSwitch}
@@ -100,6 +100,14 @@ def run_bench(*, systems: list[str], runs: int = 3, seconds: float = 10.0, conso
                 res.ping_ms = ping_rtt(lab, a, s.addr_b)
             if s.pids_a:
                 res.rss_mb = round(rss_mb(s.pids_a), 1)
+            with console.status(f"{s.name}: TCP during an unthrottled UDP flood ({seconds:.0f} s) ..."):
+                fl = tcp_under_udp_flood(lab, a, b, s.addr_b, seconds=seconds)
+            res.extra["tcp1_under_flood_mbit"] = fl["tcp_mbit"]
+            if res.tcp1 and fl["tcp_mbit"] is not None:
+                res.extra["flood_keeps_pct"] = round(100 * fl["tcp_mbit"] / statistics.median(res.tcp1))
+            if hasattr(s, "group"):   # ours: the link must have stayed up
+                peer = s.group.status(a)["overlays"][0]["peers"][0]
+                res.extra["up_after_flood"] = peer["state"] == "up" and peer.get("ups", 1) == 1
             udp = s.outer_udp_ok()
             if udp is not None:
                 res.extra["outer_udp"] = udp
