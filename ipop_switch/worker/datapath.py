@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import struct
 import time
 from collections import Counter
 from typing import Callable
@@ -38,6 +39,12 @@ from . import batch_io, codec, gso
 TAP_BURST = 64
 ZERO4 = b"\0\0\0\0"
 TAP_READ = 65536 + gso.VNET_LEN + 64        # a 64 KiB IP packet + Ethernet (+ VLAN) + vnet header
+DATA_OVERHEAD = 32                          # data packet header (16) + GCM tag (16)
+_HDR = struct.Struct("!8sQ")                # data header: type, format, csum_start, index | counter
+_Q = struct.Struct("!Q")
+_I = struct.Struct("!I")
+_H = struct.Struct("!H")
+_U16 = struct.Struct("=H")
 
 # Data format (header byte 1, inside the AEAD's AAD; docs/tunnel.md "Data packets").
 # 0: a complete frame (format v1). With FMT_CSUM the frame has a partial checksum
@@ -49,6 +56,19 @@ FMT_KNOWN = FMT_CSUM | FMT_TCP
 OFFLOAD_VERSION = 1                          # the "offload" hint both ends must announce
 
 Sender = Callable[[bytes], None]
+
+
+_HDR_STRUCTS: dict[str, struct.Struct] = {}
+
+
+def _hdr_struct(fmt: str) -> struct.Struct:
+    """A cached ``struct.Struct`` (a flow's header layout repeats for every super-frame)."""
+    st = _HDR_STRUCTS.get(fmt)
+    if st is None:
+        if len(_HDR_STRUCTS) > 256:
+            _HDR_STRUCTS.clear()
+        st = _HDR_STRUCTS[fmt] = struct.Struct(fmt)
+    return st
 
 
 class Session:
@@ -151,6 +171,9 @@ class Datapath:
         self._allow = offload
         self._rbuf = bytearray(TAP_READ)
         self._rview = memoryview(self._rbuf)
+        self._sbuf = bytearray(TAP_READ + 64 * DATA_OVERHEAD)   # one GSO send: headers + ciphertexts
+        self._sview = memoryview(self._sbuf)
+        self._nonce = bytearray(12)                 # 4 zero bytes + counter
         self._co = gso.Coalescer()
         self._flush_pending = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -216,8 +239,13 @@ class Datapath:
                 inner(data, addr)
                 return
             seg = p - 4
+            ours = self.datagram            # the pieces of one GSO send are data packets: skip the hooks
             for o in range(0, n, seg):
-                inner(data[o:o + seg], addr)
+                piece = data[o:o + seg]
+                if piece[0] == data_t:
+                    ours(piece, addr, protocol)
+                else:
+                    inner(piece, addr)
         protocol.datagram_received = datagram_received
         protocol._ipsw_gro = True
 
@@ -259,7 +287,8 @@ class Datapath:
                 frame = view[gso.VNET_LEN:n]
                 gtype = buf[1] & ~gso.GSO_ECN
                 if gtype:
-                    self._send_super(s, frame, gtype, buf[4] | buf[5] << 8, buf[6] | buf[7] << 8)
+                    self._send_super(s, frame, gtype, buf[4] | buf[5] << 8, buf[6] | buf[7] << 8,
+                                     gso.VNET_LEN)
                     continue
                 if buf[0] & gso.F_NEEDS_CSUM:
                     cs, co = buf[6] | buf[7] << 8, buf[8] | buf[9] << 8
@@ -288,53 +317,152 @@ class Datapath:
             st.tx_bytes += len(frame)
         st.last_tx = time.monotonic()
 
-    def _send_super(self, s: Session, frame: memoryview, gtype: int, gso_size: int, cs: int) -> None:
-        """A TSO super-frame: one data packet per MSS segment, sent in GSO groups."""
+    def _send_super(self, s: Session, frame: memoryview, gtype: int, gso_size: int, cs: int,
+                    fo: int = -1) -> None:
+        """A TSO super-frame: one data packet per MSS segment, sent in GSO groups.
+
+        Fused segmentation and sealing without per-segment objects: segment i's plaintext
+        is built *in the TAP read buffer* right before its payload chunk (its headers
+        overwrite the tail of segment i-1, already sealed), and ``encrypt_into`` writes
+        header + ciphertext back to back into one preallocated buffer laid out as the GSO
+        send (``_sbuf``). Same wire bytes as ``gso.segment`` + ``Session.seal``.
+        ``fo``: where ``frame`` starts in ``_rbuf`` (-1: elsewhere, copied first)."""
         st = self.stats
         if not self.tx_offload or gtype not in (gso.GSO_TCPV4, gso.GSO_TCPV6):
             st.drops["gso_unexpected"] += 1
             return
         try:
-            segs = gso.segment(frame, gso_size)
+            lay = gso.Layout(frame)
         except gso.OffloadError as e:
             st.drops["tap_" + e.reason] += 1
             return
+        if gso_size <= 0:
+            st.drops["tap_bad_gso_size"] += 1
+            return
+        po = lay.payload_off
+        flen = len(frame)
+        plen = flen - po
+        n = max(1, -(-plen // gso_size))
+        if n > 1024:
+            st.drops["tap_too_many_segments"] += 1
+            return
+        if fo < 0:                          # not in our read buffer: work on a copy
+            buf, fo = bytearray(frame), 0
+        else:
+            buf = self._rbuf
+        view = memoryview(buf)
+        template = bytes(buf[fo:fo + po])
+        t, ip = lay.tcp_off, lay.ip_off
+        v4 = lay.ver == 4
+        seq0 = _I.unpack_from(template, t + 4)[0]
+        flags0 = template[t + 13]
+        tcp_hlen = lay.tcp_len
+        ip_hlen = lay.ip_len
+        if v4:
+            ip_id0 = _H.unpack_from(template, ip + 4)[0]
+            tb = bytearray(template)
+            for o in (2, 4, 10):
+                _H.pack_into(tb, ip + o, 0)
+            base = gso._sum_words(tb[ip:ip + ip_hlen])
+            addr = gso._sum_words(tb[ip + 12:ip + 20])
+        else:
+            ip_id0 = base = 0
+            addr = gso._sum_words(template[ip + 8:ip + 40])
+        # One struct writes a segment's whole header in place: the per-segment fields
+        # (lengths, IPv4 id and checksum, seq, flags, TCP partial sum) between constant runs.
+        if v4:
+            hs = _hdr_struct(f"!{ip + 2}sHH4sH{t + 4 - ip - 12}sI5sB2sH{po - t - 18}s")
+            A, B, C = template[:ip + 2], template[ip + 6:ip + 10], template[ip + 12:t + 4]
+        else:
+            hs = _hdr_struct(f"!{ip + 4}sH{t + 4 - ip - 6}sI5sB2sH{po - t - 18}s")
+            A, B, C = template[:ip + 4], b"", template[ip + 6:t + 4]
+        D, E, F = template[t + 8:t + 13], template[t + 14:t + 16], template[t + 18:po]
+        hpack = hs.pack_into
+        f_mid = flags0 & ~(gso.TCP_FIN | gso.TCP_PSH | gso.TCP_CWR)
+        f_first = f_mid | (flags0 & gso.TCP_CWR)
+        f_last = flags0 if n == 1 else f_mid | (flags0 & (gso.TCP_FIN | gso.TCP_PSH))
+        full_dg = DATA_OVERHEAD + po + min(gso_size, plen)
+        per_group = max(1, min(batch_io.GSO_MAX_SEGMENTS, batch_io.GSO_MAX_BYTES // full_dg))
         prefix = bytes((codec.TYPE_DATA, FMT_CSUM | FMT_TCP, cs >> 8, cs & 0xFF)) + s.ridx
         c = s.counter
-        s.counter = c + len(segs)
-        enc = s.send_aead.encrypt
-        dgrams = []
-        for seg in segs:
-            cb = c.to_bytes(8, "big")
+        s.counter = c + n
+        enc = s.send_aead.encrypt_into
+        sbuf, sview, nonce = self._sbuf, self._sview, self._nonce
+        pack_hdr, pack_q = _HDR.pack_into, _Q.pack_into
+        # full-size segments share their lengths and the part of their sums that depends on them
+        full_tcp = tcp_hlen + gso_size
+        full_total = ip_hlen + full_tcp
+        full_tsum = gso._fold(addr + 6 + full_tcp)
+        full_ipbase = base + full_total
+        last = n - 1
+        off = 0
+        in_group = 0
+        m = po + gso_size
+        for i in range(n):
+            p = fo + i * gso_size
+            if i == last:
+                clen = plen - i * gso_size
+                m = po + clen
+                tcp_len = tcp_hlen + clen
+                total = ip_hlen + tcp_len
+                tsum = gso._fold(addr + 6 + tcp_len)
+                ipbase = base + total
+                f = f_last
+            else:
+                tcp_len, total, tsum, ipbase = full_tcp, full_total, full_tsum, full_ipbase
+                f = f_mid if i else f_first
+            seq = (seq0 + i * gso_size) & 0xFFFFFFFF
+            if v4:
+                ip_id = (ip_id0 + i) & 0xFFFF
+                x = ipbase + ip_id
+                x = (x & 0xFFFF) + (x >> 16)
+                x = (x & 0xFFFF) + (x >> 16)
+                hpack(buf, p, A, total, ip_id, B, ~x & 0xFFFF, C, seq, D, f, E, tsum, F)
+            else:
+                hpack(buf, p, A, tcp_len, C, seq, D, f, E, tsum, F)
+            pack_hdr(sbuf, off, prefix, c)
+            pack_q(nonce, 4, c)
             c += 1
-            h = prefix + cb
-            dgrams.append(h + enc(ZERO4 + cb, seg, h))
-        self._send_many(dgrams)
+            enc(nonce, view[p:p + m], sview[off:off + 16], sview[off + 16:off + 32 + m])
+            off += 32 + m
+            in_group += 1
+            if in_group == per_group or i == n - 1:
+                self._send_group(sview, off, in_group, full_dg)
+                off = in_group = 0
         st.tx_frames += 1
         st.tx_super += 1
-        st.tx_packets += len(dgrams)
-        st.tx_bytes += len(frame)
+        st.tx_packets += n
+        st.tx_bytes += flen
 
-    def _send_many(self, dgrams: list[bytes]) -> None:
+    def _send_group(self, sview: memoryview, length: int, count: int, size: int) -> bool:
+        """Send ``count`` datagrams laid out back to back in ``sview[:length]`` (all of
+        ``size`` bytes but the last): one GSO ``sendmsg`` on a direct path, else one by one."""
         sock = self._sock
         if sock is not None:
             try:
-                batch_io.send_batch(sock, dgrams, self._addr)
-                return
+                if count == 1:
+                    sock.sendto(sview[:length], self._addr)
+                else:
+                    sock.sendmsg((sview[:length],), [(batch_io.SOL_UDP, batch_io.UDP_SEGMENT,
+                                                      _U16.pack(size))], 0, self._addr)
+                return True
             except BlockingIOError:
-                self.stats.drops["send_full"] += len(dgrams)
-                return
+                self.stats.drops["send_full"] += count
+                return False
             except OSError:                 # GSO refused on this route: per datagram from now on
                 self.stats.drops["gso_send_error"] += 1
                 self._gso = False
                 sock.close()
                 self._sock = None
         send = self._send
-        for d in dgrams:
+        ok = True
+        for o in range(0, length, size):
             try:
-                send(d)  # type: ignore[misc]
+                send(bytes(sview[o:min(o + size, length)]))  # type: ignore[misc]
             except OSError:
                 self.stats.drops["send_error"] += 1
+                ok = False
+        return ok
 
     def send_control(self, plaintext: bytes) -> bool:
         s, send = self.current, self._send
@@ -375,8 +503,14 @@ class Datapath:
             return
         cb = data[8:16]
         counter = int.from_bytes(cb, "big")
+        # the replay window (codec.ReplayWindow), check and update inlined: this runs per MSS
         w = s.window
-        if not w.check(counter):
+        hi = w.highest
+        if counter > hi:
+            if counter > codec.REJECT_AFTER_MESSAGES:
+                st.drops["replay"] += 1
+                return
+        elif hi - counter >= w.size or (w.bits >> (hi - counter)) & 1:
             st.drops["replay"] += 1
             return
         try:
@@ -384,10 +518,28 @@ class Datapath:
         except InvalidTag:
             st.drops["auth"] += 1
             return
-        w.update(counter)
-        st.last_rx = time.monotonic()
+        if counter > hi:
+            shift = counter - hi
+            w.bits = ((w.bits << shift) | 1) & w._mask if shift < w.size else 1
+            w.highest = counter
+        else:
+            w.bits |= 1 << (hi - counter)
         st.rx_packets += 1
         s.rx_packets += 1
+        if fmt & FMT_TCP and len(plain) >= codec.ETH_MIN and self.vnet and s.confirmed:
+            # the hot case, a TCP segment to coalesce: last_rx is set once per burst in flush()
+            try:
+                self._co.add_segment(plain, data[2] << 8 | data[3])
+            except gso.OffloadError as e:
+                st.drops["offload_" + e.reason] += 1
+                return
+            if not self._flush_pending:
+                self._flush_pending = True
+                if self._loop is None:
+                    self._loop = asyncio.get_running_loop()
+                self._loop.call_soon(self.flush)
+            return
+        st.last_rx = time.monotonic()
         if not s.confirmed:
             s.confirmed = True
             if self.on_confirm:
@@ -436,6 +588,7 @@ class Datapath:
         """End of a receive burst: write what the coalescer holds, one TAP write per run."""
         self._flush_pending = False
         st = self.stats
+        st.last_rx = time.monotonic()               # for the segments queued since the last flush
         for vh, frame in self._co.flush():
             if vh[1]:                                   # a merged GSO frame: validate what we built
                 try:

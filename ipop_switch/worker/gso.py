@@ -180,6 +180,30 @@ _PSH_FIN = TCP_PSH | TCP_FIN
 _KEY_FLAGS_MASK = ~(TCP_PSH | TCP_FIN | TCP_CWR) & 0xFF
 
 
+_RUN_STRUCTS: dict[tuple[bool, int, int], tuple] = {}
+
+
+def _run_structs(v4: bool, t: int, po: int) -> tuple:
+    """``(key, variable)`` unpackers for a TCP header layout (TCP header at ``t``, payload at
+    ``po``): the key is every byte two segments of one run must share (Ethernet, IP but
+    length/id/checksum, ports, ack, data offset, window, urgent pointer and options); the
+    variable part is (IP length field, seq, flags). Cached: a flow's layout repeats."""
+    k = (v4, t, po)
+    r = _RUN_STRUCTS.get(k)
+    if r is None:
+        tail = f"{po - t - 18}s"
+        if v4:      # skip total length, id, checksum; the TCP seq, flags, checksum
+            key = struct.Struct(f"!16s4x4s2x{t + 4 - 26}s4x5sx2s2x{tail}")
+            var = struct.Struct(f"!16xH{t + 4 - 18}xI5xB")
+        else:       # skip the payload length
+            key = struct.Struct(f"!18s2x{t + 4 - 20}s4x5sx2s2x{tail}")
+            var = struct.Struct(f"!18xH{t + 4 - 20}xI5xB")
+        if len(_RUN_STRUCTS) > 64:
+            _RUN_STRUCTS.clear()
+        r = _RUN_STRUCTS[k] = (key.unpack_from, var.unpack_from)
+    return r
+
+
 class Coalescer:
     """Merges runs of contiguous TCP segments of one receive burst into GSO frames.
 
@@ -192,15 +216,17 @@ class Coalescer:
     Parsing is inlined (this runs once per received MSS).
     """
 
-    __slots__ = ("max_len", "out", "run", "key", "next_seq", "mss", "total", "t", "po", "v4", "last_flags")
+    __slots__ = ("max_len", "out", "run", "key", "next_seq", "mss", "total", "t", "po", "v4", "last_flags",
+                 "last_plen", "kunpack", "vunpack")
 
     def __init__(self, max_len: int = 65535) -> None:
         self.max_len = max_len
         self.out: list[tuple[bytes, bytes | bytearray]] = []
         self.run: list[bytes | bytearray] = []
         self.key = b""
-        self.next_seq = self.mss = self.total = self.t = self.po = self.last_flags = 0
+        self.next_seq = self.mss = self.total = self.t = self.po = self.last_flags = self.last_plen = 0
         self.v4 = True
+        self.kunpack = self.vunpack = None
 
     def __len__(self) -> int:
         return len(self.out) + len(self.run)
@@ -214,6 +240,25 @@ class Coalescer:
         """Queue one TCP segment; OffloadError (nothing queued) if it is not one, or if
         ``csum_start`` (when given) is not where its TCP header starts."""
         n = len(seg)
+        run = self.run
+        if run and n > self.po and (csum_start < 0 or csum_start == self.t):
+            # Fast path, the next segment of the current run: the run's layout unpacks this
+            # one's key (which holds ethertype, IHL, protocol and data offset, so an equal
+            # key means an equal layout) and its variable fields in two calls.
+            iplen, seq, flags = self.vunpack(seg)
+            plen = n - self.po
+            lf = self.last_flags
+            if (seq == self.next_seq and plen <= self.mss and self.last_plen == self.mss
+                    and iplen == (n - ETH_LEN if self.v4 else n - self.t)
+                    and not flags & (_MERGE_STOP | TCP_CWR) and not lf & _PSH_FIN
+                    and (flags & _KEY_FLAGS_MASK) == (lf & _KEY_FLAGS_MASK)
+                    and self.total + plen <= self.max_len and self.kunpack(seg) == self.key):
+                run.append(seg)
+                self.total += plen
+                self.last_flags = flags
+                self.last_plen = plen
+                self.next_seq = (seq + plen) & 0xFFFFFFFF
+                return
         if n < ETH_LEN + 40:
             raise OffloadError("short_frame")
         et = seg[12] << 8 | seg[13]
@@ -251,22 +296,22 @@ class Coalescer:
             self.out.append((VNET.pack(F_NEEDS_CSUM, GSO_NONE, 0, 0, t, 16), seg))
             return
         seq = seg[t + 4] << 24 | seg[t + 5] << 16 | seg[t + 6] << 8 | seg[t + 7]
-        if v4:
-            key = seg[:16] + seg[20:24] + seg[26:t + 4] + seg[t + 8:t + 13] + seg[t + 14:t + 16] + seg[t + 18:po]
-        else:
-            key = seg[:18] + seg[20:t + 4] + seg[t + 8:t + 13] + seg[t + 14:t + 16] + seg[t + 18:po]
-        if (self.run and key == self.key and seq == self.next_seq and plen <= self.mss
+        kunpack, vunpack = _run_structs(v4, t, po)
+        key = kunpack(seg)
+        if (run and key == self.key and seq == self.next_seq and plen <= self.mss
                 and (flags & _KEY_FLAGS_MASK) == (self.last_flags & _KEY_FLAGS_MASK)
                 and not self.last_flags & _PSH_FIN and not flags & TCP_CWR
-                and len(self.run[-1]) - po == self.mss and self.total + plen <= self.max_len):
-            self.run.append(seg)
+                and self.last_plen == self.mss and self.total + plen <= self.max_len):
+            run.append(seg)
             self.total += plen
         else:
-            if self.run:
+            if run:
                 self._end_run()
             self.run.append(seg)
             self.key, self.mss, self.total, self.t, self.po, self.v4 = key, plen, po - ETH_LEN + plen, t, po, v4
+            self.kunpack, self.vunpack = kunpack, vunpack
         self.last_flags = flags
+        self.last_plen = plen
         self.next_seq = (seq + plen) & 0xFFFFFFFF
 
     def _end_run(self) -> None:
@@ -276,8 +321,7 @@ class Coalescer:
             self.out.append((VNET.pack(F_NEEDS_CSUM, GSO_NONE, 0, 0, t, 16), run[0]))
             return
         first = run[0]
-        frame = bytearray(first)
-        frame += b"".join([memoryview(x)[po:] for x in run[1:]])
+        frame = bytearray().join([first] + [memoryview(x)[po:] for x in run[1:]])
         frame[t + 13] = first[t + 13] | (self.last_flags & _PSH_FIN)
         ip = ETH_LEN
         if self.v4:
