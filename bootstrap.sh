@@ -19,7 +19,7 @@ esac
 
 [ "$(id -u)" -eq 0 ] || die "must run as root (it installs Debian packages and builds network namespaces); try: sudo $0 $MODE"
 
-APT_PKGS=(openvswitch-switch prosody coturn nftables iproute2 iperf3 iputils-ping tcpdump procps psmisc ca-certificates openssl python3 python3-venv dnsmasq-base ruby)
+APT_PKGS=(openvswitch-switch prosody coturn nftables iproute2 iperf3 iputils-ping tcpdump procps psmisc ca-certificates openssl python3 python3-venv dnsmasq-base ruby ethtool)
 
 missing=()
 for p in "${APT_PKGS[@]}"; do

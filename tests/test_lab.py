@@ -164,6 +164,61 @@ def test_loss_and_udp_blocked(lab_factory):
     assert "relay" in {c["type"] for c in json.loads(out)["candidates"]}
 
 
+
+_GSO_RX = """
+import collections, socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+s.settimeout(3.0)
+print("ready", flush=True)
+got = collections.Counter()
+try:
+    for _ in range(100000):
+        got[s.recv(2048)[0]] += 1
+except socket.timeout:
+    pass
+print(" ".join(f"{k}:{v}" for k, v in sorted(got.items())), flush=True)
+"""
+
+_GSO_TX = """
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for b in range(20):       # 20 bursts of 40 datagrams of 1000 bytes, one UDP GSO sendmsg each
+    s.sendmsg([bytes([b]) * 40000], [(17, 103, (1000).to_bytes(2, "little"))], 0, (sys.argv[1], int(sys.argv[2])))
+    time.sleep(0.02)
+"""
+
+
+def test_lossy_sites_segment_udp_gso_bursts_so_loss_is_per_datagram(lab_factory):
+    """On a site with loss the host's uplink (and the core's port towards the site) has UDP
+    GSO off: a 40-datagram burst into the lossy host loses single datagrams, not all 40."""
+    lab = lab_factory(LabSpec(name=unique_name(), sites=(
+        SiteSpec("lp", "none", loss=50.0), SiteSpec("le", "easy", loss=1.0), SiteSpec("ok", "none"))))
+
+    def feature(host_or_ns: str, dev: str, *, ns: bool = False) -> str:
+        argv = ["ethtool", "-k", dev]
+        out = (proc.run(argv, netns=host_or_ns) if ns else lab.exec(host_or_ns, argv)).stdout
+        return next(l.split(":")[1].split()[0] for l in out.splitlines() if l.startswith("tx-udp-segmentation:"))
+
+    assert feature("lph1", "eth0") == "off" and feature("leh1", "eth0") == "off"
+    assert feature("okh1", "eth0") == "on"                     # lossless sites keep the default
+    assert feature(lab.core_ns, "s1h1", ns=True) == "off"            # towards the lossy public host
+    rx = lab.popen("lph1", [sys.executable, "-c", _GSO_RX, "41500"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert rx.stdout.readline().strip() == "ready"
+        lab.exec("okh1", [sys.executable, "-c", _GSO_TX, lab.host("lph1").public_ip, "41500"], timeout=30)
+        out, _ = rx.communicate(timeout=30)
+    finally:
+        if rx.poll() is None:
+            rx.kill()
+            rx.wait(timeout=10)
+    counts = [int(kv.split(":")[1]) for kv in out.split()]
+    assert counts, out
+    assert sum(counts) < 20 * 40 * 0.8, out                   # the 50 % loss applied ...
+    assert any(0 < c < 40 for c in counts), out                # ... per datagram: bursts arrive partly
+
+
 def _lab_leftovers(name: str) -> list[str]:
     left = [ns for ns in list_namespaces() if ns.startswith(f"ipsw-{name}-")]
     pids = subprocess.run(["pgrep", "-f", f"/run/ipop-switch/lab/{name}/"], capture_output=True, text=True).stdout.split()

@@ -184,6 +184,14 @@ class Lab:
         _ip(self.core_ns, "link", "set", core_if, "master", "pub", "up")
         _ip(ns, "link", "set", dev, "up")
 
+    def _udp_gso_off(self, ns: str, dev: str) -> None:
+        """Segment UDP GSO bursts when ``dev`` transmits. A burst (one ``sendmsg`` with
+        UDP_SEGMENT) otherwise crosses the lab's veths, bridge and routers as one skb, so the
+        nftables ``numgen`` loss of a lossy site drops whole bursts (up to 64 datagrams) where a
+        real wire loses single packets. Hooks in the sender's own namespace (the host's
+        OUTPUT/POSTROUTING) still run before this segmentation and see the burst."""
+        proc.run(["ethtool", "-K", dev, "tx-udp-segmentation", "off"], netns=ns)
+
     def _build_core(self) -> None:
         core = self._add_ns("core")
         _ip(core, "link", "add", "pub", "type", "bridge")
@@ -199,6 +207,9 @@ class Lab:
                 pub = f"198.18.{i}.{10 + j}"
                 self._uplink(ns, "eth0", f"s{i}h{j}")
                 _ip(ns, "addr", "add", f"{pub}/{PUBLIC_PREFIX}", "dev", "eth0")
+                if site.loss > 0:       # per-datagram loss: bursts segmented both ways before the rules
+                    self._udp_gso_off(ns, "eth0")
+                    self._udp_gso_off(self.core_ns, f"s{i}h{j}")
                 rules = nat.host_edge_ruleset("eth0", loss=site.loss, udp_blocked=site.udp_blocked)
                 if rules:
                     proc.run(["nft", "-f", "-"], netns=ns, input=rules)
@@ -226,6 +237,8 @@ class Lab:
             self._uplink(router, "wan", f"s{i}r")
             _ip(router, "addr", "add", f"{wan_ip}/{PUBLIC_PREFIX}", "dev", "wan")
             router_wan = wan_ip
+        if site.loss > 0:               # bursts from the core reach the router's loss rule segmented
+            self._udp_gso_off(self.core_ns, f"s{i}c" if site.cgnat else f"s{i}r")
         _ip(router, "link", "add", "lan", "type", "bridge")
         _ip(router, "link", "set", "lan", "up")
         _ip(router, "addr", "add", f"100.64.{i}.1/24", "dev", "lan")
@@ -238,6 +251,8 @@ class Lab:
             _ip(ns, "link", "set", "eth0", "up")
             _ip(ns, "addr", "add", f"{lan_ip}/24", "dev", "eth0")
             _ip(ns, "route", "add", "default", "via", f"100.64.{i}.1")
+            if site.loss > 0:           # per-datagram loss at the router (see _udp_gso_off)
+                self._udp_gso_off(ns, "eth0")
             if site.nat == "one2one" and not site.cgnat:
                 pub = f"198.18.{i}.{10 + j}"
                 _ip(router, "addr", "add", f"{pub}/32", "dev", "wan")
