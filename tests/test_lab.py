@@ -217,6 +217,18 @@ def test_lossy_sites_segment_udp_gso_bursts_so_loss_is_per_datagram(lab_factory)
     assert counts, out
     assert sum(counts) < 20 * 40 * 0.8, out                   # the 50 % loss applied ...
     assert any(0 < c < 40 for c in counts), out                # ... per datagram: bursts arrive partly
+    # and what the lossy public host sends is lost per datagram too (the rule sits in the core)
+    rx = lab.popen("okh1", [sys.executable, "-c", _GSO_RX, "41501"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert rx.stdout.readline().strip() == "ready"
+        lab.exec("lph1", [sys.executable, "-c", _GSO_TX, lab.host("okh1").public_ip, "41501"], timeout=30)
+        out, _ = rx.communicate(timeout=30)
+    finally:
+        if rx.poll() is None:
+            rx.kill()
+            rx.wait(timeout=10)
+    counts = [int(kv.split(":")[1]) for kv in out.split()]
+    assert counts and sum(counts) < 20 * 40 * 0.8 and any(0 < c < 40 for c in counts), out
 
 
 def _lab_leftovers(name: str) -> list[str]:

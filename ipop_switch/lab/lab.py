@@ -213,6 +213,9 @@ class Lab:
                 rules = nat.host_edge_ruleset("eth0", loss=site.loss, udp_blocked=site.udp_blocked)
                 if rules:
                     proc.run(["nft", "-f", "-"], netns=ns, input=rules)
+                if site.loss > 0:
+                    proc.run(["nft", "-f", "-"], netns=self.core_ns,
+                             input=nat.core_port_loss_ruleset(f"s{i}h{j}", site.loss))
                 self._add_host(hname, site, ns, pub, pub, None)
             return
         wan_ip = f"198.18.{i}.1"

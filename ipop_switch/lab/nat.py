@@ -82,15 +82,17 @@ def router_ruleset(p: RouterPlan) -> str:
 
 
 def host_edge_ruleset(dev: str, *, loss: float, udp_blocked: bool) -> str:
-    """Impairments for a public host (no router): applied on its uplink both ways."""
+    """Impairments for a public host (no router), in its own namespace: UDP blocked both ways,
+    and loss of what it receives. Loss of what it sends is applied in the core instead
+    (``core_port_loss_ruleset``): the host's OUTPUT hook sees a UDP GSO burst as one packet,
+    the core's bridge sees the single datagrams the host's uplink cut it into."""
     rules_in, rules_out = [], []
     if udp_blocked:
         rules_in.append(f'iifname "{dev}" meta l4proto udp counter drop')
         rules_out.append(f'oifname "{dev}" meta l4proto udp counter drop')
     if loss > 0:
         rules_in.append(f'iifname "{dev}" {_loss_rule(loss)}')
-        rules_out.append(f'oifname "{dev}" {_loss_rule(loss)}')
-    if not rules_in:
+    if not rules_in and not rules_out:
         return ""
     i = "".join(f"    {r}\n" for r in rules_in)
     o = "".join(f"    {r}\n" for r in rules_out)
@@ -98,5 +100,18 @@ def host_edge_ruleset(dev: str, *, loss: float, udp_blocked: bool) -> str:
         "table inet ipsw_edge {\n"
         f"  chain edge_in {{\n    type filter hook input priority filter; policy accept;\n{i}  }}\n"
         f"  chain edge_out {{\n    type filter hook output priority filter; policy accept;\n{o}  }}\n"
+        "}\n"
+    )
+
+
+def core_port_loss_ruleset(port: str, loss: float) -> str:
+    """Loss of what a public host sends, on the core bridge's port towards it (one table per port)."""
+    name = "ipsw_loss_" + "".join(c for c in port if c.isalnum())
+    return (
+        f"table bridge {name} {{\n"
+        f"  chain port_fwd {{\n    type filter hook forward priority filter; policy accept;\n"
+        f'    iifname "{port}" {_loss_rule(loss)}\n  }}\n'
+        f"  chain port_in {{\n    type filter hook input priority filter; policy accept;\n"
+        f'    iifname "{port}" {_loss_rule(loss)}\n  }}\n'
         "}\n"
     )
