@@ -204,31 +204,25 @@ def test_lossy_sites_segment_udp_gso_bursts_so_loss_is_per_datagram(lab_factory)
     assert feature("lph1", "eth0") == "off" and feature("leh1", "eth0") == "off"
     assert feature("okh1", "eth0") == "on"                     # lossless sites keep the default
     assert feature(lab.core_ns, "s1h1", ns=True) == "off"            # towards the lossy public host
-    rx = lab.popen("lph1", [sys.executable, "-c", _GSO_RX, "41500"], stdout=subprocess.PIPE, text=True)
-    try:
-        assert rx.stdout.readline().strip() == "ready"
-        lab.exec("okh1", [sys.executable, "-c", _GSO_TX, lab.host("lph1").public_ip, "41500"], timeout=30)
-        out, _ = rx.communicate(timeout=30)
-    finally:
-        if rx.poll() is None:
-            rx.kill()
-            rx.wait(timeout=10)
-    counts = [int(kv.split(":")[1]) for kv in out.split()]
-    assert counts, out
-    assert sum(counts) < 20 * 40 * 0.8, out                   # the 50 % loss applied ...
-    assert any(0 < c < 40 for c in counts), out                # ... per datagram: bursts arrive partly
-    # and what the lossy public host sends is lost per datagram too (the rule sits in the core)
-    rx = lab.popen("okh1", [sys.executable, "-c", _GSO_RX, "41501"], stdout=subprocess.PIPE, text=True)
-    try:
-        assert rx.stdout.readline().strip() == "ready"
-        lab.exec("lph1", [sys.executable, "-c", _GSO_TX, lab.host("okh1").public_ip, "41501"], timeout=30)
-        out, _ = rx.communicate(timeout=30)
-    finally:
-        if rx.poll() is None:
-            rx.kill()
-            rx.wait(timeout=10)
-    counts = [int(kv.split(":")[1]) for kv in out.split()]
-    assert counts and sum(counts) < 20 * 40 * 0.8 and any(0 < c < 40 for c in counts), out
+    def bursts(src: str, dst: str, port: int) -> list[int]:
+        """Datagrams received per 40-datagram GSO burst sent from src to dst."""
+        rx = lab.popen(dst, [sys.executable, "-c", _GSO_RX, str(port)], stdout=subprocess.PIPE, text=True)
+        try:
+            assert rx.stdout.readline().strip() == "ready"
+            lab.exec(src, [sys.executable, "-c", _GSO_TX, lab.host(dst).public_ip, str(port)], timeout=30)
+            out, _ = rx.communicate(timeout=30)
+        finally:
+            if rx.poll() is None:
+                rx.kill()
+                rx.wait(timeout=10)
+        return [int(kv.split(":")[1]) for kv in out.split()]
+
+    # into the lossy host, and (the rule sits in the core) out of it
+    for src, dst, port in (("okh1", "lph1", 41500), ("lph1", "okh1", 41501)):
+        counts = bursts(src, dst, port)
+        assert counts, (src, dst)
+        assert sum(counts) < 20 * 40 * 0.8, counts                 # the 50 % loss applied ...
+        assert any(0 < c < 40 for c in counts), counts             # ... per datagram: bursts arrive partly
 
 
 def _lab_leftovers(name: str) -> list[str]:
