@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -25,6 +26,15 @@ def unique_name(prefix: str = "t") -> str:
 def _need_root():
     if os.geteuid() != 0:
         pytest.exit("the test suite needs root (network namespaces, OVS, TAP): run ./bootstrap.sh test as root", 2)
+
+
+def _sigterm(signum, frame):
+    raise KeyboardInterrupt("SIGTERM")
+
+
+# a run stopped with SIGTERM (a CI timeout, kill) still tears its labs down: pytest runs
+# fixture finalizers on KeyboardInterrupt, not on a bare SIGTERM
+signal.signal(signal.SIGTERM, _sigterm)
 
 
 @pytest.fixture
