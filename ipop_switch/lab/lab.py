@@ -341,7 +341,7 @@ def destroy_lab(name: str, *, state_root: Path = STATE_ROOT) -> list[str]:
     # 1. daemons named in pid files under the lab's state (Prosody, coturn, OVS, agents)
     for pidfile in ldir.rglob("*.pid") if ldir.exists() else []:
         pid = proc.read_pidfile(pidfile)
-        if pid and proc.alive(pid) and _pid_in(pid, namespaces + [None]):
+        if pid and proc.alive(pid) and _runs_a_lab_daemon(pid):
             proc.terminate(pid)
             removed.append(f"pid {pid} ({pidfile.name})")
     # 2. anything still running inside the lab's namespaces
@@ -361,7 +361,7 @@ def destroy_lab(name: str, *, state_root: Path = STATE_ROOT) -> list[str]:
     return removed
 
 
-def _pid_in(pid: int, namespaces: list[str | None]) -> bool:
+def _runs_a_lab_daemon(pid: int) -> bool:
     """Only kill a pid-file process if it still looks like ours (it runs a known daemon)."""
     try:
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")

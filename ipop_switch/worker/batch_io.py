@@ -1,4 +1,4 @@
-"""Batched system calls for the datapath: UDP GSO sends, UDP GRO receives, TAP offloads.
+"""Batched system calls for the datapath: UDP GSO sends and UDP GRO receives (TAP offloads: tap.py).
 
 One ``sendmsg`` with ``UDP_SEGMENT`` carries up to 64 equal-size datagrams (the last
 may be shorter) of at most 65507 payload bytes in all; one ``recvmsg`` with
@@ -8,18 +8,15 @@ segment size in a control message. Constants and limits: shared/datapath-facts.m
 
 from __future__ import annotations
 
-import fcntl
 import socket
 import struct
-from typing import Iterable, Iterator
+from typing import Iterator
 
 SOL_UDP = 17
 UDP_SEGMENT = 103
 UDP_GRO = 104
 GSO_MAX_SEGMENTS = 64
 GSO_MAX_BYTES = 65507
-TUNSETOFFLOAD = 0x400454D0
-TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6 = 0x1, 0x2, 0x4
 _U16 = struct.Struct("=H")
 _I32 = struct.Struct("=i")
 SOCK_BUF = 4 * 1024 * 1024
@@ -100,20 +97,3 @@ def recv_batch(sock: socket.socket, bufsize: int = 65535) -> tuple[list[bytes], 
     if not seg or seg >= len(data):
         return [data], addr
     return [data[o:o + seg] for o in range(0, len(data), seg)], addr
-
-
-def tap_set_offloads(fd: int, *, tso: bool = True) -> None:
-    """Tell a TAP opened with IFF_VNET_HDR which offloads we take: checksum, and TSO."""
-    flags = TUN_F_CSUM | (TUN_F_TSO4 | TUN_F_TSO6 if tso else 0)
-    fcntl.ioctl(fd, TUNSETOFFLOAD, flags)
-
-
-def chunks(seq: Iterable[bytes], n: int) -> Iterator[list[bytes]]:
-    buf: list[bytes] = []
-    for x in seq:
-        buf.append(x)
-        if len(buf) == n:
-            yield buf
-            buf = []
-    if buf:
-        yield buf

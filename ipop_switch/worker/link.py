@@ -95,6 +95,7 @@ class LinkWorker:
         self._probe_task: asyncio.Task | None = None
         self._probe_answer: asyncio.Future | None = None
         self._last_probe = 0.0
+        self._probe_every = jitter(self.timers.upgrade_interval)
         self.upgrades = 0
 
     # -- lifecycle -------------------------------------------------------------
@@ -407,12 +408,6 @@ class LinkWorker:
             self._last_probe = now
             self._probe_task = self._spawn(self._probe_controlling())
 
-    @property
-    def _probe_every(self) -> float:
-        if not hasattr(self, "_probe_every_v"):
-            self._probe_every_v = jitter(self.timers.upgrade_interval)
-        return self._probe_every_v
-
     async def _probe_controlling(self) -> None:
         t, attempt = self.timers, self.attempt
         probe = self.probe = self._new_ice(attempt, direct_only=True)
@@ -427,7 +422,7 @@ class LinkWorker:
             await self._probe_drop(probe)
         finally:
             self._probe_task = self._probe_answer = None
-            self._probe_every_v = jitter(self.timers.upgrade_interval)
+            self._probe_every = jitter(self.timers.upgrade_interval)
 
     async def _probe_controlled(self, offer: dict) -> None:
         attempt = self.attempt
