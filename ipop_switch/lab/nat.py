@@ -105,13 +105,17 @@ def host_edge_ruleset(dev: str, *, loss: float, udp_blocked: bool) -> str:
 
 
 def core_port_loss_ruleset(port: str, loss: float) -> str:
-    """Loss of what a public host sends, on the core bridge's port towards it (one table per port)."""
+    """Loss of what a public host sends, on the core bridge's port towards it (one table per port).
+
+    Only IP is lost: the bridge family also sees ARP, and a lost ARP reply is not what a lossy
+    Internet path does (it made a host unreachable for seconds, failing whole bursts)."""
     name = "ipsw_loss_" + "".join(c for c in port if c.isalnum())
+    rule = f'iifname "{port}" meta protocol {{ ip, ip6 }} {_loss_rule(loss)}'
     return (
         f"table bridge {name} {{\n"
         f"  chain port_fwd {{\n    type filter hook forward priority filter; policy accept;\n"
-        f'    iifname "{port}" {_loss_rule(loss)}\n  }}\n'
+        f"    {rule}\n  }}\n"
         f"  chain port_in {{\n    type filter hook input priority filter; policy accept;\n"
-        f'    iifname "{port}" {_loss_rule(loss)}\n  }}\n'
+        f"    {rule}\n  }}\n"
         "}\n"
     )
