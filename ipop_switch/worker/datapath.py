@@ -45,6 +45,7 @@ _Q = struct.Struct("!Q")
 _I = struct.Struct("!I")
 _H = struct.Struct("!H")
 _U16 = struct.Struct("=H")
+_RX_HDR = struct.Struct("!BBH4sQ")          # data header: type, format, csum_start, receiver index (LE), counter
 
 # Data format (header byte 1, inside the AEAD's AAD; docs/tunnel.md "Data packets").
 # 0: a complete frame (format v1). With FMT_CSUM the frame has a partial checksum
@@ -53,6 +54,7 @@ _U16 = struct.Struct("=H")
 FMT_CSUM = 0x01
 FMT_TCP = 0x02
 FMT_KNOWN = FMT_CSUM | FMT_TCP
+_FMT_SEG = FMT_CSUM | FMT_TCP                # a TCP segment: the hot case
 OFFLOAD_VERSION = 1                          # the "offload" hint both ends must announce
 
 Sender = Callable[[bytes], None]
@@ -238,14 +240,7 @@ class Datapath:
             if p < 0 or data[p - 4] != data_t:
                 inner(data, addr)
                 return
-            seg = p - 4
-            ours = self.datagram            # the pieces of one GSO send are data packets: skip the hooks
-            for o in range(0, n, seg):
-                piece = data[o:o + seg]
-                if piece[0] == data_t:
-                    ours(piece, addr, protocol)
-                else:
-                    inner(piece, addr)
+            self.receive(data, p - 4, addr, protocol, inner)   # the pieces skip the hooks
         protocol.datagram_received = datagram_received
         protocol._ipsw_gro = True
 
@@ -479,66 +474,102 @@ class Datapath:
     # -- UDP -> TAP ------------------------------------------------------------
     def datagram(self, data: bytes, addr: tuple, protocol: object) -> None:
         """Every datagram whose first byte is one of ours lands here."""
-        if data[0] != codec.TYPE_DATA:
-            self.on_handshake(data, protocol, addr)
-            return
+        self.receive(data, len(data), addr, protocol, None)
+
+    def receive(self, data: bytes, seg: int, addr: tuple, protocol: object,
+                other: Callable[[bytes, tuple], None] | None) -> None:
+        """The datagrams in ``data``, each ``seg`` bytes but the last (one UDP GRO buffer;
+        ``seg == len(data)`` for a single datagram). One loop for a whole burst: this runs
+        per received MSS, so the session, the replay window (``codec.ReplayWindow``,
+        inlined) and the coalescer are looked up once and nothing is sliced but the
+        header fields. Pieces that are not data packets go to ``other`` (aioice's own
+        receive for a STUN message glued to a burst), handshake messages to ``on_handshake``."""
         st = self.stats
-        if len(data) < codec.DATA_MIN_LEN:
-            st.drops["malformed"] += 1
-            return
-        fmt = data[1]
-        if not fmt:
-            if data[2] or data[3]:
+        data_t, min_len = codec.TYPE_DATA, codec.DATA_MIN_LEN
+        eth_min, reject_after = codec.ETH_MIN, codec.REJECT_AFTER_MESSAGES
+        tcp_ok = self.vnet and self.rx_offload
+        co_add = self._co.add_segment
+        mv = memoryview(data)
+        n = len(data)
+        sessions = self.sessions
+        s_key = s = None
+        queued = 0
+        unpack = _RX_HDR.unpack_from
+        for o in range(0, n, seg):
+            e = o + seg if o + seg < n else n
+            if data[o] != data_t:
+                piece = data[o:e] if seg < n else data
+                if other is not None:
+                    other(piece, addr)
+                else:
+                    self.on_handshake(piece, protocol, addr)
+                s_key = None
+                continue
+            if e - o < min_len:
                 st.drops["malformed"] += 1
-                return
-        elif fmt & ~FMT_KNOWN or not fmt & FMT_CSUM:
-            st.drops["malformed"] += 1
-            return
-        elif not self.rx_offload:
-            st.drops["offload_refused"] += 1        # we never announced it: a confused or hostile peer
-            return
-        s = self.sessions.get(int.from_bytes(data[4:8], "little"))
-        if s is None:
-            st.drops["unknown_index"] += 1
-            return
-        cb = data[8:16]
-        counter = int.from_bytes(cb, "big")
-        # the replay window (codec.ReplayWindow), check and update inlined: this runs per MSS
-        w = s.window
-        hi = w.highest
-        if counter > hi:
-            if counter > codec.REJECT_AFTER_MESSAGES:
+                continue
+            _, fmt, cs, key, counter = unpack(data, o)
+            if fmt != _FMT_SEG:
+                if not fmt:
+                    if cs:
+                        st.drops["malformed"] += 1
+                        continue
+                elif fmt & ~FMT_KNOWN or not fmt & FMT_CSUM:
+                    st.drops["malformed"] += 1
+                    continue
+            if fmt and not self.rx_offload:
+                st.drops["offload_refused"] += 1    # we never announced it: a confused or hostile peer
+                continue
+            if key != s_key:
+                s = sessions.get(int.from_bytes(key, "little"))
+                s_key = key
+            if s is None:
+                st.drops["unknown_index"] += 1
+                continue
+            w = s.window
+            hi = w.highest
+            if counter > hi:
+                if counter > reject_after:
+                    st.drops["replay"] += 1
+                    continue
+            elif hi - counter >= w.size or (w.bits >> (hi - counter)) & 1:
                 st.drops["replay"] += 1
-                return
-        elif hi - counter >= w.size or (w.bits >> (hi - counter)) & 1:
-            st.drops["replay"] += 1
-            return
-        try:
-            plain = s.recv_aead.decrypt(ZERO4 + cb, data[16:], data[:16])
-        except InvalidTag:
-            st.drops["auth"] += 1
-            return
-        if counter > hi:
-            shift = counter - hi
-            w.bits = ((w.bits << shift) | 1) & w._mask if shift < w.size else 1
-            w.highest = counter
-        else:
-            w.bits |= 1 << (hi - counter)
-        st.rx_packets += 1
-        s.rx_packets += 1
-        if fmt & FMT_TCP and len(plain) >= codec.ETH_MIN and self.vnet and s.confirmed:
-            # the hot case, a TCP segment to coalesce: last_rx is set once per burst in flush()
+                continue
             try:
-                self._co.add_segment(plain, data[2] << 8 | data[3])
-            except gso.OffloadError as e:
-                st.drops["offload_" + e.reason] += 1
-                return
-            if not self._flush_pending:
-                self._flush_pending = True
-                if self._loop is None:
-                    self._loop = asyncio.get_running_loop()
-                self._loop.call_soon(self.flush)
-            return
+                plain = s.recv_aead.decrypt(ZERO4 + mv[o + 8:o + 16], mv[o + 16:e], mv[o:o + 16])
+            except InvalidTag:
+                st.drops["auth"] += 1
+                continue
+            if counter > hi:
+                shift = counter - hi
+                w.bits = ((w.bits << shift) | 1) & w._mask if shift < w.size else 1
+                w.highest = counter
+            else:
+                w.bits |= 1 << (hi - counter)
+            st.rx_packets += 1
+            s.rx_packets += 1
+            if fmt & FMT_TCP and tcp_ok and s.confirmed and len(plain) >= eth_min:
+                # the hot case, a TCP segment to coalesce: last_rx is set once per burst in flush()
+                try:
+                    co_add(plain, cs)
+                except gso.OffloadError as err:
+                    st.drops["offload_" + err.reason] += 1
+                    continue
+                queued += 1
+                continue
+            queued += self._deliver(s, fmt, cs, plain)
+            s_key = None                # a control message may have changed the sessions
+        if queued and not self._flush_pending:
+            self._flush_pending = True
+            if self._loop is None:
+                self._loop = asyncio.get_running_loop()
+            self._loop.call_soon(self.flush)
+
+    def _deliver(self, s: Session, fmt: int, cs: int, plain: bytes) -> int:
+        """An authenticated plaintext that is not a TCP segment to coalesce: a control
+        message, or a frame for the TAP (behind queued segments, never before them).
+        Returns 1 when the coalescer now holds something to flush."""
+        st = self.stats
         st.last_rx = time.monotonic()
         if not s.confirmed:
             s.confirmed = True
@@ -547,42 +578,37 @@ class Datapath:
         if len(plain) < codec.ETH_MIN:
             if fmt:
                 st.drops["bad_offload"] += 1
-                return
+                return 0
             self.on_control(s, plain)
-            return
+            return 0
         if not self.vnet:
             self._write1(plain)
-            return
+            return 0
         co = self._co
         if not fmt:
             if len(co):
                 co.add_frame(gso.NO_VNET, plain)
-            else:
-                self._write(gso.NO_VNET, plain)
-            return
-        cs = data[2] << 8 | data[3]
+                return 1
+            self._write(gso.NO_VNET, plain)
+            return 0
         if fmt & FMT_TCP:
             try:
                 co.add_segment(plain, cs)
             except gso.OffloadError as e:
                 st.drops["offload_" + e.reason] += 1
-                return
-            if not self._flush_pending:
-                self._flush_pending = True
-                if self._loop is None:
-                    self._loop = asyncio.get_running_loop()
-                self._loop.call_soon(self.flush)
-            return
+                return 0
+            return 1
         vh = gso.VNET.pack(gso.F_NEEDS_CSUM, gso.GSO_NONE, 0, 0, cs, 6)
         try:
             gso.check_vnet(vh, plain)
         except gso.OffloadError as e:
             st.drops["offload_" + e.reason] += 1
-            return
+            return 0
         if len(co):
             co.add_frame(vh, plain)
-        else:
-            self._write(vh, plain)
+            return 1
+        self._write(vh, plain)
+        return 0
 
     def flush(self) -> None:
         """End of a receive burst: write what the coalescer holds, one TAP write per run."""
