@@ -237,10 +237,8 @@ class Datapath:
                 return
             nxt = data[4:8] + ((int.from_bytes(data[8:16], "big") + 1) & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "big")
             p = data.find(nxt, codec.DATA_MIN_LEN)
-            if p < 0 or data[p - 4] != data_t:
-                inner(data, addr)
-                return
-            self.receive(data, p - 4, addr, protocol, inner)   # the pieces skip the hooks
+            seg = p - 4 if p >= 0 and data[p - 4] == data_t else n
+            self.receive(data, seg, addr, protocol, inner)     # data packets skip the hooks
         protocol.datagram_received = datagram_received
         protocol._ipsw_gro = True
 
