@@ -16,6 +16,7 @@ import asyncio
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -68,8 +69,7 @@ class SwitchController:
         )
         try:
             await self._wait(lambda: self.sock_path.exists() or self._proc.poll() is not None, timeout, "app socket")
-            self._check_alive()
-            self._reader, self._writer = await asyncio.open_unix_connection(str(self.sock_path))
+            await self._connect_channel(timeout)
             await asyncio.to_thread(self._point_bridge)
             await self._wait_connected(timeout)
             for msg in list(self._replay.values()):
@@ -78,6 +78,20 @@ class SwitchController:
             await self.stop()
             raise
         return self
+
+    async def _connect_channel(self, timeout: float) -> None:
+        """Connect to the app's socket. The file appears at bind(), a moment before the app
+        listens: a refused connection in that window is retried (bounded), not an error."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self._check_alive()
+            try:
+                self._reader, self._writer = await asyncio.open_unix_connection(str(self.sock_path))
+                return
+            except (ConnectionRefusedError, FileNotFoundError):
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.05)
 
     def _point_bridge(self) -> None:
         v = self.ovs.vsctl
