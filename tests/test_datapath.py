@@ -328,6 +328,15 @@ class _Proto:
             self.stun.append(data)
 
 
+def gro_pair() -> tuple[Pair, socket.socket, _Proto]:
+    """A pair whose receiving end has the GRO splitter on a real UDP socket's protocol."""
+    p = Pair()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    proto = _Proto(p.b)
+    p.b._enable_gro(sock, proto)
+    return p, sock, proto
+
+
 @settings(max_examples=60, deadline=None)
 @given(super_frames, st.booleans())
 def test_gro_glued_datagrams_are_split_back(sf, stun_tail):
@@ -337,11 +346,8 @@ def test_gro_glued_datagrams_are_split_back(sf, stun_tail):
     frame = tso_frame(v6, body, opts, flags, seq, ipid)
 
     async def go():
-        p = Pair()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        p, sock, proto = gro_pair()
         try:
-            proto = _Proto(p.b)
-            p.b._enable_gro(sock, proto)
             p.tap_in(tso_vnet(frame, mss), frame)
             glued = b"".join(p.wire)
             stun = b"\x01\x01\x00\x00" + b"s" * 16
@@ -373,11 +379,8 @@ def test_a_forged_or_replayed_piece_of_a_gro_burst_loses_only_itself(sf, data):
     frame = tso_frame(v6, body, opts, flags, seq, ipid)
 
     async def go():
-        p = Pair()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        p, sock, proto = gro_pair()
         try:
-            proto = _Proto(p.b)
-            p.b._enable_gro(sock, proto)
             p.tap_in(tso_vnet(frame, mss), frame)
             wire = list(p.wire)
             p.wire[:] = []

@@ -580,7 +580,7 @@ class Datapath:
             self.on_control(s, plain)
             return 0
         if not self.vnet:
-            self._write1(plain)
+            self._write(b"", plain)        # a TAP without vnet header: the frame alone
             return 0
         co = self._co
         if not fmt:
@@ -624,6 +624,7 @@ class Datapath:
             self._write(vh, frame)
 
     def _write(self, vh: bytes, frame) -> None:
+        """One frame to the TAP behind its vnet header (``b""`` for a TAP without one)."""
         try:
             os.writev(self.tap_fd, (vh, frame))
         except (BlockingIOError, InterruptedError):
@@ -635,14 +636,3 @@ class Datapath:
         self.stats.rx_frames += 1
         self.stats.rx_bytes += len(frame)
 
-    def _write1(self, frame: bytes) -> None:
-        try:
-            os.write(self.tap_fd, frame)
-        except (BlockingIOError, InterruptedError):
-            self.stats.drops["tap_full"] += 1
-            return
-        except OSError:
-            self.stats.drops["tap_write"] += 1
-            return
-        self.stats.rx_frames += 1
-        self.stats.rx_bytes += len(frame)
