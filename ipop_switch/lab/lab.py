@@ -184,6 +184,12 @@ class Lab:
         _ip(self.core_ns, "link", "set", core_if, "master", "pub", "up")
         _ip(ns, "link", "set", dev, "up")
 
+    @property
+    def _lossy(self) -> bool:
+        """A lab with loss anywhere segments every host's UDP bursts at its uplink, so that
+        whatever reaches a lossy site's rule (in the core or at its router) is single datagrams."""
+        return any(s.loss > 0 for s in self.spec.sites)
+
     def _udp_gso_off(self, ns: str, dev: str) -> None:
         """Segment UDP GSO bursts when ``dev`` transmits. A burst (one ``sendmsg`` with
         UDP_SEGMENT) otherwise crosses the lab's veths, bridge and routers as one skb, so the
@@ -191,6 +197,15 @@ class Lab:
         real wire loses single packets. Hooks in the sender's own namespace (the host's
         OUTPUT/POSTROUTING) still run before this segmentation and see the burst."""
         proc.run(["ethtool", "-K", dev, "tx-udp-segmentation", "off"], netns=ns)
+
+    def _gro_into_host(self, tx_ns: str, tx_dev: str, host_ns: str) -> None:
+        """Let the lossy host's ``eth0`` aggregate what it receives (GRO), as a real NIC does
+        after a lossy path: a socket with UDP_GRO then reads runs of datagrams at once. A veth
+        aggregates only with GRO on and only what its peer (``tx_dev``) sends without TSO;
+        loss is applied before this hop, on single datagrams. As on a real NIC, a lost datagram
+        (a gap in the IP ids) ends an aggregate."""
+        proc.run(["ethtool", "-K", tx_dev, "tso", "off"], netns=tx_ns)
+        proc.run(["ethtool", "-K", "eth0", "gro", "on"], netns=host_ns)
 
     def _build_core(self) -> None:
         core = self._add_ns("core")
@@ -207,10 +222,12 @@ class Lab:
                 pub = f"198.18.{i}.{10 + j}"
                 self._uplink(ns, "eth0", f"s{i}h{j}")
                 _ip(ns, "addr", "add", f"{pub}/{PUBLIC_PREFIX}", "dev", "eth0")
-                if site.loss > 0:       # per-datagram loss: bursts segmented both ways before the rules
+                if self._lossy:         # bursts reach the core as single datagrams
                     self._udp_gso_off(ns, "eth0")
+                if site.loss > 0:       # per-datagram loss both ways at the core's port, then GRO
                     self._udp_gso_off(self.core_ns, f"s{i}h{j}")
-                rules = nat.host_edge_ruleset("eth0", loss=site.loss, udp_blocked=site.udp_blocked)
+                    self._gro_into_host(self.core_ns, f"s{i}h{j}", ns)
+                rules = nat.host_edge_ruleset("eth0", udp_blocked=site.udp_blocked)
                 if rules:
                     proc.run(["nft", "-f", "-"], netns=ns, input=rules)
                 if site.loss > 0:
@@ -254,8 +271,10 @@ class Lab:
             _ip(ns, "link", "set", "eth0", "up")
             _ip(ns, "addr", "add", f"{lan_ip}/24", "dev", "eth0")
             _ip(ns, "route", "add", "default", "via", f"100.64.{i}.1")
-            if site.loss > 0:           # per-datagram loss at the router (see _udp_gso_off)
+            if self._lossy:             # per-datagram loss (see _udp_gso_off)
                 self._udp_gso_off(ns, "eth0")
+            if site.loss > 0:           # lost at the router, then aggregated by the host
+                self._gro_into_host(router, f"h{j}", ns)
             if site.nat == "one2one" and not site.cgnat:
                 pub = f"198.18.{i}.{10 + j}"
                 _ip(router, "addr", "add", f"{pub}/32", "dev", "wan")

@@ -81,41 +81,41 @@ def router_ruleset(p: RouterPlan) -> str:
     )
 
 
-def host_edge_ruleset(dev: str, *, loss: float, udp_blocked: bool) -> str:
-    """Impairments for a public host (no router), in its own namespace: UDP blocked both ways,
-    and loss of what it receives. Loss of what it sends is applied in the core instead
-    (``core_port_loss_ruleset``): the host's OUTPUT hook sees a UDP GSO burst as one packet,
-    the core's bridge sees the single datagrams the host's uplink cut it into."""
-    rules_in, rules_out = [], []
-    if udp_blocked:
-        rules_in.append(f'iifname "{dev}" meta l4proto udp counter drop')
-        rules_out.append(f'oifname "{dev}" meta l4proto udp counter drop')
-    if loss > 0:
-        rules_in.append(f'iifname "{dev}" {_loss_rule(loss)}')
-    if not rules_in and not rules_out:
+def host_edge_ruleset(dev: str, *, udp_blocked: bool) -> str:
+    """Impairments for a public host (no router), in its own namespace: UDP blocked both ways.
+    Its loss is applied in the core (``core_port_loss_ruleset``), where traffic is single
+    datagrams: the host's own hooks see UDP GSO bursts on the way out and GRO aggregates on
+    the way in."""
+    if not udp_blocked:
         return ""
-    i = "".join(f"    {r}\n" for r in rules_in)
-    o = "".join(f"    {r}\n" for r in rules_out)
     return (
         "table inet ipsw_edge {\n"
-        f"  chain edge_in {{\n    type filter hook input priority filter; policy accept;\n{i}  }}\n"
-        f"  chain edge_out {{\n    type filter hook output priority filter; policy accept;\n{o}  }}\n"
+        f"  chain edge_in {{\n    type filter hook input priority filter; policy accept;\n"
+        f'    iifname "{dev}" meta l4proto udp counter drop\n  }}\n'
+        f"  chain edge_out {{\n    type filter hook output priority filter; policy accept;\n"
+        f'    oifname "{dev}" meta l4proto udp counter drop\n  }}\n'
         "}\n"
     )
 
 
 def core_port_loss_ruleset(port: str, loss: float) -> str:
-    """Loss of what a public host sends, on the core bridge's port towards it (one table per port).
+    """Loss both ways of a public host, on the core bridge's port towards it (one table per
+    port): what it sends (``iifname``) and what it is sent (``oifname``), forwarded or from the
+    core's own services.
 
     Only IP is lost: the bridge family also sees ARP, and a lost ARP reply is not what a lossy
     Internet path does (it made a host unreachable for seconds, failing whole bursts)."""
     name = "ipsw_loss_" + "".join(c for c in port if c.isalnum())
-    rule = f'iifname "{port}" meta protocol {{ ip, ip6 }} {_loss_rule(loss)}'
+    lose = f'meta protocol {{ ip, ip6 }} {_loss_rule(loss)}'
+
+    def chain(cname: str, hook: str, rules: list[str]) -> str:
+        body = "".join(f"    {r}\n" for r in rules)
+        return f"  chain {cname} {{\n    type filter hook {hook} priority filter; policy accept;\n{body}  }}\n"
+
     return (
         f"table bridge {name} {{\n"
-        f"  chain port_fwd {{\n    type filter hook forward priority filter; policy accept;\n"
-        f"    {rule}\n  }}\n"
-        f"  chain port_in {{\n    type filter hook input priority filter; policy accept;\n"
-        f"    {rule}\n  }}\n"
-        "}\n"
+        + chain("port_fwd", "forward", [f'iifname "{port}" {lose}', f'oifname "{port}" {lose}'])
+        + chain("port_in", "input", [f'iifname "{port}" {lose}'])
+        + chain("port_out", "output", [f'oifname "{port}" {lose}'])
+        + "}\n"
     )
