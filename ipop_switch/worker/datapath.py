@@ -46,6 +46,7 @@ _I = struct.Struct("!I")
 _H = struct.Struct("!H")
 _U16 = struct.Struct("=H")
 _RX_HDR = struct.Struct("!BBH4sQ")          # data header: type, format, csum_start, receiver index (LE), counter
+_NONCE = struct.Struct("!4xQ")              # AEAD nonce: 4 zero bytes, the counter
 
 # Data format (header byte 1, inside the AEAD's AAD; docs/tunnel.md "Data packets").
 # 0: a complete frame (format v1). With FMT_CSUM the frame has a partial checksum
@@ -77,7 +78,7 @@ class Session:
     """One set of transport keys (one handshake). Receiving and sending state."""
 
     __slots__ = ("local_index", "remote_index", "send_aead", "recv_aead", "counter", "window",
-                 "created", "prefix", "ridx", "confirmed", "initiator", "rx_packets")
+                 "created", "prefix", "ridx", "confirmed", "initiator")
 
     def __init__(self, send_key: bytes, recv_key: bytes, local_index: int, remote_index: int,
                  *, initiator: bool, window: int = 2048) -> None:
@@ -94,7 +95,6 @@ class Session:
         # (proves the initiator has the keys); the initiator's sessions are confirmed at once.
         self.confirmed = initiator
         self.initiator = initiator
-        self.rx_packets = 0
 
     def seal(self, plaintext, fmt: int = 0, csum_start: int = 0) -> bytes:
         c = self.counter
@@ -490,9 +490,10 @@ class Datapath:
         mv = memoryview(data)
         n = len(data)
         sessions = self.sessions
-        s_key = s = None
-        queued = 0
-        unpack = _RX_HDR.unpack_from
+        s_key = s = w = None
+        coalesce = False            # the session's TCP segments go to the coalescer
+        queued = got = 0
+        unpack, nonce = _RX_HDR.unpack_from, _NONCE.pack
         for o in range(0, n, seg):
             e = o + seg if o + seg < n else n
             if data[o] != data_t:
@@ -521,10 +522,12 @@ class Datapath:
             if key != s_key:
                 s = sessions.get(int.from_bytes(key, "little"))
                 s_key = key
+                if s is not None:
+                    w = s.window
+                    coalesce = tcp_ok and s.confirmed
             if s is None:
                 st.drops["unknown_index"] += 1
                 continue
-            w = s.window
             hi = w.highest
             if counter > hi:
                 if counter > reject_after:
@@ -534,7 +537,7 @@ class Datapath:
                 st.drops["replay"] += 1
                 continue
             try:
-                plain = s.recv_aead.decrypt(ZERO4 + mv[o + 8:o + 16], mv[o + 16:e], mv[o:o + 16])
+                plain = s.recv_aead.decrypt(nonce(counter), mv[o + 16:e], mv[o:o + 16])
             except InvalidTag:
                 st.drops["auth"] += 1
                 continue
@@ -544,9 +547,8 @@ class Datapath:
                 w.highest = counter
             else:
                 w.bits |= 1 << (hi - counter)
-            st.rx_packets += 1
-            s.rx_packets += 1
-            if fmt & FMT_TCP and tcp_ok and s.confirmed and len(plain) >= eth_min:
+            got += 1
+            if fmt == _FMT_SEG and coalesce and len(plain) >= eth_min:
                 # the hot case, a TCP segment to coalesce: last_rx is set once per burst in flush()
                 try:
                     co_add(plain, cs)
@@ -557,6 +559,7 @@ class Datapath:
                 continue
             queued += self._deliver(s, fmt, cs, plain)
             s_key = None                # a control message may have changed the sessions
+        st.rx_packets += got
         if queued and not self._flush_pending:
             self._flush_pending = True
             if self._loop is None:

@@ -178,6 +178,7 @@ def segment(frame: bytes | memoryview, gso_size: int) -> list[bytearray]:
 _MERGE_STOP = TCP_SYN | TCP_RST | TCP_URG
 _PSH_FIN = TCP_PSH | TCP_FIN
 _KEY_FLAGS_MASK = ~(TCP_PSH | TCP_FIN | TCP_CWR) & 0xFF
+_JOIN_FLAGS_MASK = _KEY_FLAGS_MASK | TCP_CWR    # a joining segment: the run's key flags, no CWR
 
 
 _RUN_STRUCTS: dict[tuple[bool, int, int], tuple] = {}
@@ -216,15 +217,16 @@ class Coalescer:
     Parsing is inlined (this runs once per received MSS).
     """
 
-    __slots__ = ("max_len", "out", "run", "key", "next_seq", "mss", "total", "t", "po", "v4", "last_flags",
-                 "last_plen", "kunpack", "vunpack")
+    __slots__ = ("max_len", "out", "run", "key", "next_seq", "mss", "room", "t", "po", "v4", "last_flags",
+                 "open", "iadj", "kflags", "kunpack", "vunpack")
 
     def __init__(self, max_len: int = 65535) -> None:
         self.max_len = max_len
         self.out: list[tuple[bytes, bytes | bytearray]] = []
         self.run: list[bytes | bytearray] = []
         self.key = b""
-        self.next_seq = self.mss = self.total = self.t = self.po = self.last_flags = self.last_plen = 0
+        self.next_seq = self.mss = self.room = self.t = self.po = self.last_flags = self.iadj = self.kflags = 0
+        self.open = False           # the run may grow: its last segment is full-size, without PSH/FIN
         self.v4 = True
         self.kunpack = self.vunpack = None
 
@@ -240,23 +242,20 @@ class Coalescer:
         """Queue one TCP segment; OffloadError (nothing queued) if it is not one, or if
         ``csum_start`` (when given) is not where its TCP header starts."""
         n = len(seg)
-        run = self.run
-        if run and n > self.po and (csum_start < 0 or csum_start == self.t):
+        if self.open and n > self.po and (csum_start < 0 or csum_start == self.t):
             # Fast path, the next segment of the current run: the run's layout unpacks this
             # one's key (which holds ethertype, IHL, protocol and data offset, so an equal
-            # key means an equal layout) and its variable fields in two calls.
+            # key means an equal layout) and its variable fields in two calls. The flags
+            # test also refuses SYN/RST/URG and CWR (``kflags`` has none of them).
             iplen, seq, flags = self.vunpack(seg)
             plen = n - self.po
-            lf = self.last_flags
-            if (seq == self.next_seq and plen <= self.mss and self.last_plen == self.mss
-                    and iplen == (n - ETH_LEN if self.v4 else n - self.t)
-                    and not flags & (_MERGE_STOP | TCP_CWR) and not lf & _PSH_FIN
-                    and (flags & _KEY_FLAGS_MASK) == (lf & _KEY_FLAGS_MASK)
-                    and self.total + plen <= self.max_len and self.kunpack(seg) == self.key):
-                run.append(seg)
-                self.total += plen
+            if (seq == self.next_seq and plen <= self.mss and iplen == n - self.iadj
+                    and flags & _JOIN_FLAGS_MASK == self.kflags and plen <= self.room
+                    and self.kunpack(seg) == self.key):
+                self.run.append(seg)
+                self.room -= plen
+                self.open = plen == self.mss and not flags & _PSH_FIN
                 self.last_flags = flags
-                self.last_plen = plen
                 self.next_seq = (seq + plen) & 0xFFFFFFFF
                 return
         if n < ETH_LEN + 40:
@@ -298,25 +297,27 @@ class Coalescer:
         seq = seg[t + 4] << 24 | seg[t + 5] << 16 | seg[t + 6] << 8 | seg[t + 7]
         kunpack, vunpack = _run_structs(v4, t, po)
         key = kunpack(seg)
-        if (run and key == self.key and seq == self.next_seq and plen <= self.mss
-                and (flags & _KEY_FLAGS_MASK) == (self.last_flags & _KEY_FLAGS_MASK)
-                and not self.last_flags & _PSH_FIN and not flags & TCP_CWR
-                and self.last_plen == self.mss and self.total + plen <= self.max_len):
-            run.append(seg)
-            self.total += plen
+        if (self.open and key == self.key and seq == self.next_seq and plen <= self.mss
+                and flags & _JOIN_FLAGS_MASK == self.kflags and plen <= self.room):
+            self.run.append(seg)
+            self.room -= plen
         else:
-            if run:
+            if self.run:
                 self._end_run()
             self.run.append(seg)
-            self.key, self.mss, self.total, self.t, self.po, self.v4 = key, plen, po - ETH_LEN + plen, t, po, v4
+            self.key, self.mss, self.t, self.po, self.v4 = key, plen, t, po, v4
+            self.room = self.max_len - (po - ETH_LEN + plen)
+            self.iadj = ETH_LEN if v4 else t
+            self.kflags = flags & _KEY_FLAGS_MASK
             self.kunpack, self.vunpack = kunpack, vunpack
+        self.open = plen == self.mss and not flags & _PSH_FIN
         self.last_flags = flags
-        self.last_plen = plen
         self.next_seq = (seq + plen) & 0xFFFFFFFF
 
     def _end_run(self) -> None:
         run, t, po = self.run, self.t, self.po
         self.run = []
+        self.open = False
         if len(run) == 1:
             self.out.append((VNET.pack(F_NEEDS_CSUM, GSO_NONE, 0, 0, t, 16), run[0]))
             return
