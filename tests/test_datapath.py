@@ -21,7 +21,9 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 
 from ipop_switch.worker import codec, gso
-from ipop_switch.worker.datapath import FMT_CSUM, FMT_TCP, Datapath, Session, Stats
+from ipop_switch.worker.datapath import FMT_CONT, FMT_CSUM, FMT_TCP, Datapath, Session, Stats
+
+SEG, CONT = FMT_CSUM | FMT_TCP, FMT_CSUM | FMT_TCP | FMT_CONT
 from test_gso import complete_checksum, tcp_ok
 
 BUF = 4 * 1024 * 1024
@@ -161,7 +163,7 @@ def test_super_frame_crosses_segmented_and_comes_out_coalesced(sf):
             p.tap_in(tso_vnet(frame, mss), frame)
             n = len(p.wire)
             assert n == max(1, -(-len(data) // mss))                     # one datagram per segment
-            assert all(d[1] == FMT_CSUM | FMT_TCP for d in p.wire)
+            assert [d[1] for d in p.wire] == [SEG] + [CONT] * (n - 1)       # the rest continue the first
             out = await p.deliver()
             assert b"".join(payload(f) for _, f in out) == data
             assert len(out) <= -(-(len(data) + 200) // 65000) + 1          # coalesced, not one per segment
@@ -252,9 +254,10 @@ def test_offload_format_refused_when_not_announced_and_reserved_bits():
             p.wire.append(p.sa.seal(seg, FMT_CSUM | FMT_TCP, 34))
             p.wire.append(p.sa.seal(seg, 0x80 | FMT_CSUM, 34))
             p.wire.append(p.sa.seal(seg, 0, 0)[:2] + b"\0\x01" + p.sa.seal(seg)[4:])   # reserved byte set
+            p.wire.append(p.sa.seal(seg, FMT_CONT | FMT_CSUM, 34))       # CONT needs TCP
             out = await p.deliver()
             assert out == []
-            assert p.b.stats.drops["offload_refused"] == 1 and p.b.stats.drops["malformed"] == 2
+            assert p.b.stats.drops["offload_refused"] == 1 and p.b.stats.drops["malformed"] == 3
         finally:
             p.close()
     run(go())
@@ -427,7 +430,7 @@ def test_fused_send_emits_exactly_segment_then_seal(sf):
         p.sa.send_aead = ref.send_aead                                   # same key on both
         ref.counter = 5
         cs = gso.Layout(frame).tcp_off
-        want = [ref.seal(seg, FMT_CSUM | FMT_TCP, cs) for seg in gso.segment(frame, mss)]
+        want = [ref.seal(seg, CONT if i else SEG, cs) for i, seg in enumerate(gso.segment(frame, mss))]
         p.tap_in(tso_vnet(frame, mss), frame)
         assert p.wire == want
         assert p.sa.counter == ref.counter
@@ -452,7 +455,8 @@ def test_fused_send_over_a_real_udp_socket_uses_gso_groups():
         p.a._sock, p.a._addr = tx, rx.getsockname()
         ref = Session(KEYS[0], KEYS[1], 11, 22, initiator=True)
         p.sa.send_aead = ref.send_aead
-        want = [ref.seal(seg, FMT_CSUM | FMT_TCP, gso.Layout(frame).tcp_off) for seg in gso.segment(frame, 1348)]
+        want = [ref.seal(seg, CONT if i else SEG, gso.Layout(frame).tcp_off)
+                for i, seg in enumerate(gso.segment(frame, 1348))]
         p.tap_in(tso_vnet(frame, 1348), frame)
         got = [rx.recv(65535) for _ in want]
         assert got == want
@@ -462,3 +466,56 @@ def test_fused_send_over_a_real_udp_socket_uses_gso_groups():
         p.close()
         rx.close()
         tx.close()
+
+
+def test_no_continuation_marks_to_a_peer_that_did_not_announce_them():
+    """A peer that takes offloads but not FMT_CONT (an earlier version) gets every segment
+    in plain CSUM|TCP format, and still coalesces them."""
+    frame = tso_frame(False, os.urandom(20000), [], "PA", 1, 1)
+
+    async def go():
+        p = Pair()
+        try:
+            assert p.b.local_hints() == {"offload": 1, "cont": 1} and p.a.tx_cont
+            p.a.set_peer_hints({"offload": 1})
+            assert not p.a.tx_cont and p.a.tx_offload
+            p.tap_in(tso_vnet(frame, 1000), frame)
+            assert [d[1] for d in p.wire] == [SEG] * 20
+            out = await p.deliver()
+            assert b"".join(payload(f) for _, f in out) == payload(frame) and len(out) == 1
+            check_written(out)
+        finally:
+            p.close()
+    run(go())
+
+
+@settings(max_examples=150, deadline=None)
+@given(super_frames, st.one_of(
+    st.binary(min_size=0, max_size=1600),
+    st.builds(lambda v6, n, fl, cut: tso_frame(v6, b"w" * n, [], fl, 9, 9)[:cut],
+              st.booleans(), st.integers(1, 1500), st.sampled_from(["A", "PA", "SA", "RA", "UA", "CA"]),
+              st.integers(0, 1600))))
+def test_a_false_continuation_from_an_authenticated_peer_is_safe(sf, bogus):
+    """A peer with the keys marks anything as the next segment of a super-frame (FMT_CONT,
+    next counter): b never raises, what it writes passes check_vnet, and the super-frame's
+    own data arrives intact and first."""
+    v6, body, opts, flags, seq, ipid, mss = sf
+    frame = tso_frame(v6, body, opts, flags, seq, ipid)
+
+    async def go():
+        p = Pair()
+        try:
+            p.tap_in(tso_vnet(frame, mss), frame)
+            c = p.sa.counter
+            hdr = bytes((codec.TYPE_DATA, CONT, 0, gso.Layout(frame).tcp_off)) + p.sa.ridx + c.to_bytes(8, "big")
+            p.wire.append(hdr + p.sa.send_aead.encrypt(b"\0\0\0\0" + hdr[8:], bogus, hdr))
+            p.sa.counter = c + 1
+            out = await p.deliver()
+            for vnet, f in out:
+                gso.check_vnet(vnet, f)
+            check_written(out[:1])                         # the super-frame (bogus payload or not)
+            assert payload(out[0][1]).startswith(body)
+            assert len(out) + sum(p.b.stats.drops.values()) >= 2 or len(payload(out[0][1])) > len(body)
+        finally:
+            p.close()
+    run(go())

@@ -52,10 +52,15 @@ _NONCE = struct.Struct("!4xQ")              # AEAD nonce: 4 zero bytes, the coun
 # 0: a complete frame (format v1). With FMT_CSUM the frame has a partial checksum
 # (NEEDS_CSUM): bytes 2-3 hold csum_start (big-endian), the checksum field is at
 # csum_start + 16 with FMT_TCP (a TCP segment the receiver may coalesce), else + 6 (UDP).
+# FMT_CONT (only with CSUM|TCP, only to a peer that announced "cont"): the next segment of
+# the super-frame the previous counter came from; the receiver may append it to the open
+# run without comparing headers.
 FMT_CSUM = 0x01
 FMT_TCP = 0x02
-FMT_KNOWN = FMT_CSUM | FMT_TCP
+FMT_CONT = 0x04
+FMT_KNOWN = FMT_CSUM | FMT_TCP | FMT_CONT
 _FMT_SEG = FMT_CSUM | FMT_TCP                # a TCP segment: the hot case
+_FMT_CONT_SEG = _FMT_SEG | FMT_CONT          # ... continuing the previous one's super-frame
 OFFLOAD_VERSION = 1                          # the "offload" hint both ends must announce
 
 Sender = Callable[[bytes], None]
@@ -170,6 +175,9 @@ class Datapath:
         # what we accept from the peer (announced in our hints) and what we send it
         self.rx_offload = self.vnet and bridge_tso and offload
         self.tx_offload = False
+        self.tx_cont = False                        # mark continuation segments (FMT_CONT)
+        self._cont_s: Session | None = None         # the open run's last segment: session, counter + 1
+        self._cont_n = -1
         self._allow = offload
         self._rbuf = bytearray(TAP_READ)
         self._rview = memoryview(self._rbuf)
@@ -183,8 +191,9 @@ class Datapath:
     # -- negotiation and path ----------------------------------------------------
     def local_hints(self) -> dict:
         """What our link offer/answer announces: ``offload`` when we accept segmented,
-        partial-checksum frames (format with FMT_* bits) and write them to a TSO bridge."""
-        return {"offload": OFFLOAD_VERSION} if self.rx_offload else {}
+        partial-checksum frames (format with FMT_* bits) and write them to a TSO bridge,
+        with ``cont`` when we also take FMT_CONT."""
+        return {"offload": OFFLOAD_VERSION, "cont": 1} if self.rx_offload else {}
 
     def set_peer_hints(self, hints) -> None:
         """The peer's hints for this attempt: send offloaded frames only if it takes them.
@@ -192,6 +201,7 @@ class Datapath:
         want = (self._allow and self.vnet and isinstance(hints, dict)
                 and hints.get("offload") == OFFLOAD_VERSION)
         self.tx_offload = bool(self.tap.set_offloads(want)) if self.tap is not None and self.vnet else False
+        self.tx_cont = self.tx_offload and hints.get("cont") == 1
         self.stats.mode = ("batched" if self.tx_offload else "per-packet") + \
             ("/coalescing" if self.rx_offload else "")
 
@@ -376,7 +386,8 @@ class Datapath:
         f_last = flags0 if n == 1 else f_mid | (flags0 & (gso.TCP_FIN | gso.TCP_PSH))
         full_dg = DATA_OVERHEAD + po + min(gso_size, plen)
         per_group = max(1, min(batch_io.GSO_MAX_SEGMENTS, batch_io.GSO_MAX_BYTES // full_dg))
-        prefix = bytes((codec.TYPE_DATA, FMT_CSUM | FMT_TCP, cs >> 8, cs & 0xFF)) + s.ridx
+        prefix = bytes((codec.TYPE_DATA, _FMT_SEG, cs >> 8, cs & 0xFF)) + s.ridx
+        prefix_next = bytes((codec.TYPE_DATA, _FMT_CONT_SEG, cs >> 8, cs & 0xFF)) + s.ridx if self.tx_cont else prefix
         c = s.counter
         s.counter = c + n
         enc = s.send_aead.encrypt_into
@@ -413,7 +424,7 @@ class Datapath:
                 hpack(buf, p, A, total, ip_id, B, ~x & 0xFFFF, C, seq, D, f, E, tsum, F)
             else:
                 hpack(buf, p, A, tcp_len, C, seq, D, f, E, tsum, F)
-            pack_hdr(sbuf, off, prefix, c)
+            pack_hdr(sbuf, off, prefix_next if i else prefix, c)
             pack_q(nonce, 4, c)
             c += 1
             enc(nonce, view[p:p + m], sview[off:off + 16], sview[off + 16:off + 32 + m])
@@ -486,7 +497,8 @@ class Datapath:
         data_t, min_len = codec.TYPE_DATA, codec.DATA_MIN_LEN
         eth_min, reject_after = codec.ETH_MIN, codec.REJECT_AFTER_MESSAGES
         tcp_ok = self.vnet and self.rx_offload
-        co_add = self._co.add_segment
+        co_add, co_cont = self._co.add_segment, self._co.add_continuation
+        cont_s, cont_n = self._cont_s, self._cont_n
         mv = memoryview(data)
         n = len(data)
         sessions = self.sessions
@@ -513,7 +525,7 @@ class Datapath:
                     if cs:
                         st.drops["malformed"] += 1
                         continue
-                elif fmt & ~FMT_KNOWN or not fmt & FMT_CSUM:
+                elif fmt & ~FMT_KNOWN or not fmt & FMT_CSUM or (fmt & FMT_CONT and fmt != _FMT_CONT_SEG):
                     st.drops["malformed"] += 1
                     continue
             if fmt and not self.rx_offload:
@@ -548,17 +560,25 @@ class Datapath:
             else:
                 w.bits |= 1 << (hi - counter)
             got += 1
-            if fmt == _FMT_SEG and coalesce and len(plain) >= eth_min:
-                # the hot case, a TCP segment to coalesce: last_rx is set once per burst in flush()
+            if fmt & FMT_TCP and coalesce and len(plain) >= eth_min:
+                # the hot case, a TCP segment to coalesce: last_rx is set once per burst in flush().
+                # The next segment of the run's super-frame (marked, next counter) is appended
+                # as it is; the merged frame's headers are the run's first and are checked.
+                if fmt == _FMT_CONT_SEG and counter == cont_n and s is cont_s and co_cont(plain):
+                    cont_n = counter + 1
+                    queued += 1
+                    continue
                 try:
                     co_add(plain, cs)
                 except gso.OffloadError as err:
                     st.drops["offload_" + err.reason] += 1
                     continue
+                cont_s, cont_n = s, counter + 1
                 queued += 1
                 continue
             queued += self._deliver(s, fmt, cs, plain)
-            s_key = None                # a control message may have changed the sessions
+            s_key = cont_s = None       # a control message may have changed the sessions
+        self._cont_s, self._cont_n = cont_s, cont_n
         st.rx_packets += got
         if queued and not self._flush_pending:
             self._flush_pending = True

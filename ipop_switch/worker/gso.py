@@ -314,6 +314,26 @@ class Coalescer:
         self.last_flags = flags
         self.next_seq = (seq + plen) & 0xFFFFFFFF
 
+    def add_continuation(self, seg: bytes | bytearray) -> bool:
+        """Append ``seg`` to the open run without comparing its headers: the caller knows
+        (the sender marked it, FMT_CONT, with the next counter of the same session) that it
+        is the next segment of the super-frame the run's last segment came from. Its
+        headers are then those of the run but seq, lengths, ids and checksums, which the
+        merged frame recomputes or drops. False (nothing queued) when the run cannot take
+        it; the caller then parses it like any segment."""
+        plen = len(seg) - self.po
+        if not self.open or plen <= 0 or plen > self.mss or plen > self.room:
+            return False
+        flags = seg[self.t + 13]
+        if flags & _JOIN_FLAGS_MASK != self.kflags:
+            return False
+        self.run.append(seg)
+        self.room -= plen
+        self.open = plen == self.mss and not flags & _PSH_FIN
+        self.last_flags = flags
+        self.next_seq = (self.next_seq + plen) & 0xFFFFFFFF
+        return True
+
     def _end_run(self) -> None:
         run, t, po = self.run, self.t, self.po
         self.run = []
