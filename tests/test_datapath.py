@@ -95,6 +95,14 @@ class Pair:
         await asyncio.sleep(0)
         return self.tb.frames()
 
+    def seal_raw(self, fmt: int, cs: int, plaintext: bytes) -> bytes:
+        """A data packet from a with any format byte and csum_start (what a hostile peer with
+        the keys can send: the AEAD covers the header, so it is built properly)."""
+        c = self.sa.counter
+        self.sa.counter = c + 1
+        hdr = bytes((codec.TYPE_DATA, fmt, cs >> 8, cs & 0xFF)) + self.sa.ridx + c.to_bytes(8, "big")
+        return hdr + self.sa.send_aead.encrypt(b"\0\0\0\0" + hdr[8:], plaintext, hdr)
+
     def close(self) -> None:
         self.ta.close()
         self.tb.close()
@@ -274,14 +282,7 @@ def test_hostile_offload_format_from_an_authenticated_peer_is_refused_or_safe(fm
     async def go():
         p = Pair()
         try:
-            pkt = bytearray(p.sa.seal(frame, 1, 0))
-            # re-seal with the hostile header (the AEAD covers it, so build it properly)
-            c = p.sa.counter
-            p.sa.counter = c - 1
-            hdr = bytes((codec.TYPE_DATA, fmt, cs >> 8, cs & 0xFF)) + p.sa.ridx + (c - 1).to_bytes(8, "big")
-            pkt = hdr + p.sa.send_aead.encrypt(b"\0\0\0\0" + hdr[8:], frame, hdr)
-            p.sa.counter = c
-            p.wire.append(pkt)
+            p.wire.append(p.seal_raw(fmt, cs, frame))
             out = await p.deliver()
             for vnet, f in out:
                 gso.check_vnet(vnet, f)
@@ -506,10 +507,7 @@ def test_a_false_continuation_from_an_authenticated_peer_is_safe(sf, bogus):
         p = Pair()
         try:
             p.tap_in(tso_vnet(frame, mss), frame)
-            c = p.sa.counter
-            hdr = bytes((codec.TYPE_DATA, CONT, 0, gso.Layout(frame).tcp_off)) + p.sa.ridx + c.to_bytes(8, "big")
-            p.wire.append(hdr + p.sa.send_aead.encrypt(b"\0\0\0\0" + hdr[8:], bogus, hdr))
-            p.sa.counter = c + 1
+            p.wire.append(p.seal_raw(CONT, gso.Layout(frame).tcp_off, bogus))   # the next counter
             out = await p.deliver()
             for vnet, f in out:
                 gso.check_vnet(vnet, f)
