@@ -36,6 +36,12 @@ def _loss_rule(loss: float) -> str:
     return f"numgen random mod 10000 < {int(round(loss * 100))} counter drop"
 
 
+def _chain(name: str, hook: str, rules: list[str], *, prio: str = "filter", kind: str = "filter") -> str:
+    """One nftables base chain (policy accept) holding ``rules``."""
+    body = "".join(f"    {r}\n" for r in rules)
+    return f"  chain {name} {{\n    type {kind} hook {hook} priority {prio}; policy accept;\n{body}  }}\n"
+
+
 def router_ruleset(p: RouterPlan) -> str:
     pre: list[str] = []
     post: list[str] = []
@@ -66,17 +72,13 @@ def router_ruleset(p: RouterPlan) -> str:
     if p.loss > 0:
         fwd.insert(0, _loss_rule(p.loss))
 
-    def chain(name: str, hook: str, prio: str, kind: str, rules: list[str]) -> str:
-        body = "".join(f"    {r}\n" for r in rules)
-        return f"  chain {name} {{\n    type {kind} hook {hook} priority {prio}; policy accept;\n{body}  }}\n"
-
     return (
         "table ip ipsw {\n" + sets
-        + chain("pre", "prerouting", "dstnat", "nat", pre)
-        + chain("post", "postrouting", "srcnat", "nat", post)
-        + chain("post_late", "postrouting", "srcnat + 10", "filter", post_late)
-        + chain("filter_fwd", "forward", "filter", "filter", fwd)
-        + chain("filter_in", "input", "filter", "filter", inp)
+        + _chain("pre", "prerouting", pre, prio="dstnat", kind="nat")
+        + _chain("post", "postrouting", post, prio="srcnat", kind="nat")
+        + _chain("post_late", "postrouting", post_late, prio="srcnat + 10")
+        + _chain("filter_fwd", "forward", fwd)
+        + _chain("filter_in", "input", inp)
         + "}\n"
     )
 
@@ -88,14 +90,10 @@ def host_edge_ruleset(dev: str, *, udp_blocked: bool) -> str:
     the way in."""
     if not udp_blocked:
         return ""
-    return (
-        "table inet ipsw_edge {\n"
-        f"  chain edge_in {{\n    type filter hook input priority filter; policy accept;\n"
-        f'    iifname "{dev}" meta l4proto udp counter drop\n  }}\n'
-        f"  chain edge_out {{\n    type filter hook output priority filter; policy accept;\n"
-        f'    oifname "{dev}" meta l4proto udp counter drop\n  }}\n'
-        "}\n"
-    )
+    return ("table inet ipsw_edge {\n"
+            + _chain("edge_in", "input", [f'iifname "{dev}" meta l4proto udp counter drop'])
+            + _chain("edge_out", "output", [f'oifname "{dev}" meta l4proto udp counter drop'])
+            + "}\n")
 
 
 def core_port_loss_ruleset(port: str, loss: float) -> str:
@@ -107,15 +105,8 @@ def core_port_loss_ruleset(port: str, loss: float) -> str:
     Internet path does (it made a host unreachable for seconds, failing whole bursts)."""
     name = "ipsw_loss_" + "".join(c for c in port if c.isalnum())
     lose = f'meta protocol {{ ip, ip6 }} {_loss_rule(loss)}'
-
-    def chain(cname: str, hook: str, rules: list[str]) -> str:
-        body = "".join(f"    {r}\n" for r in rules)
-        return f"  chain {cname} {{\n    type filter hook {hook} priority filter; policy accept;\n{body}  }}\n"
-
-    return (
-        f"table bridge {name} {{\n"
-        + chain("port_fwd", "forward", [f'iifname "{port}" {lose}', f'oifname "{port}" {lose}'])
-        + chain("port_in", "input", [f'iifname "{port}" {lose}'])
-        + chain("port_out", "output", [f'oifname "{port}" {lose}'])
-        + "}\n"
-    )
+    return (f"table bridge {name} {{\n"
+            + _chain("port_fwd", "forward", [f'iifname "{port}" {lose}', f'oifname "{port}" {lose}'])
+            + _chain("port_in", "input", [f'iifname "{port}" {lose}'])
+            + _chain("port_out", "output", [f'oifname "{port}" {lose}'])
+            + "}\n")
