@@ -19,7 +19,8 @@ esac
 
 [ "$(id -u)" -eq 0 ] || die "must run as root (it installs Debian packages and builds network namespaces); try: sudo $0 $MODE"
 
-APT_PKGS=(openvswitch-switch prosody coturn nftables iproute2 iperf3 iputils-ping tcpdump procps psmisc ca-certificates openssl python3 python3-venv dnsmasq-base ruby ethtool)
+APT_PKGS=(openvswitch-switch prosody coturn nftables iproute2 iperf3 iputils-ping tcpdump procps psmisc ca-certificates openssl python3 python3-venv dnsmasq-base ruby ethtool
+          gcc libc6-dev python3-dev libssl-dev)   # the last four build the datapath's C loops
 
 missing=()
 for p in "${APT_PKGS[@]}"; do
@@ -48,7 +49,7 @@ VENV="${IPSW_VENV:-$HERE/.venv}"   # IPSW_VENV: e.g. when several VMs share one 
 if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV" || die "could not create a virtual environment with $PY"
 fi
-stamp="$VENV/.installed-$(sha1sum "$HERE/pyproject.toml" | cut -c1-12)"
+stamp="$VENV/.installed-$(cat "$HERE/pyproject.toml" "$HERE/setup.py" "$HERE/ipop_switch/worker/_fastpath.c" | sha1sum | cut -c1-12)"
 if [ ! -e "$stamp" ]; then
   "$VENV/bin/python" -m pip install -q --upgrade pip
   "$VENV/bin/python" -m pip install -q -e "$HERE[test]"

@@ -20,13 +20,28 @@ from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 
-from ipop_switch.worker import codec, gso
+import pytest
+
+from ipop_switch.worker import accel, codec, gso
 from ipop_switch.worker.datapath import FMT_CONT, FMT_CSUM, FMT_TCP, Datapath, Session, Stats
 
 SEG, CONT = FMT_CSUM | FMT_TCP, FMT_CSUM | FMT_TCP | FMT_CONT
 from test_gso import complete_checksum, tcp_ok
 
 BUF = 4 * 1024 * 1024
+
+
+@pytest.fixture(scope="module", autouse=True, params=["c", "python"])
+def loops(request):
+    """Every test here runs twice: with the datapath's C loops (accel) and with its Python
+    ones. Sessions and datapaths pick theirs when made, so the switch is set around the test."""
+    saved = accel.fastpath
+    if request.param == "python":
+        accel.fastpath = None
+    elif saved is None:
+        pytest.fail(f"the C loops are not built: {accel.why_not}")
+    yield request.param
+    accel.fastpath = saved
 
 
 class SeqTap:
@@ -64,7 +79,7 @@ class Pair:
     """Two datapaths with matching sessions; a -> b over a list standing in for the wire."""
 
     def __init__(self, *, b_takes_offload: bool = True, a_takes_offload: bool = True) -> None:
-        k1, k2 = os.urandom(32), os.urandom(32)
+        k1, k2 = self.keys = os.urandom(32), os.urandom(32)
         self.ta, self.tb = SeqTap(), SeqTap()
         self.wire: list[bytes] = []
         self.controls: list[bytes] = []
@@ -427,8 +442,7 @@ def test_fused_send_emits_exactly_segment_then_seal(sf):
     p = Pair()
     try:
         p.sa.counter = 5
-        ref = Session(KEYS[0], KEYS[1], 11, 22, initiator=True)
-        p.sa.send_aead = ref.send_aead                                   # same key on both
+        ref = Session(*p.keys, 11, 22, initiator=True)                   # same keys as a
         ref.counter = 5
         cs = gso.Layout(frame).tcp_off
         want = [ref.seal(seg, CONT if i else SEG, cs) for i, seg in enumerate(gso.segment(frame, mss))]
@@ -437,9 +451,6 @@ def test_fused_send_emits_exactly_segment_then_seal(sf):
         assert p.sa.counter == ref.counter
     finally:
         p.close()
-
-
-KEYS = (os.urandom(32), os.urandom(32))
 
 
 def test_fused_send_over_a_real_udp_socket_uses_gso_groups():
@@ -454,8 +465,7 @@ def test_fused_send_over_a_real_udp_socket_uses_gso_groups():
         rx.settimeout(2.0)
         tx.setblocking(False)
         p.a._sock, p.a._addr = tx, rx.getsockname()
-        ref = Session(KEYS[0], KEYS[1], 11, 22, initiator=True)
-        p.sa.send_aead = ref.send_aead
+        ref = Session(*p.keys, 11, 22, initiator=True)
         want = [ref.seal(seg, CONT if i else SEG, gso.Layout(frame).tcp_off)
                 for i, seg in enumerate(gso.segment(frame, 1348))]
         p.tap_in(tso_vnet(frame, 1348), frame)

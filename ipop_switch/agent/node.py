@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .. import proc
 from ..bridge.ovs import OvsError, OvsInstance, default_datapath
+from ..worker import accel
 from ..config import Config
 from ..errors import IpopError
 from .status import StatusServer
@@ -185,6 +186,7 @@ class Node:
                 "pid": os.getpid(),
                 "uptime_s": round(time.monotonic() - self.started, 1),
                 "ovs": f"private, datapath {self.ovs.datapath}" if self.ovs else None,
+                "tunnel_loops": accel.name(),       # C, or Python and why (the workers import the same)
                 "notes": self.notes,
             },
             "overlays": [ov.snapshot() for ov in self.overlays],

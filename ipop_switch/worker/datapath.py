@@ -34,7 +34,7 @@ from typing import Callable
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from . import batch_io, codec, gso
+from . import accel, batch_io, codec, gso
 
 TAP_BURST = 64
 ZERO4 = b"\0\0\0\0"
@@ -83,7 +83,7 @@ class Session:
     """One set of transport keys (one handshake). Receiving and sending state."""
 
     __slots__ = ("local_index", "remote_index", "send_aead", "recv_aead", "counter", "window",
-                 "created", "prefix", "ridx", "confirmed", "initiator")
+                 "created", "prefix", "ridx", "confirmed", "initiator", "tx_fast")
 
     def __init__(self, send_key: bytes, recv_key: bytes, local_index: int, remote_index: int,
                  *, initiator: bool, window: int = 2048) -> None:
@@ -92,7 +92,11 @@ class Session:
         self.send_aead = AESGCM(send_key)
         self.recv_aead = AESGCM(recv_key)
         self.counter = 0
-        self.window = codec.ReplayWindow(window)
+        # With the C loops (accel) the window lives in C beside the receive key, so both
+        # paths share it; the send key there seals super-frames (``tx_fast``).
+        fp = accel.fastpath
+        self.window = fp.RxState(recv_key, window) if fp else codec.ReplayWindow(window)
+        self.tx_fast = fp.TxKey(send_key) if fp else None
         self.created = time.monotonic()
         self.prefix = codec.data_prefix(remote_index)
         self.ridx = self.prefix[4:]
@@ -184,7 +188,9 @@ class Datapath:
         self._sbuf = bytearray(TAP_READ + 64 * DATA_OVERHEAD)   # one GSO send: headers + ciphertexts
         self._sview = memoryview(self._sbuf)
         self._nonce = bytearray(12)                 # 4 zero bytes + counter
-        self._co = gso.Coalescer()
+        fp = accel.fastpath
+        self._fx = fp.FastRx() if fp else None     # the C receive loop, sharing the coalescer's output
+        self._co = gso.Coalescer(fast=self._fx)
         self._flush_pending = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -349,6 +355,24 @@ class Datapath:
         if n > 1024:
             st.drops["tap_too_many_segments"] += 1
             return
+        full_dg = DATA_OVERHEAD + po + min(gso_size, plen)
+        per_group = max(1, min(batch_io.GSO_MAX_SEGMENTS, batch_io.GSO_MAX_BYTES // full_dg))
+        prefix = bytes((codec.TYPE_DATA, _FMT_SEG, cs >> 8, cs & 0xFF)) + s.ridx
+        prefix_next = bytes((codec.TYPE_DATA, _FMT_CONT_SEG, cs >> 8, cs & 0xFF)) + s.ridx if self.tx_cont else prefix
+        c = s.counter
+        s.counter = c + n
+        st.tx_frames += 1
+        st.tx_super += 1
+        st.tx_packets += n
+        st.tx_bytes += flen
+        if s.tx_fast is not None:           # the C loop: one call seals a GSO group
+            seal, sbuf, sview = s.tx_fast.seal_tcp, self._sbuf, self._sview
+            t = lay.tcp_off
+            for i in range(0, n, per_group):
+                j = min(n, i + per_group)
+                self._send_group(sview, seal(frame, po, t, gso_size, i, j, c, prefix, prefix_next, sbuf),
+                                 j - i, full_dg)
+            return
         if fo < 0:                          # not in our read buffer: work on a copy
             buf, fo = bytearray(frame), 0
         else:
@@ -384,12 +408,6 @@ class Datapath:
         f_mid = flags0 & ~(gso.TCP_FIN | gso.TCP_PSH | gso.TCP_CWR)
         f_first = f_mid | (flags0 & gso.TCP_CWR)
         f_last = flags0 if n == 1 else f_mid | (flags0 & (gso.TCP_FIN | gso.TCP_PSH))
-        full_dg = DATA_OVERHEAD + po + min(gso_size, plen)
-        per_group = max(1, min(batch_io.GSO_MAX_SEGMENTS, batch_io.GSO_MAX_BYTES // full_dg))
-        prefix = bytes((codec.TYPE_DATA, _FMT_SEG, cs >> 8, cs & 0xFF)) + s.ridx
-        prefix_next = bytes((codec.TYPE_DATA, _FMT_CONT_SEG, cs >> 8, cs & 0xFF)) + s.ridx if self.tx_cont else prefix
-        c = s.counter
-        s.counter = c + n
         enc = s.send_aead.encrypt_into
         sbuf, sview, nonce = self._sbuf, self._sview, self._nonce
         pack_hdr, pack_q = _HDR.pack_into, _Q.pack_into
@@ -433,10 +451,6 @@ class Datapath:
             if in_group == per_group or i == n - 1:
                 self._send_group(sview, off, in_group, full_dg)
                 off = in_group = 0
-        st.tx_frames += 1
-        st.tx_super += 1
-        st.tx_packets += n
-        st.tx_bytes += flen
 
     def _send_group(self, sview: memoryview, length: int, count: int, size: int) -> bool:
         """Send ``count`` datagrams laid out back to back in ``sview[:length]`` (all of
@@ -489,24 +503,29 @@ class Datapath:
                 other: Callable[[bytes, tuple], None] | None) -> None:
         """The datagrams in ``data``, each ``seg`` bytes but the last (one UDP GRO buffer;
         ``seg == len(data)`` for a single datagram). One loop for a whole burst: this runs
-        per received MSS, so the session, the replay window (``codec.ReplayWindow``,
-        inlined) and the coalescer are looked up once and nothing is sliced but the
-        header fields. Pieces that are not data packets go to ``other`` (aioice's own
-        receive for a STUN message glued to a burst), handshake messages to ``on_handshake``."""
+        per received MSS, so the session, its replay window and the coalescer are looked
+        up once and nothing is sliced but the header fields. With the C loops (accel),
+        runs of TCP segments of a confirmed session go to ``FastRx.open_burst``, which
+        stops at anything else; this loop handles that packet and counts its drop.
+        Pieces that are not data packets go to ``other`` (aioice's own receive for a
+        STUN message glued to a burst), handshake messages to ``on_handshake``."""
         st = self.stats
         data_t, min_len = codec.TYPE_DATA, codec.DATA_MIN_LEN
-        eth_min, reject_after = codec.ETH_MIN, codec.REJECT_AFTER_MESSAGES
+        eth_min = codec.ETH_MIN
         tcp_ok = self.vnet and self.rx_offload
-        co_add, co_cont = self._co.add_segment, self._co.add_continuation
+        co = self._co
+        co_add, co_cont, out = co.add_segment, co.add_continuation, co.out
+        fx = self._fx
         cont_s, cont_n = self._cont_s, self._cont_n
         mv = memoryview(data)
         n = len(data)
         sessions = self.sessions
         s_key = s = w = None
-        coalesce = False            # the session's TCP segments go to the coalescer
+        coalesce = fast = False     # the session's TCP segments go to the coalescer (in C: fast)
         queued = got = 0
         unpack, nonce = _RX_HDR.unpack_from, _NONCE.pack
-        for o in range(0, n, seg):
+        o = 0
+        while o < n:
             e = o + seg if o + seg < n else n
             if data[o] != data_t:
                 piece = data[o:e] if seg < n else data
@@ -515,21 +534,26 @@ class Datapath:
                 else:
                     self.on_handshake(piece, protocol, addr)
                 s_key = None
+                o = e
                 continue
             if e - o < min_len:
                 st.drops["malformed"] += 1
+                o = e
                 continue
             _, fmt, cs, key, counter = unpack(data, o)
             if fmt != _FMT_SEG:
                 if not fmt:
                     if cs:
                         st.drops["malformed"] += 1
+                        o = e
                         continue
                 elif fmt & ~FMT_KNOWN or not fmt & FMT_CSUM or (fmt & FMT_CONT and fmt != _FMT_CONT_SEG):
                     st.drops["malformed"] += 1
+                    o = e
                     continue
             if fmt and not self.rx_offload:
                 st.drops["offload_refused"] += 1    # we never announced it: a confused or hostile peer
+                o = e
                 continue
             if key != s_key:
                 s = sessions.get(int.from_bytes(key, "little"))
@@ -537,29 +561,39 @@ class Datapath:
                 if s is not None:
                     w = s.window
                     coalesce = tcp_ok and s.confirmed
+                    fast = coalesce and fx is not None and s.tx_fast is not None
             if s is None:
                 st.drops["unknown_index"] += 1
+                o = e
                 continue
-            hi = w.highest
-            if counter > hi:
-                if counter > reject_after:
+            plain = None
+            if fast and fmt & FMT_TCP:
+                if co.run:
+                    co.end_run()
+                o2, k, plain, pfmt, pcs = fx.open_burst(w, key, data, o, seg, out)
+                got += k
+                queued += k
+                if plain is None:
+                    if o2 != o:
+                        o = o2
+                        continue
+                    # a replay, a bad tag, ...: not consumed; the Python path below counts it
+                else:               # authenticated, the C loop does not coalesce it: as below
+                    e, fmt, cs, counter = o2, pfmt, pcs, -1
+            if plain is None:
+                if not w.check(counter):
                     st.drops["replay"] += 1
+                    o = e
                     continue
-            elif hi - counter >= w.size or (w.bits >> (hi - counter)) & 1:
-                st.drops["replay"] += 1
-                continue
-            try:
-                plain = s.recv_aead.decrypt(nonce(counter), mv[o + 16:e], mv[o:o + 16])
-            except InvalidTag:
-                st.drops["auth"] += 1
-                continue
-            if counter > hi:
-                shift = counter - hi
-                w.bits = ((w.bits << shift) | 1) & w._mask if shift < w.size else 1
-                w.highest = counter
-            else:
-                w.bits |= 1 << (hi - counter)
-            got += 1
+                try:
+                    plain = s.recv_aead.decrypt(nonce(counter), mv[o + 16:e], mv[o:o + 16])
+                except InvalidTag:
+                    st.drops["auth"] += 1
+                    o = e
+                    continue
+                w.update(counter)
+                got += 1
+            o = e
             if fmt & FMT_TCP and coalesce and len(plain) >= eth_min:
                 # the hot case, a TCP segment to coalesce: last_rx is set once per burst in flush().
                 # The next segment of the run's super-frame (marked, next counter) is appended

@@ -215,13 +215,18 @@ class Coalescer:
     run (another flow, a gap, a SYN/RST/URG, a short one before the end, 64 KiB reached)
     starts a new one, so a lost segment only splits a run: it never loses another.
     Parsing is inlined (this runs once per received MSS).
+
+    ``fast``: the C receive loop (accel ``FastRx``), which coalesces into ``out`` too. At
+    most one of the two has a run open: each ends the other's before it adds anything,
+    so frames stay in arrival order.
     """
 
     __slots__ = ("max_len", "out", "run", "key", "next_seq", "mss", "room", "t", "po", "v4", "last_flags",
-                 "open", "iadj", "kflags", "kunpack", "vunpack")
+                 "open", "iadj", "kflags", "kunpack", "vunpack", "fast")
 
-    def __init__(self, max_len: int = 65535) -> None:
+    def __init__(self, max_len: int = 65535, fast=None) -> None:
         self.max_len = max_len
+        self.fast = fast
         self.out: list[tuple[bytes, bytes | bytearray]] = []
         self.run: list[bytes | bytearray] = []
         self.key = b""
@@ -231,11 +236,13 @@ class Coalescer:
         self.kunpack = self.vunpack = None
 
     def __len__(self) -> int:
-        return len(self.out) + len(self.run)
+        return len(self.out) + len(self.run) + (self.fast is not None and self.fast.has_run)
 
     def add_frame(self, vnet: bytes, frame: bytes | bytearray) -> None:
         if self.run:
             self._end_run()
+        elif self.fast is not None:
+            self.fast.end_run(self.out)
         self.out.append((vnet, frame))
 
     def add_segment(self, seg: bytes | bytearray, csum_start: int = -1) -> None:
@@ -258,6 +265,8 @@ class Coalescer:
                 self.last_flags = flags
                 self.next_seq = (seq + plen) & 0xFFFFFFFF
                 return
+        if self.fast is not None:
+            self.fast.end_run(self.out)
         if n < ETH_LEN + 40:
             raise OffloadError("short_frame")
         et = seg[12] << 8 | seg[13]
@@ -334,6 +343,11 @@ class Coalescer:
         self.next_seq = (self.next_seq + plen) & 0xFFFFFFFF
         return True
 
+    def end_run(self) -> None:
+        """Close the open run (the C loop is about to add to ``out``)."""
+        if self.run:
+            self._end_run()
+
     def _end_run(self) -> None:
         run, t, po = self.run, self.t, self.po
         self.run = []
@@ -360,7 +374,10 @@ class Coalescer:
     def flush(self) -> list[tuple[bytes, bytes | bytearray]]:
         if self.run:
             self._end_run()
-        out, self.out = self.out, []
+        elif self.fast is not None:
+            self.fast.end_run(self.out)
+        out = self.out[:]           # the list itself stays: the receive loop holds it
+        self.out.clear()
         return out
 
 

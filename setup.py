@@ -1,0 +1,13 @@
+"""The C part of the datapath (ipop_switch/worker/_fastpath.c); everything else is in
+pyproject.toml. ``optional=True``: without a compiler or OpenSSL's headers the install
+still succeeds and the datapath runs in Python (ipop_switch/worker/accel.py)."""
+
+from setuptools import Extension, setup
+
+setup(ext_modules=[Extension(
+    "ipop_switch.worker._fastpath",
+    sources=["ipop_switch/worker/_fastpath.c"],
+    libraries=["crypto"],
+    extra_compile_args=["-O2", "-Wall", "-Wno-missing-field-initializers"],
+    optional=True,
+)])
