@@ -14,6 +14,11 @@ packets" and "Offload negotiation"):
 - **per packet** (the peer is older, the bridge has no TSO, the kernel has no vnet
   header): the TAP hands over complete, segmented frames and each is sealed alone.
 
+The per-segment loops of the batched mode (seal every segment of a super-frame; open
+and coalesce the segments of a receive burst) run in C when the extension is built
+(``accel``, ``_fastpath.c``: same wire bytes, same TAP writes, tested one against the
+other); everything else, and both loops when it is not built, is the Python below.
+
 Every offload header that comes from the peer is checked by ``gso.check_vnet`` (or
 the coalescer's parser) before a TAP write; refusals are counted drops. Everything
 runs in the pool process's event loop (uvloop): the TAP is read with ``add_reader``,
