@@ -202,3 +202,57 @@ def test_a_run_in_c_and_frames_from_python_keep_their_order():
     out = asyncio.run(go())
     assert [len(f) for _, f in out] == [14 + 40 + 5000, len(udp)]
     assert out[0][0][1] == gso.GSO_TCPV4 and out[1][0] == gso.NO_VNET
+
+
+def _mangle(seg: bytes, at: int, val: int) -> bytes:
+    b = bytearray(seg)
+    if b:
+        b[at % len(b)] = val
+    return bytes(b)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(
+           st.tuples(st.just("raw"), st.binary(max_size=300), st.sampled_from([SEG, SEG | FMT_CONT]),
+                     st.sampled_from([0, 34, 54, 74, 65535])),
+           st.tuples(st.just("mangled"), st.integers(min_value=0, max_value=200), st.integers(min_value=0, max_value=255),
+                     st.sampled_from([SEG, SEG | FMT_CONT])),
+           st.tuples(st.just("good"), st.integers(min_value=0, max_value=2))), min_size=1, max_size=30),
+       st.booleans())
+def test_hostile_plaintexts_from_an_authenticated_peer_are_handled_as_python_does(items, glue):
+    """What a peer with the keys can send: any bytes, or real segments with one byte changed
+    (lengths, offsets, flags, the IP version), under either TCP format, between real
+    segments. The C loop must neither crash nor write anything the Python loop would not."""
+    keys = (os.urandom(32), os.urandom(32))
+    tx = Session(keys[0], keys[1], 11, 22, initiator=True)
+    good = [gso.segment(with_partial(tso_frame(v6, _BYTES[:3000], [], "A", 5000, 1)), 1000)
+            for v6 in (False, True)]
+    wire, k = [], 0
+    for it in items:
+        if it[0] == "raw":
+            wire.append(tx.seal(it[1], it[2], it[3]))
+        elif it[0] == "mangled":
+            seg = bytes(good[it[1] % 2][it[1] % 3])
+            wire.append(tx.seal(_mangle(seg, it[1], it[2]), it[3], 34 if it[1] % 2 == 0 else 54))
+        else:
+            seg = bytes(good[0][k % 3])
+            k += 1
+            wire.append(tx.seal(seg, SEG | (FMT_CONT if k % 3 != 1 else 0), 34))
+    got = []
+
+    async def go():
+        for c_loops in (True, False):
+            dp, tap = receiver(keys, c_loops)
+            try:
+                for data, seg in bursts(wire, glue):
+                    dp.receive(data, seg, ("198.18.0.9", 1), None, None)
+                await asyncio.sleep(0)
+                out = tap.frames()
+                for vh, f in out:
+                    gso.check_vnet(vh, f)
+                got.append(([(v, bytes(f)) for v, f in out], dict(dp.stats.drops), dp.stats.rx_packets))
+            finally:
+                tap.close()
+
+    asyncio.run(go())
+    assert got[0] == got[1]

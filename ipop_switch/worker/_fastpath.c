@@ -506,7 +506,8 @@ PyDoc_STRVAR(open_burst_doc,
 "FMT_CONT_SEG) with a fresh counter and a valid tag; coalesce them, ending runs into\n"
 "`out` as (vnet header, frame). Returns where it stopped, how many it authenticated,\n"
 "and, when the last one authenticated is not a segment it coalesces, that plaintext\n"
-"with its format and csum_start for the Python path (plain is None otherwise).");
+"with its format and csum_start for the Python path (plain is None otherwise); the run\n"
+"stays open, for gso.Coalescer (whose `fast` this is) to end if it writes that one.");
 
 static PyObject *FastRx_open_burst(FastRx *self, PyObject *args) {
     PyObject *rxo, *out;
@@ -575,7 +576,7 @@ static PyObject *FastRx_open_burst(FastRx *self, PyObject *args) {
             self->next_counter = counter + 1;
             continue;
         }
-        if (end_run(self, out) < 0) { err = 1; break; }
+        /* the open run stays open: Python ends it only if it writes this one (as gso.Coalescer) */
         plain = PyBytes_FromStringAndSize((const char *)sp, clen);
         pfmt = fmt; pcs = cs;
         break;

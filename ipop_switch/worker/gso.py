@@ -239,11 +239,15 @@ class Coalescer:
         return len(self.out) + len(self.run) + (self.fast is not None and self.fast.has_run)
 
     def add_frame(self, vnet: bytes, frame: bytes | bytearray) -> None:
+        self._close()
+        self.out.append((vnet, frame))
+
+    def _close(self) -> None:
+        """End the open run, ours or the C loop's, before something else is added."""
         if self.run:
             self._end_run()
         elif self.fast is not None:
             self.fast.end_run(self.out)
-        self.out.append((vnet, frame))
 
     def add_segment(self, seg: bytes | bytearray, csum_start: int = -1) -> None:
         """Queue one TCP segment; OffloadError (nothing queued) if it is not one, or if
@@ -265,8 +269,6 @@ class Coalescer:
                 self.last_flags = flags
                 self.next_seq = (seq + plen) & 0xFFFFFFFF
                 return
-        if self.fast is not None:
-            self.fast.end_run(self.out)
         if n < ETH_LEN + 40:
             raise OffloadError("short_frame")
         et = seg[12] << 8 | seg[13]
@@ -299,8 +301,7 @@ class Coalescer:
         plen = n - po
         flags = seg[t + 13]
         if plen == 0 or flags & _MERGE_STOP or not ip_ok:
-            if self.run:
-                self._end_run()
+            self._close()
             self.out.append((VNET.pack(F_NEEDS_CSUM, GSO_NONE, 0, 0, t, 16), seg))
             return
         seq = seg[t + 4] << 24 | seg[t + 5] << 16 | seg[t + 6] << 8 | seg[t + 7]
@@ -311,8 +312,7 @@ class Coalescer:
             self.run.append(seg)
             self.room -= plen
         else:
-            if self.run:
-                self._end_run()
+            self._close()
             self.run.append(seg)
             self.key, self.mss, self.t, self.po, self.v4 = key, plen, t, po, v4
             self.room = self.max_len - (po - ETH_LEN + plen)
@@ -372,10 +372,7 @@ class Coalescer:
         self.out.append((VNET.pack(F_NEEDS_CSUM, gso_t, po, self.mss, t, 16), frame))
 
     def flush(self) -> list[tuple[bytes, bytes | bytearray]]:
-        if self.run:
-            self._end_run()
-        elif self.fast is not None:
-            self.fast.end_run(self.out)
+        self._close()
         out = self.out[:]           # the list itself stays: the receive loop holds it
         self.out.clear()
         return out
