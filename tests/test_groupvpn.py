@@ -17,6 +17,7 @@ from ipop_switch.bridge.overlay_bridge import stable_mac
 from ipop_switch.lab import Lab, LabSpec, SiteSpec
 from ipop_switch.lab.demo import first_ping, wait_links
 from ipop_switch.lab.nodes import LabGroup
+from ipop_switch.worker import accel
 
 LINKS_TIMEOUT = 60.0
 REJOIN_TIMEOUT = 30.0
@@ -59,6 +60,7 @@ def test_all_pairs_ping_v4_v6_over_expected_paths(net):
     hosts = list(g.nodes)
     for a in hosts:
         st = g.status(a)
+        assert st["node"]["tunnel_loops"] == accel.name()       # the C loops, where they are built
         for b in hosts:
             if a == b:
                 continue

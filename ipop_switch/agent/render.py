@@ -39,7 +39,8 @@ def _dur(seconds: float | None) -> str:
 def render_status(st: dict, console: Console) -> None:
     node = st.get("node", {})
     console.print(f"node [bold]{node.get('node_id', '?')}[/]  agent pid {node.get('pid', '?')}, up {_dur(node.get('uptime_s'))}"
-                  + (f", OVS {node['ovs']}" if node.get("ovs") else ""))
+                  + (f", OVS {node['ovs']}" if node.get("ovs") else "")
+                  + (f", tunnel loops in {node['tunnel_loops']}" if node.get("tunnel_loops") else ""))
     for note in node.get("notes", []):
         console.print(f"  note: {note}")
     for ov in st.get("overlays", []):
