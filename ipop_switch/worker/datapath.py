@@ -566,7 +566,7 @@ class Datapath:
                 if s is not None:
                     w = s.window
                     coalesce = tcp_ok and s.confirmed
-                    fast = coalesce and fx is not None and s.tx_fast is not None
+                    fast = coalesce and fx is not None and s.tx_fast is not None   # made with the C loops
             if s is None:
                 st.drops["unknown_index"] += 1
                 o = e
