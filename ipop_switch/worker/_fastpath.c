@@ -450,6 +450,16 @@ static int same_key(const uint8_t *a, const uint8_t *b, int v4, int t, int po) {
            !memcmp(a + t + 18, b + t + 18, (size_t)(po - t - 18));
 }
 
+/* The run took a segment of `plen` payload bytes with `flags` (already copied behind it). */
+static inline void grow(FastRx *self, int plen, uint8_t flags) {
+    self->len += plen;
+    self->nseg++;
+    self->room -= plen;
+    self->open = plen == self->mss && !(flags & PSH_FIN);
+    self->last_flags = flags;
+    self->next_seq += (uint32_t)plen;
+}
+
 /* A decrypted segment p[0:n] (in self->spare) that starts no run of the one open: join it
  * (1), start a run with it (2), or leave it for Python (0: not a segment we coalesce). */
 static int place(FastRx *self, const uint8_t *p, int n, int cs, PyObject *out) {
@@ -478,12 +488,7 @@ static int place(FastRx *self, const uint8_t *p, int n, int cs, PyObject *out) {
         plen <= self->room && (flags & JOIN_FLAGS_MASK) == self->kflags &&
         same_key((const uint8_t *)PyBytes_AS_STRING(self->run), p, v4, t, po)) {
         memcpy(PyBytes_AS_STRING(self->run) + self->len, p + po, (size_t)plen);
-        self->len += plen;
-        self->nseg++;
-        self->room -= plen;
-        self->open = plen == self->mss && !(flags & PSH_FIN);
-        self->last_flags = flags;
-        self->next_seq = seq + (uint32_t)plen;
+        grow(self, plen, flags);
         return 1;
     }
     if (end_run(self, out) < 0) return -1;
@@ -534,8 +539,10 @@ static PyObject *FastRx_open_burst(FastRx *self, PyObject *args) {
         uint64_t counter = get64(pk + 8);
         if (!win_check(rx, counter)) break;
         int cs = get16(pk + 2), clen = (int)(L - HDR - TAG), r;
-        uint8_t *sp;
         if (clen > RUN_CAP) break;
+        /* where a segment that starts a run (or goes back to Python) is assembled */
+        if (!self->spare && !(self->spare = PyBytes_FromStringAndSize(NULL, RUN_CAP))) { err = 1; break; }
+        uint8_t *sp = (uint8_t *)PyBytes_AS_STRING(self->spare);
         if (fmt == FMT_CONT_SEG && self->open && self->run_rx == rxo && counter == self->next_counter &&
             clen > self->po && clen - self->po <= self->mss && clen - self->po <= self->room) {
             /* the marked next segment: headers to a scratch, payload straight behind the run */
@@ -548,22 +555,15 @@ static PyObject *FastRx_open_burst(FastRx *self, PyObject *args) {
             o = e;
             uint8_t flags = h[self->t + 13];
             if ((flags & JOIN_FLAGS_MASK) == self->kflags) {
-                self->len += plen; self->nseg++; self->room -= plen;
-                self->open = plen == self->mss && !(flags & PSH_FIN);
-                self->last_flags = flags;
-                self->next_seq += (uint32_t)plen;
+                grow(self, plen, flags);
                 self->next_counter = counter + 1;
                 continue;
             }
             /* authenticated, but its flags do not join: the whole segment goes on alone */
-            if (!self->spare && !(self->spare = PyBytes_FromStringAndSize(NULL, RUN_CAP))) { err = 1; break; }
-            sp = (uint8_t *)PyBytes_AS_STRING(self->spare);
             memcpy(sp, h, (size_t)po);
             memcpy(sp + po, dst, (size_t)plen);
             r = place(self, sp, clen, cs, out);
         } else {
-            if (!self->spare && !(self->spare = PyBytes_FromStringAndSize(NULL, RUN_CAP))) { err = 1; break; }
-            sp = (uint8_t *)PyBytes_AS_STRING(self->spare);
             if (!open_one(rx->ctx, counter, pk, clen, sp, clen, NULL)) break;
             win_update(rx, counter);
             got++;
