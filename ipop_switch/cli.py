@@ -181,10 +181,14 @@ def lab_exec(name: str, host: str, command: tuple[str, ...]) -> None:
 @lab.command("demo")
 @lab_options
 @click.option("--keep", is_flag=True, help="leave the lab up afterwards")
-def lab_demo(keep: bool, **kw) -> None:
+@click.option("--json", "json_path", type=click.Path(dir_okay=False),
+              help="also write the demo's figures (first ping, links, pings, iperf3) as JSON to this file")
+def lab_demo(keep: bool, json_path: str | None, **kw) -> None:
     """Bring a lab up, show what it is and how each NAT behaves, and tear it down."""
     from .lab.demo import run_demo
     result = run_demo(_spec(**kw), console=console, keep=keep)
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=1))
     if not result.get("ok"):
         sys.exit(1)
 

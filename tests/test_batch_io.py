@@ -9,7 +9,7 @@ import time
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from ipop_switch.worker import batch_io
+from ipop_switch.tunnel import batch_io
 
 
 @settings(max_examples=200, deadline=None)

@@ -22,8 +22,8 @@ from scapy.layers.l2 import Ether
 
 import pytest
 
-from ipop_switch.worker import accel, codec, gso
-from ipop_switch.worker.datapath import FMT_CONT, FMT_CSUM, FMT_TCP, Datapath, Session, Stats
+from ipop_switch.tunnel import accel, codec, gso
+from ipop_switch.tunnel.datapath import FMT_CONT, FMT_CSUM, FMT_TCP, Datapath, Session, Stats
 
 SEG, CONT = FMT_CSUM | FMT_TCP, FMT_CSUM | FMT_TCP | FMT_CONT
 from test_gso import complete_checksum, tcp_ok

@@ -22,7 +22,7 @@ import pytest
 from conftest import unique_name
 from helpers.link_harness import LinkPair, Mesh
 from ipop_switch.lab import Lab, LabSpec, SiteSpec
-from ipop_switch.worker import LinkSpec
+from ipop_switch.tunnel import LinkSpec
 from test_links_lab import LoopThread
 
 pytestmark = pytest.mark.lab

@@ -1,4 +1,4 @@
-"""The datapath's C loops (ipop_switch/worker/_fastpath.c) against the Python code they
+"""The datapath's C loops (ipop_switch/tunnel/_fastpath.c) against the Python code they
 replace: the same replay window, and a receiver with the C loops writes exactly what one
 without them writes, for any mix of segments, loss, reordering, replays, forgeries and
 stripped continuation marks, per datagram or glued into GRO bursts. (The sending side:
@@ -16,14 +16,14 @@ from hypothesis import given, settings, strategies as st
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 
-from ipop_switch.worker import accel, codec, gso
-from ipop_switch.worker.datapath import FMT_CONT, Datapath, Session, Stats
+from ipop_switch.tunnel import accel, codec, gso
+from ipop_switch.tunnel.datapath import FMT_CONT, Datapath, Session, Stats
 
 from test_datapath import SEG, SeqTap, tso_frame, with_partial
 
 # the extension itself, also when IPSW_NO_ACCEL keeps the datapath off it (an ImportError
 # here means it was not built: bootstrap.sh installs what building it needs)
-fp = accel.fastpath or importlib.import_module("ipop_switch.worker._fastpath")
+fp = accel.fastpath or importlib.import_module("ipop_switch.tunnel._fastpath")
 
 
 def test_the_datapath_runs_the_c_loops_unless_told_not_to():

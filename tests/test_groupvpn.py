@@ -17,7 +17,7 @@ from ipop_switch.bridge.overlay_bridge import stable_mac
 from ipop_switch.lab import Lab, LabSpec, SiteSpec
 from ipop_switch.lab.demo import first_ping, wait_links
 from ipop_switch.lab.nodes import LabGroup
-from ipop_switch.worker import accel
+from ipop_switch.tunnel import accel
 
 LINKS_TIMEOUT = 60.0
 REJOIN_TIMEOUT = 30.0

@@ -9,7 +9,7 @@ from scapy.layers.inet import IP, TCP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 
-from ipop_switch.worker import gso
+from ipop_switch.tunnel import gso
 
 
 def complete_checksum(frame: bytes, csum_start: int, csum_offset: int) -> bytes:

@@ -7,8 +7,8 @@ import os
 
 from hypothesis import given, settings, strategies as st
 
-from ipop_switch.worker import codec
-from ipop_switch.worker.datapath import Datapath, Session, Stats
+from ipop_switch.tunnel import codec
+from ipop_switch.tunnel.datapath import Datapath, Session, Stats
 
 u32 = st.integers(0, 2**32 - 1)
 u64 = st.integers(0, 2**64 - 1)

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import given, settings, strategies as st
 from noise.connection import Keypair, NoiseConnection
 
-from ipop_switch.worker import codec, handshake as hs
+from ipop_switch.tunnel import codec, handshake as hs
 
 NAME = b"Noise_IK_25519_AESGCM_SHA256"
 

@@ -7,8 +7,8 @@ import struct
 
 import pytest
 
-from ipop_switch.worker import LinkSpec, TurnServer, messages
-from ipop_switch.worker.timers import Timers
+from ipop_switch.tunnel import LinkSpec, TurnServer, messages
+from ipop_switch.tunnel.timers import Timers
 
 
 def spec(**kw) -> LinkSpec:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .. import proc
 from ..bridge.ovs import OvsError, OvsInstance, default_datapath
-from ..worker import accel
+from ..tunnel import accel
 from ..config import Config
 from ..errors import IpopError
 from .status import StatusServer
@@ -116,7 +116,7 @@ class Node:
             raise IpopError(f"node.metrics: cannot listen on {self.cfg.node.metrics}: {e.strerror}") from None
 
     async def _start_pool(self) -> None:
-        from ..worker.pool import WorkerPool
+        from ..tunnel.pool import WorkerPool
         # default: one per core but one (OVS's userspace datapath and the kernel need a core too;
         # on 2 cores this also keeps the node within its memory budget)
         n = self.cfg.node.worker_processes or max(1, (os.cpu_count() or 1) - 1)

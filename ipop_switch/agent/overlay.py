@@ -22,7 +22,7 @@ from ..bridge.overlay_bridge import OverlayBridge, stable_mac
 from ..config import OverlayConfig
 from ..errors import IpopError
 from ..identity.store import NodeIdentity
-from ..worker.messages import LinkSpec, TurnServer
+from ..tunnel.messages import LinkSpec, TurnServer
 
 log = logging.getLogger("ipop_switch.agent")
 

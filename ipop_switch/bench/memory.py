@@ -36,7 +36,7 @@ def breakdown(group: LabGroup, host: str) -> dict:
             cmd = open(f"/proc/{pid}/cmdline").read()
         except OSError:
             continue
-        name = ("ovs" if "ovs" in cmd.split("\0")[0] else "workers" if "worker.poolproc" in cmd
+        name = ("ovs" if "ovs" in cmd.split("\0")[0] else "workers" if "tunnel.poolproc" in cmd
                 else "switch app" if "ryu_apps" in cmd else "agent" if "ipop_switch.cli" in cmd else "other")
         rss, pss = _kb(pid, "VmRSS:", "status"), _kb(pid, "Pss:", "smaps_rollup")
         acc = parts.setdefault(name, [0, 0])

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
 from ipop_switch import proc
-from ipop_switch.worker import LinkSpec, TurnServer
+from ipop_switch.tunnel import LinkSpec, TurnServer
 
 HELPER = Path(__file__).parent / "link_node.py"
 START_TIMEOUT = 20.0

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ipop_switch import proc
 from ipop_switch.bridge.ovs import OvsInstance
-from ipop_switch.worker import LinkSpec, WorkerPool
+from ipop_switch.tunnel import LinkSpec, WorkerPool
 
 
 class Node:

@@ -163,7 +163,7 @@ class WorkerPool:
         err = open(self.log_dir / f"worker{p.index}.log", "ab") if self.log_dir else None
         try:
             p.popen = subprocess.Popen(
-                [self.python, "-m", "ipop_switch.worker.poolproc", "--fd", str(child.fileno()),
+                [self.python, "-m", "ipop_switch.tunnel.poolproc", "--fd", str(child.fileno()),
                  "--log-level", self.log_level],
                 pass_fds=[child.fileno()], stdin=subprocess.DEVNULL, stdout=err or subprocess.DEVNULL,
                 stderr=err or None)

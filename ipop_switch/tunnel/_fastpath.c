@@ -1,4 +1,4 @@
-/* The datapath's per-segment loops in C (optional: ipop_switch/worker/accel.py).
+/* The datapath's per-segment loops in C (optional: ipop_switch/tunnel/accel.py).
  *
  * Python pays ~1.6 us per sent and ~2.4 us per received MSS segment in interpreter
  * overhead around one AES-GCM call (docs/benchmarks.md, "What limits the datapath").
@@ -219,7 +219,7 @@ static PyMethodDef TxKey_methods[] = {
 
 static PyTypeObject TxKeyType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "ipop_switch.worker._fastpath.TxKey",
+    .tp_name = "ipop_switch.tunnel._fastpath.TxKey",
     .tp_doc = PyDoc_STR("TxKey(key): a session's AES-256-GCM send key."),
     .tp_basicsize = sizeof(TxKey),
     .tp_flags = Py_TPFLAGS_DEFAULT,
@@ -347,7 +347,7 @@ static PyGetSetDef RxState_getset[] = {
 
 static PyTypeObject RxStateType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "ipop_switch.worker._fastpath.RxState",
+    .tp_name = "ipop_switch.tunnel._fastpath.RxState",
     .tp_doc = PyDoc_STR("RxState(key, size=2048): a session's receive key and replay window "
                         "(codec.ReplayWindow's check/update)."),
     .tp_basicsize = sizeof(RxState),
@@ -608,7 +608,7 @@ static PyGetSetDef FastRx_getset[] = {
 
 static PyTypeObject FastRxType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "ipop_switch.worker._fastpath.FastRx",
+    .tp_name = "ipop_switch.tunnel._fastpath.FastRx",
     .tp_doc = PyDoc_STR("FastRx(): one datapath's receive loop for TCP segments (see open_burst)."),
     .tp_basicsize = sizeof(FastRx),
     .tp_flags = Py_TPFLAGS_DEFAULT,
@@ -620,7 +620,7 @@ static PyTypeObject FastRxType = {
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_fastpath",
-    "The datapath's per-segment loops in C (see ipop_switch/worker/accel.py).", -1, NULL
+    "The datapath's per-segment loops in C (see ipop_switch/tunnel/accel.py).", -1, NULL
 };
 
 PyMODINIT_FUNC PyInit__fastpath(void) {

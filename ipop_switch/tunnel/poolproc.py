@@ -2,7 +2,7 @@
 
 Started by WorkerPool with the channel socket as an inherited fd; it exits when the
 channel closes (the agent died or stopped it), closing every link and its TAP.
-``python -m ipop_switch.worker.poolproc --fd N``
+``python -m ipop_switch.tunnel.poolproc --fd N``
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from . import messages
 from .link import LinkWorker
 from .messages import LinkSpec
 
-log = logging.getLogger("ipop_switch.worker.pool")
+log = logging.getLogger("ipop_switch.tunnel.pool")
 
 
 class PoolProcess:
