@@ -130,6 +130,23 @@ def test_replay_guard_window_and_nonces():
     assert len(g) == 1
 
 
+def test_replay_guard_rejects_a_replay_of_an_evicted_message():
+    """Deterministic: once the cache is full, the oldest entries are evicted; a replay of one of
+    them (still inside the time window, nonce no longer cached) must be refused by the floor."""
+    g = ReplayGuard(window=60, max_entries=4)
+    now = 5_000_000
+    msgs = [(A, f"{j:032x}", now - 10_000 + j) for j in range(6)]
+    for sender, nonce, ts in msgs:
+        assert g.check(sender, nonce, ts, now) is None
+        g.commit(sender, nonce, ts, now)
+    assert len(g) == 4  # msgs[0] and msgs[1] were evicted
+    for sender, nonce, ts in msgs:
+        assert g.check(sender, nonce, ts, now) is not None, f"replay of {nonce} accepted"
+    assert g.check(*msgs[0], now) == "stale"  # evicted: refused by the floor, not by the cache
+    assert g.check(*msgs[1], now) == "stale"
+    assert g.check(*msgs[5], now) == "replayed"
+
+
 @given(st.lists(st.integers(0, 59), min_size=1, max_size=300))
 def test_replay_guard_is_bounded_and_never_accepts_a_replay(order):
     """Messages (fixed sender, nonce, timestamp each) arrive in any order, many times over: whatever
