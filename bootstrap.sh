@@ -17,7 +17,7 @@ case "$MODE" in
   *) die "usage: ./bootstrap.sh demo|test|install [args...]" ;;
 esac
 
-[ "$(id -u)" -eq 0 ] || die "must run as root (it installs Debian packages and builds network namespaces); try: sudo $0 $MODE"
+[ "$(id -u)" -eq 0 ] || die "must run as root (it installs Debian packages and builds network namespaces); become root (su -, or sudo where installed) and run $0 $MODE again"
 
 APT_PKGS=(openvswitch-switch prosody coturn nftables iproute2 iperf3 iputils-ping tcpdump procps psmisc ca-certificates openssl python3 python3-venv dnsmasq-base ruby ethtool
           gcc libc6-dev python3-dev libssl-dev)   # the last four build the datapath's C loops

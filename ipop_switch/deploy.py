@@ -14,9 +14,11 @@ import ipaddress
 import secrets
 from pathlib import Path
 
+from .config_writer import write_config
 from .identity.ca import GroupCA
 from .identity.store import NodeIdentity
-from .lab.services import MUC_DOMAIN, TURN_PORT, XMPP_DOMAIN, XMPP_PORT, make_lab_ca, prosody_config
+from .servers import (MUC_DOMAIN, TURN_PORT, TURN_USER, XMPP_DOMAIN, XMPP_PORT, coturn_conf, coturn_options,
+                      make_server_ca, prosody_config)
 
 SIGNAL_ETC = Path("/etc/ipop-switch-signal")
 
@@ -28,14 +30,12 @@ def generate(out: Path, *, nodes: int, signal_ip: str, node_ips: list[str], grou
         raise ValueError("need one underlay address per node")
     out = Path(out)
     sig = out / "signal"
-    make_lab_ca(sig / "ca", addr=signal_ip, days=365)
+    make_server_ca(sig / "ca", addr=signal_ip, days=365)
     (sig / "prosody.cfg.lua").write_text(
         prosody_config(SIGNAL_ETC, SIGNAL_ETC / "ca", signal_ip, pidfile=SIGNAL_ETC / "prosody.pid", run_as_root=True))
     turn_password = secrets.token_urlsafe(12)
-    (sig / "turnserver.conf").write_text(
-        f"listening-ip={signal_ip}\nrelay-ip={signal_ip}\nlistening-port={TURN_PORT}\nlt-cred-mech\n"
-        f"user=ipsw:{turn_password}\nrealm={XMPP_DOMAIN}\nfingerprint\nno-tls\nno-dtls\nno-cli\n"
-        "no-multicast-peers\nsimple-log\n")
+    (sig / "turnserver.conf").write_text(coturn_conf(
+        coturn_options(listen=[signal_ip], relay=signal_ip, user=TURN_USER, password=turn_password)))
     accounts = {f"node{i}": secrets.token_urlsafe(12) for i in range(1, nodes + 1)}
     (sig / "accounts.txt").write_text("".join(f"{u} {p}\n" for u, p in accounts.items()))
     (sig / "accounts.txt").chmod(0o600)
@@ -46,27 +46,17 @@ def generate(out: Path, *, nodes: int, signal_ip: str, node_ips: list[str], grou
         ndir = out / f"node{i}"
         ident = NodeIdentity.create(ndir / "identity", name=f"node{i}", force=True)
         ident.install(ca.bundle(ca.issue(ident.request())))
-        (ndir / "node.toml").write_text(
-            "# written by ipop-switch deploy\n"
-            "[node]\n"
-            'identity_dir = "/var/lib/ipop-switch"\n'
-            'state_dir = "/run/ipop-switch"\n'
-            "[[overlay]]\n"
-            f'name = "{group}"\n'
-            f'address = "{net.network_address + i}/{net.prefixlen}"\n'
-            f'address6 = "{net6.network_address + i}/{net6.prefixlen}"\n'
-            "[overlay.xmpp]\n"
-            f'server = "{signal_ip}"\n'
-            f"port = {XMPP_PORT}\n"
-            f'jid = "node{i}@{XMPP_DOMAIN}"\n'
-            f'password = "{accounts[f"node{i}"]}"\n'
-            'ca_file = "/etc/ipop-switch/xmpp-ca.crt"\n'
-            "[overlay.ice]\n"
-            f'stun = "{signal_ip}:{TURN_PORT}"\n'
-            f'turn = "{signal_ip}:{TURN_PORT}"\n'
-            'turn_user = "ipsw"\n'
-            f'turn_password = "{turn_password}"\n'
-        )
-        (ndir / "node.toml").chmod(0o600)
+        write_config(ndir / "node.toml", {
+            "node": {"identity_dir": "/var/lib/ipop-switch", "state_dir": "/run/ipop-switch"},
+            "overlay": [{
+                "name": group,
+                "address": f"{net.network_address + i}/{net.prefixlen}",
+                "address6": f"{net6.network_address + i}/{net6.prefixlen}",
+                "xmpp": {"server": signal_ip, "port": XMPP_PORT, "jid": f"node{i}@{XMPP_DOMAIN}",
+                         "password": accounts[f"node{i}"], "ca_file": "/etc/ipop-switch/xmpp-ca.crt"},
+                "ice": {"stun": f"{signal_ip}:{TURN_PORT}", "turn": f"{signal_ip}:{TURN_PORT}",
+                        "turn_user": TURN_USER, "turn_password": turn_password},
+            }],
+        }, header="written by ipop-switch deploy")
     return {"signal": str(sig), "nodes": [str(out / f"node{i}") for i in range(1, nodes + 1)],
             "domain": XMPP_DOMAIN, "muc": MUC_DOMAIN}

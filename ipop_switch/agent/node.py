@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from .. import proc
-from ..bridge.ovs import OvsError, OvsInstance, default_datapath
+from ..bridge.ovs import OvsError, OvsInstance, default_datapath, host_buffer_note
 from ..tunnel import accel
 from ..config import Config
 from ..errors import IpopError
@@ -24,28 +24,6 @@ from .status import StatusServer
 log = logging.getLogger("ipop_switch.agent")
 
 SYSTEM_OVS_SOCK = Path("/var/run/openvswitch/db.sock")
-WANT_RMEM = 4 * 1024 * 1024
-
-
-def host_buffer_note(datapath: str) -> str | None:
-    """With the userspace datapath, ovs-vswitchd reads each port through an AF_PACKET socket
-    sized by net.core.rmem_default: too small and it drops super-frames (datapath-facts.md).
-    Raise it when we may (root namespace); otherwise say what to do."""
-    if datapath != "netdev":
-        return None
-    path = Path("/proc/sys/net/core/rmem_default")
-    try:
-        cur = int(path.read_text())
-    except (OSError, ValueError):
-        return None
-    if cur >= WANT_RMEM:
-        return None
-    try:
-        path.write_text(str(WANT_RMEM))
-        return f"raised net.core.rmem_default {cur} -> {WANT_RMEM} for OVS's packet sockets"
-    except OSError:
-        return (f"net.core.rmem_default is {cur}: OVS (userspace datapath) may drop bursts; "
-                f"run 'sysctl -w net.core.rmem_default={WANT_RMEM}' in the root namespace before starting")
 
 
 class Node:

@@ -1,19 +1,17 @@
 """The agent's status: a JSON snapshot served on a local unix socket, read by
-``ipop-switch status`` (table or ``--json``) and by the metrics exporter."""
+``ipop-switch status`` (table or ``--json``) through ``ipop_switch.status_client``,
+and by the metrics exporter."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import os
-import socket
 from pathlib import Path
 from typing import Awaitable, Callable
 
 from ..errors import IpopError
-
-MAX_REQUEST = 256
-
+from ..status_client import answers
 
 class StatusServer:
     """Answers one JSON document per connection; ``snapshot`` builds it on demand."""
@@ -26,7 +24,7 @@ class StatusServer:
     async def start(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
-            if _answers(self.path):
+            if answers(self.path):
                 raise IpopError(f"another agent already serves {self.path}")
             self.path.unlink()
         self._server = await asyncio.start_unix_server(self._handle, path=str(self.path))
@@ -50,36 +48,3 @@ class StatusServer:
             self.path.unlink()
         except FileNotFoundError:
             pass
-
-
-def _answers(path: Path) -> bool:
-    try:
-        query(path, timeout=1.0)
-        return True
-    except IpopError:
-        return False
-
-
-def query(path: Path, *, timeout: float = 5.0) -> dict:
-    """Ask a running agent for its status (blocking; used by the CLI)."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(timeout)
-    try:
-        s.connect(str(path))
-        s.sendall(b"status\n")
-        buf = b""
-        while not buf.endswith(b"\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            buf += chunk
-    except FileNotFoundError:
-        raise IpopError(f"no agent running (no {path}); start one with 'ipop-switch up -c CONFIG'") from None
-    except (ConnectionRefusedError, socket.timeout, OSError) as e:
-        raise IpopError(f"agent at {path} does not answer: {e}") from None
-    finally:
-        s.close()
-    try:
-        return json.loads(buf)
-    except ValueError:
-        raise IpopError(f"agent at {path} sent a malformed status") from None

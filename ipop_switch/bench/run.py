@@ -1,6 +1,6 @@
 """``ipop-switch bench``: one lab, every system up side by side, runs interleaved.
 
-The machine's speed drifts by ~25% within minutes (shared/datapath-facts.md), so
+The machine's speed drifts by ~25% within minutes (seen on these lab machines), so
 systems are measured round-robin within each round, never one after the other
 in blocks, and min/median/max are reported.
 """

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .. import proc
 from ..lab import Lab, LabSpec, SiteSpec
-from ..lab.demo import first_ping, wait_links
+from ..lab.probes import first_ping, wait_links
 from ..lab.nodes import LabGroup
 from .measure import iperf3
 from .peers import BenchError, System

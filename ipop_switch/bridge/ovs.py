@@ -2,8 +2,8 @@
 
 Each instance lives in its own run directory (database, sockets, pid and log
 files), optionally with ovs-vswitchd inside a network namespace, so that several
-run side by side on one machine (one per lab host). Facts that cost us hours
-(see shared/datapath-facts.md): OVS_RUNDIR/OVS_DBDIR/OVS_LOGDIR must be exported
+run side by side on one machine (one per lab host). Facts that cost us hours:
+OVS_RUNDIR/OVS_DBDIR/OVS_LOGDIR must be exported
 to ovs-vswitchd itself; the db socket path must be absolute; ovs-vswitchd must
 run in the namespace whose interfaces it uses; creating a bridge can fail while
 ``ovs-vsctl`` exits 0, so the ``error`` and ``ofport`` columns are checked; with
@@ -258,3 +258,28 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+WANT_RMEM = 4 * 1024 * 1024
+
+
+def host_buffer_note(datapath: str) -> str | None:
+    """With the userspace datapath, ovs-vswitchd reads each port through an AF_PACKET socket
+    sized by net.core.rmem_default: too small (Debian's default 212992) and it drops
+    super-frames of a TSO stream (docs/benchmarks.md).
+    Raise it when we may (root namespace); otherwise say what to do."""
+    if datapath != "netdev":
+        return None
+    path = Path("/proc/sys/net/core/rmem_default")
+    try:
+        cur = int(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if cur >= WANT_RMEM:
+        return None
+    try:
+        path.write_text(str(WANT_RMEM))
+        return f"raised net.core.rmem_default {cur} -> {WANT_RMEM} for OVS's packet sockets"
+    except OSError:
+        return (f"net.core.rmem_default is {cur}: OVS (userspace datapath) may drop bursts; "
+                f"run 'sysctl -w net.core.rmem_default={WANT_RMEM}' in the root namespace before starting")

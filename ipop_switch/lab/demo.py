@@ -9,20 +9,18 @@ IPv6) and one iperf3 figure, and tears everything down (also on Ctrl-C).
 from __future__ import annotations
 
 import json
-import re
-import subprocess
 import sys
 import time
 
 from rich.console import Console
 from rich.table import Table
 
+from ..render import render_lab, render_status
 from . import services
 from .lab import Lab
 from .nodes import LabGroup
+from .probes import LINKS_TIMEOUT, first_ping, iperf, ping, wait_links
 from .spec import LabSpec
-
-LINKS_TIMEOUT = 60.0
 
 
 def nat_probe(lab: Lab, host: str, port: int = 40000) -> dict:
@@ -40,54 +38,7 @@ def describe_mapping(mapped: list) -> str:
     return "new port per destination (endpoint-dependent)"
 
 
-def wait_links(group: LabGroup, *, timeout: float = LINKS_TIMEOUT) -> float | None:
-    """Seconds until every node has every other node's link up, or None on timeout."""
-    t0 = time.monotonic()
-    want = len(group.nodes) - 1
-    while time.monotonic() - t0 < timeout:
-        try:
-            if all(sum(p["state"] == "up" for p in group.status(h)["overlays"][0]["peers"]) == want
-                   for h in group.nodes):
-                return time.monotonic() - t0
-        except Exception:
-            pass  # an agent still starting: its status socket is not there yet
-        time.sleep(0.2)
-    return None
-
-
-def ping(lab: Lab, host: str, addr: str, count: int = 3) -> float | None:
-    r = lab.exec(host, ["ping", "-q", "-c", str(count), "-i", "0.2", "-W", "2", addr], check=False, timeout=30)
-    m = re.search(r"= [\d.]+/([\d.]+)/", r.stdout)
-    return float(m.group(1)) if m and r.returncode == 0 else None
-
-
-def first_ping(lab: Lab, host: str, addr: str, *, timeout: float) -> float | None:
-    """Seconds until ``host`` gets a ping reply from ``addr`` (one probe every 0.2 s)."""
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if lab.exec(host, ["ping", "-c", "1", "-W", "0.2", addr], check=False, timeout=5).returncode == 0:
-            return time.monotonic() - t0
-    return None
-
-
-def iperf(lab: Lab, a: str, b: str, addr_b: str, seconds: int = 5) -> float | None:
-    server = lab.popen(b, ["iperf3", "-s", "-1", "-B", addr_b], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        time.sleep(0.3)
-        r = lab.exec(a, ["iperf3", "-c", addr_b, "-t", str(seconds), "-J", "--connect-timeout", "3000"],
-                     check=False, timeout=seconds + 30)
-        try:
-            return json.loads(r.stdout)["end"]["sum_received"]["bits_per_second"] / 1e6
-        except (ValueError, KeyError):
-            return None
-    finally:
-        server.kill()
-        server.wait(timeout=5)
-
-
 def run_demo(spec: LabSpec, *, console: Console, keep: bool = False) -> dict:
-    from ..agent.render import render_status
-    from ..cli import _print_status
     t0 = time.monotonic()
     lab = Lab(spec)
     result: dict = {}
@@ -96,7 +47,7 @@ def run_demo(spec: LabSpec, *, console: Console, keep: bool = False) -> dict:
         with console.status("building the lab (namespaces, NAT routers, Prosody, coturn) ..."):
             lab.up()
         console.print(f"[bold]lab {spec.name} up in {time.monotonic() - t0:.1f}s[/]")
-        _print_status(lab.status())
+        render_lab(lab.status(), console)
         t = Table(title="NAT behaviour seen from each host (STUN from local port 40000)")
         for col in ("host", "NAT", "mapped via 198.18.0.2", "mapped via 198.18.0.3", "mapping"):
             t.add_column(col)

@@ -14,8 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import proc
+from ..bridge.ovs import host_buffer_note
+from ..config_writer import write_config
 from ..identity.ca import GroupCA
 from ..identity.store import NodeIdentity
+from ..status_client import query
 from .lab import Lab, LabError
 from . import services
 
@@ -63,7 +66,6 @@ class LabGroup:
         self.dir = lab.dir / "groups" / "-".join(self.overlays)
         # OVS's userspace datapath reads ports through packet sockets sized by the host-wide
         # net.core.rmem_default, writable only from the root namespace (where we are now)
-        from ..agent.node import host_buffer_note
         self.buffer_note = host_buffer_note("netdev")
         self.cas = {ov: GroupCA.create(self.dir / f"ca-{ov}", ov, force=True) for ov in self.overlays}
         self.nodes: dict[str, LabNode] = {}
@@ -77,44 +79,27 @@ class LabGroup:
         for ca in self.cas.values():
             ident.install(ca.bundle(ca.issue(ident.request())))
         turn = self.lab.services()["turn"]
-        text = (
-            "# written by the ipop-switch lab\n"
-            "[node]\n"
-            f'identity_dir = "{ndir / "identity"}"\n'
-            f'state_dir = "{ndir / "state"}"\n'
-            'metrics = "127.0.0.1:9465"\n'
-            f"worker_processes = {self.extra.get('worker_processes', 1)}\n"
-            "[ovs]\n"
-            'mode = "private"\n'
-        )
-        first = None
+        overlays, first = [], None
         for ov, net in self.overlays.items():
             addr, addr6 = overlay_address(index, net=net)
             first = first or (addr, addr6)
-            text += (
-                "[[overlay]]\n"
-                f'name = "{ov}"\n'
-                f'address = "{addr}"\n'
-                f'address6 = "{addr6}"\n'
-                f"mtu = {self.mtu}\n"
-                "[overlay.xmpp]\n"
-                f'server = "{services.XMPP_ADDR}"\n'
-                f'jid = "{h.xmpp_user}@{services.XMPP_DOMAIN}"\n'
-                f'password = "{h.xmpp_password}"\n'
-                f'ca_file = "{self.lab.ca_cert}"\n'
-                "[overlay.ice]\n"
-                f'stun = "{services.TURN_ADDR}:{services.TURN_PORT}"\n'
-            )
+            ice: dict = {"stun": f"{services.TURN_ADDR}:{services.TURN_PORT}"}
             if not self.extra.get("no_turn"):
-                text += (
-                    f'turn = "{services.TURN_ADDR}:{services.TURN_PORT}"\n'
-                    f'turn_user = "{turn["user"]}"\n'
-                    f'turn_password = "{turn["password"]}"\n'
-                    f'turn_transport = "{self.extra.get("turn_transport", "udp")}"\n'
-                )
+                ice.update(turn=f"{services.TURN_ADDR}:{services.TURN_PORT}", turn_user=turn["user"],
+                           turn_password=turn["password"], turn_transport=self.extra.get("turn_transport", "udp"))
+            overlays.append({
+                "name": ov, "address": addr, "address6": addr6, "mtu": self.mtu,
+                "xmpp": {"server": services.XMPP_ADDR, "jid": f"{h.xmpp_user}@{services.XMPP_DOMAIN}",
+                         "password": h.xmpp_password, "ca_file": self.lab.ca_cert},
+                "ice": ice,
+            })
         cfg = ndir / "node.toml"
-        cfg.write_text(text)
-        cfg.chmod(0o600)
+        write_config(cfg, {
+            "node": {"identity_dir": ndir / "identity", "state_dir": ndir / "state", "metrics": "127.0.0.1:9465",
+                     "worker_processes": self.extra.get("worker_processes", 1)},
+            "ovs": {"mode": "private"},
+            "overlay": overlays,
+        }, header="written by the ipop-switch lab")
         node = LabNode(host, ndir, cfg, ident.node_id, *first, index=index)
         self.nodes[host] = node
         return node
@@ -152,5 +137,4 @@ class LabGroup:
             self.stop(host)
 
     def status(self, host: str) -> dict:
-        from ..agent.status import query
         return query(self.nodes[host].status_socket)

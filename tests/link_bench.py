@@ -1,11 +1,11 @@
-"""Quick benchmark of one link (issue 5): setup time, ping RTT, iperf3 through the link vs
+"""Quick benchmark of one tunnel link under the test harness (no agent, no switch app): setup time, ping RTT, iperf3 through the link vs
 the underlay, dead-path detection and recovery, node RSS with 1/8/32 links.
 
 Runs its own lab (a LAN site with two hosts behind an easy NAT, a site behind a hard NAT),
 one link_node harness per host (tests/helpers: a WorkerPool + a private OVS, standing in
 for the agent), and prints one JSON report. Usage (root):
 
-    .venv/bin/python bench/link_bench.py [--tries 10] [--seconds 10] [--outage 20] [--json out.json]
+    .venv/bin/python tests/link_bench.py [--tries 10] [--seconds 10] [--outage 20] [--json out.json]
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from helpers.link_harness import Mesh  # noqa: E402
+from helpers.link_harness import Mesh   # tests/ is this script's directory, so on sys.path
 
-from ipop_switch import proc  # noqa: E402
-from ipop_switch.lab import Lab, LabSpec, SiteSpec  # noqa: E402
+from ipop_switch import proc
+from ipop_switch.lab import Lab, LabSpec, SiteSpec
+
 
 def rss_kb(pid: int) -> int:
     try:

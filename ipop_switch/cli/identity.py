@@ -1,4 +1,4 @@
-"""CLI of the identity part: ``ipop-switch init``, ``whoami`` and ``group create|issue|join|revoke``."""
+"""The identity commands: ``ipop-switch init``, ``whoami`` and ``group create|issue|join|revoke``."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from pathlib import Path
 import click
 from cryptography import x509
 
-from .ca import GroupCA
-from .certs import IdentityError, node_id_of
-from .files import read_file
-from .store import DEFAULT_DIR, NodeIdentity
+from ..identity.ca import GroupCA
+from ..identity.certs import IdentityError, node_id_of
+from ..identity.files import read_file
+from ..identity.store import DEFAULT_DIR, NodeIdentity
 
 DEFAULT_GROUPS = Path("/etc/ipop-switch/groups")
 

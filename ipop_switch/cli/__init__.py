@@ -1,4 +1,7 @@
-"""The ``ipop-switch`` command. Errors are one line and a non-zero exit, never a traceback."""
+"""The ``ipop-switch`` command. Errors are one line and a non-zero exit, never a traceback.
+
+The top of the house: it may import any part, and no part imports it.
+``python -m ipop_switch.cli`` runs it too (``__main__.py``)."""
 
 from __future__ import annotations
 
@@ -11,9 +14,8 @@ from pathlib import Path
 
 import click
 from rich.console import Console
-from rich.table import Table
 
-from .errors import IpopError
+from ..errors import IpopError
 
 console = Console(width=None if sys.stdout.isatty() else 140)
 
@@ -51,9 +53,9 @@ def up(config_path: str, pidfile: str | None) -> None:
     import asyncio
     import logging
 
-    from .agent.node import Node
-    from .config import load_config
-    from .proc import require_root
+    from ..agent.node import Node
+    from ..config import load_config
+    from ..proc import require_root
 
     cfg = load_config(config_path)
     require_root()
@@ -80,9 +82,9 @@ def up(config_path: str, pidfile: str | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def status(config_path: str, sock: str | None, as_json: bool) -> None:
     """Per overlay and peer: state, path, RTT, traffic, drops, last handshake."""
-    from .agent.render import render_status
-    from .agent.status import query
-    from .config import load_config
+    from ..render import render_status
+    from ..status_client import query
+    from ..config import load_config
 
     path = Path(sock) if sock else load_config(config_path).status_socket
     st = query(path)
@@ -99,7 +101,7 @@ def lab() -> None:
 
 
 def _spec(name, sites, nat, hosts, hairpin, cgnat, loss, udp_blocked, config):
-    from .lab import LabSpec
+    from ..lab import LabSpec
     if config:
         return LabSpec.from_toml(Path(config), name=name)
     return LabSpec.from_flags(name=name, sites=sites, nat=nat, hosts=hosts, hairpin=hairpin,
@@ -114,7 +116,7 @@ _lab_opts = [
     click.option("--hosts", default=1, show_default=True, type=click.IntRange(1, 50), help="hosts per site"),
     click.option("--hairpin/--no-hairpin", default=False, help="NATs hairpin (LAN hosts reach each other's public mappings)"),
     click.option("--cgnat/--no-cgnat", default=False, help="a second, carrier-grade NAT in front of each NATed site"),
-    click.option("--loss", default=0.0, show_default=True, type=click.FloatRange(0, 100), help="packet loss %% at each site's edge"),
+    click.option("--loss", default=0.0, show_default=True, type=click.FloatRange(0, 100), help="packet loss in percent at each site's edge"),
     click.option("--udp-blocked/--udp-allowed", default=False, help="no UDP in or out of the sites (TURN over TCP only)"),
     click.option("-c", "--config", type=click.Path(dir_okay=False), help="lab topology TOML (overrides the flags)"),
 ]
@@ -130,12 +132,13 @@ def lab_options(f):
 @lab_options
 def lab_up(**kw) -> None:
     """Build the lab and start its services; it stays up until 'lab down'."""
-    from .lab import Lab
+    from ..lab import Lab
+    from ..render import render_lab
     t0 = time.monotonic()
     with console.status("building the lab ..."):
         lab_ = Lab(_spec(**kw)).up()
     console.print(f"lab [bold]{lab_.spec.name}[/] up in {time.monotonic() - t0:.1f}s")
-    _print_status(lab_.status())
+    render_lab(lab_.status(), console)
 
 
 @lab.command("down")
@@ -143,8 +146,8 @@ def lab_up(**kw) -> None:
 @click.option("--all", "all_", is_flag=True, help="every lab on this machine")
 def lab_down(name: str, all_: bool) -> None:
     """Remove everything a lab made (also after a crash)."""
-    from .lab import destroy_lab, list_labs
-    from .proc import require_root
+    from ..lab import destroy_lab, list_labs
+    from ..proc import require_root
     require_root()
     names = list_labs() if all_ else [name]
     for n in names:
@@ -158,12 +161,13 @@ def lab_down(name: str, all_: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def lab_status(name: str, as_json: bool) -> None:
     """Hosts (LAN and public addresses, NAT kind) and services of a lab."""
-    from .lab import Lab
+    from ..lab import Lab
+    from ..render import render_lab
     st = Lab.load(name).status()
     if as_json:
         click.echo(json.dumps(st, indent=1))
     else:
-        _print_status(st)
+        render_lab(st, console)
 
 
 @lab.command("exec", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
@@ -172,7 +176,7 @@ def lab_status(name: str, as_json: bool) -> None:
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def lab_exec(name: str, host: str, command: tuple[str, ...]) -> None:
     """Run COMMAND in HOST's namespace (a host, 'core', or a router such as 's2r')."""
-    from .lab import Lab
+    from ..lab import Lab
     ns = Lab.load(name).netns_of(host)
     rc = subprocess.call(["ip", "netns", "exec", ns, *command])
     sys.exit(rc)
@@ -185,30 +189,12 @@ def lab_exec(name: str, host: str, command: tuple[str, ...]) -> None:
               help="also write the demo's figures (first ping, links, pings, iperf3) as JSON to this file")
 def lab_demo(keep: bool, json_path: str | None, **kw) -> None:
     """Bring a lab up, show what it is and how each NAT behaves, and tear it down."""
-    from .lab.demo import run_demo
+    from ..lab.demo import run_demo
     result = run_demo(_spec(**kw), console=console, keep=keep)
     if json_path:
         Path(json_path).write_text(json.dumps(result, indent=1))
     if not result.get("ok"):
         sys.exit(1)
-
-
-def _print_status(st: dict) -> None:
-    t = Table(title=f"lab {st['name']}: hosts")
-    for col in ("host", "site", "NAT", "LAN address", "public address", "namespace", "up"):
-        t.add_column(col)
-    for h in st["hosts"]:
-        t.add_row(h["name"], h["site"], h["nat"], h["lan_ip"], h["public_ip"], h["netns"], "yes" if h["up"] else "NO")
-    console.print(t)
-    s = Table(title="services (core namespace)")
-    for col in ("service", "address", "details", "running"):
-        s.add_column(col)
-    x, tu = st["services"]["xmpp"], st["services"]["turn"]
-    s.add_row("XMPP (Prosody)", f"{x['address']}:{x['port']}", f"domain {x['domain']}, MUC {x['muc']}, CA {x['ca']}",
-              "yes" if x["running"] else "NO")
-    s.add_row("STUN/TURN (coturn)", f"{tu['address']}:{tu['port']}", f"also STUN on {tu['stun2']}; user {tu['user']}",
-              "yes" if tu["running"] else "NO")
-    console.print(s)
 
 
 @cli.command()
@@ -219,14 +205,14 @@ def _print_status(st: dict) -> None:
 @click.option("--memory", is_flag=True, help="instead: memory of one node with 1, 8, 16 and 32 peers (33 nodes, minutes)")
 def bench(runs: int, seconds: float, systems: str | None, json_path: str | None, memory: bool) -> None:
     """Measure ipop-switch beside the underlay, wireguard-go and tinc, in one lab, interleaved."""
-    from .proc import require_root
+    from ..proc import require_root
     require_root()
     if memory:
-        from .bench.memory import run_memory
+        from ..bench.memory import run_memory
         report = {"memory": run_memory(console=console)}
     else:
-        from .bench.run import PEERS, print_table, run_bench
-        from .bench import systems as extra
+        from ..bench.run import PEERS, print_table, run_bench
+        from ..bench import systems as extra
         names = systems.split(",") if systems else [*PEERS, *extra.available()]
         report = run_bench(systems=names, runs=runs, seconds=seconds, console=console, extra_systems=extra.available())
         print_table(report, console)
@@ -249,7 +235,7 @@ def deploy() -> None:
 @click.option("--group", default="demo", show_default=True)
 def deploy_vagrant(nodes: int, signal_ip: str, node_ips: str, out: str, group: str) -> None:
     """Signaling host configs and, per node, identity + certificate + node.toml (used by vagrant/)."""
-    from .deploy import generate
+    from ..deploy import generate
     ips = [x for x in node_ips.split(",") if x]
     if len(ips) != nodes:
         raise IpopError(f"--node-ips: {len(ips)} addresses for {nodes} nodes")
@@ -259,7 +245,7 @@ def deploy_vagrant(nodes: int, signal_ip: str, node_ips: str, out: str, group: s
 
 # -- commands defined in other modules: one import + add_command line each -------------
 # (keep this block at the end; each part owns its own cli module)
-from .identity.cli import COMMANDS as _identity_commands  # noqa: E402
+from .identity import COMMANDS as _identity_commands  # noqa: E402
 for _c in _identity_commands:
     cli.add_command(_c)
 
@@ -267,6 +253,3 @@ for _c in _identity_commands:
 def main() -> None:
     cli(prog_name="ipop-switch")
 
-
-if __name__ == "__main__":
-    main()

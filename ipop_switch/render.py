@@ -1,4 +1,6 @@
-"""``ipop-switch status`` as tables a person reads (the JSON is for scripts)."""
+"""Status as tables a person reads (the JSON is for scripts): a node's ``ipop-switch status``
+and a lab's hosts and services. Shared by the CLI, the demo and the benchmarks; it reads
+only the status documents, never the parts that make them."""
 
 from __future__ import annotations
 
@@ -75,3 +77,22 @@ def render_status(st: dict, console: Console) -> None:
             console.print("  no peers yet")
         for note in ov.get("notes", []):
             console.print(f"  note: {note}")
+
+
+def render_lab(st: dict, console: Console) -> None:
+    """A lab's hosts (LAN/public address, NAT kind) and its services, from ``Lab.status()``."""
+    t = Table(title=f"lab {st['name']}: hosts")
+    for col in ("host", "site", "NAT", "LAN address", "public address", "namespace", "up"):
+        t.add_column(col)
+    for h in st["hosts"]:
+        t.add_row(h["name"], h["site"], h["nat"], h["lan_ip"], h["public_ip"], h["netns"], "yes" if h["up"] else "NO")
+    console.print(t)
+    s = Table(title="services (core namespace)")
+    for col in ("service", "address", "details", "running"):
+        s.add_column(col)
+    x, tu = st["services"]["xmpp"], st["services"]["turn"]
+    s.add_row("XMPP (Prosody)", f"{x['address']}:{x['port']}", f"domain {x['domain']}, MUC {x['muc']}, CA {x['ca']}",
+              "yes" if x["running"] else "NO")
+    s.add_row("STUN/TURN (coturn)", f"{tu['address']}:{tu['port']}", f"also STUN on {tu['stun2']}; user {tu['user']}",
+              "yes" if tu["running"] else "NO")
+    console.print(s)
