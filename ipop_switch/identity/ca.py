@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.x509.oid import NameOID
 
-from .certs import (IdentityError, check_overlay_name, fingerprint, load_cert_pem, node_id_of, overlay_extension,
+from .certs import (IdentityError, check_overlay_name, fingerprint, load_cert_pem, node_id_for, node_id_of, overlay_extension,
                     tunnel_extension, tunnel_public_of, utcnow)
 from .files import load_private, private_pem, read_file, write_file
 
@@ -100,6 +100,9 @@ class GroupCA:
         tunnel = tunnel_public_of(request.extensions)
         if tunnel is None:
             raise IdentityError("node request: no X25519 tunnel key in it")
+        if node_id != node_id_for(request.public_key()):
+            raise IdentityError(f"node request: node id {node_id} is not the one its key owns "
+                                f"({node_id_for(request.public_key())}): refused (a request may not take another node's id)")
         now = utcnow()
         nb = not_before or now - dt.timedelta(minutes=5)
         na = not_after or now + dt.timedelta(days=days)

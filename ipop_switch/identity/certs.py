@@ -106,6 +106,16 @@ def name_attr(name: x509.Name, oid: x509.ObjectIdentifier) -> str | None:
     return str(attrs[0].value) if attrs else None
 
 
+def node_id_for(key: ed25519.Ed25519PublicKey) -> str:
+    """The node id a signing key owns: the first 16 bytes of SHA-256 of the raw Ed25519 key, hex.
+
+    Derived, not chosen, so that no certificate can name another node's id with its own
+    key: a CA that signs a request for a victim's (public) id under another key would
+    otherwise hand the victim's place in the overlay to whoever asked (review finding 1)."""
+    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(b"ipop-switch node id\0" + raw).hexdigest()[:32]
+
+
 def node_id_of(name: x509.Name) -> str | None:
     nid = name_attr(name, NameOID.USER_ID)
     return nid if nid and NODE_ID_RE.match(nid) else None

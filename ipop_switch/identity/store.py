@@ -1,7 +1,8 @@
 """The node's identity store: keys, persistent node id, and one membership per overlay.
 
 Layout of an identity directory (default /var/lib/ipop-switch):
-    node_id            32 hex chars, made once, never changed (peers, topology and logs key on it)
+    node_id            32 hex chars derived from the signing key (certs.node_id_for), never changed
+                       (peers, topology and logs key on it)
     signing.key        Ed25519, 0600: signs signaling messages; the certificate's subject key
     tunnel.key         X25519, 0600: static key of the tunnel handshake (bound into the certificate)
     node.csr           the request a group admin signs ("ipop-switch group issue")
@@ -11,7 +12,6 @@ Layout of an identity directory (default /var/lib/ipop-switch):
 from __future__ import annotations
 
 import re
-import secrets
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
 
 from .certs import (NODE_ID_RE, IdentityError, cert_overlay, check_overlay_name, load_cert_pem, make_request,
-                    node_id_of)
+                    node_id_for, node_id_of)
 from .files import load_private, private_pem, read_file, write_file
 from .verify import CertRejected, GroupVerifier, VerifiedPeer
 
@@ -45,8 +45,8 @@ class NodeIdentity:
             raise IdentityError(f"an identity already exists in {dirpath}; refusing to overwrite it (use --force)")
         dirpath.mkdir(parents=True, exist_ok=True)
         dirpath.chmod(0o700)
-        ident = cls(dirpath, secrets.token_hex(16), ed25519.Ed25519PrivateKey.generate(),
-                    x25519.X25519PrivateKey.generate())
+        signing = ed25519.Ed25519PrivateKey.generate()
+        ident = cls(dirpath, node_id_for(signing.public_key()), signing, x25519.X25519PrivateKey.generate())
         write_file(dirpath / "signing.key", private_pem(ident.signing_key), private=True)
         write_file(dirpath / "tunnel.key", private_pem(ident.tunnel_key), private=True)
         write_file(dirpath / "node_id", (ident.node_id + "\n").encode(), private=False)
@@ -60,8 +60,12 @@ class NodeIdentity:
         node_id = read_file(dirpath / "node_id", "node id file (run 'ipop-switch init')").decode().strip()
         if not NODE_ID_RE.match(node_id):
             raise IdentityError(f"{dirpath / 'node_id'}: not a node id (32 lowercase hex chars)")
-        return cls(dirpath, node_id,
-                   load_private(dirpath / "signing.key", "signing key", ed25519.Ed25519PrivateKey),
+        signing = load_private(dirpath / "signing.key", "signing key", ed25519.Ed25519PrivateKey)
+        if node_id != node_id_for(signing.public_key()):
+            raise IdentityError(f"{dirpath}: node id {node_id} is not derived from this signing key (an identity "
+                                "made before node ids were derived, or files mixed up): make a new one with "
+                                "'ipop-switch init --force' and have it issued again")
+        return cls(dirpath, node_id, signing,
                    load_private(dirpath / "tunnel.key", "tunnel key", x25519.X25519PrivateKey))
 
     def sign(self, data: bytes) -> bytes:

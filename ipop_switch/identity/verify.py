@@ -24,7 +24,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.x509.oid import NameOID
 
-from .certs import IdentityError, cert_overlay, fingerprint, name_attr, node_id_of, tunnel_public_of, utcnow
+from .certs import (IdentityError, cert_overlay, fingerprint, name_attr, node_id_for, node_id_of, tunnel_public_of,
+                    utcnow)
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +156,9 @@ class GroupVerifier:
         node_id, tunnel = node_id_of(cert.subject), tunnel_public_of(exts)
         if not isinstance(pub, ed25519.Ed25519PublicKey) or node_id is None or tunnel is None:
             raise CertRejected("bad_cert", "needs an Ed25519 key, a node id and a tunnel key")
+        if node_id != node_id_for(pub):
+            raise CertRejected("bad_cert", f"node id {node_id} is not the one its key owns: refused "
+                                           "(a certificate may not take another node's id)")
         return VerifiedPeer(
             node_id=node_id, subject=cert.subject.rfc4514_string(),
             common_name=name_attr(cert.subject, NameOID.COMMON_NAME) or "", overlay=ov,
