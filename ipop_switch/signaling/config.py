@@ -27,7 +27,10 @@ class SignalingConfig(BaseModel):
     keepalive: float = Field(30.0, gt=0, description="XMPP ping interval; a missed ping drops the session")
     queue_timeout: float = Field(30.0, gt=0, description="how long a message waits for an unreachable peer")
     queue_max: int = Field(1024, ge=1)
-    replay_window: float = Field(60.0, gt=0, description="accepted clock difference, seconds")
+    replay_window: float = Field(60.0, gt=0, description="how old a message may be, seconds (clock difference "
+                                                         "plus delivery time)")
+    max_future_skew: float = Field(5.0, gt=0, description="how far ahead of our clock a message may be dated, "
+                                                           "seconds (keep clocks in step with NTP)")
     leave_grace: float = Field(5.0, gt=0, description="a peer that left the room is reported gone after this "
                                                       "unless it comes back (or we lose the server too)")
     rejoin_grace: float = Field(20.0, gt=0, description="after a reconnect, peers not seen again within this "

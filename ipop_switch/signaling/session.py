@@ -82,7 +82,7 @@ class SignalingSession:
         self._discovery_cls = discovery
         self.drops = DropCounter()
         self.stats: Counter[str] = Counter()
-        self.replay = ReplayGuard(cfg.replay_window)
+        self.replay = ReplayGuard(cfg.replay_window, max_future=cfg.max_future_skew)
         self._peers: dict[str, PeerRecord] = {}
         self._pending: deque[_Pending] = deque()
         self._events: asyncio.Queue[Event] = asyncio.Queue()
