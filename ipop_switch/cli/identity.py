@@ -117,10 +117,13 @@ def group_issue(node: Path, name: str, groups: Path, days: int, out: Path | None
 @group_cmd.command("join")
 @click.argument("bundle", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @_dir_opt
-def group_join(bundle: Path, dir_: Path) -> None:
-    """Install a bundle made by 'group issue' (node cert, CA cert, CRL) after checking it."""
+@click.option("--new-ca", is_flag=True, help="accept a CA other than the one trusted for this group so far "
+                                             "(the group's CA was replaced)")
+def group_join(bundle: Path, dir_: Path, new_ca: bool) -> None:
+    """Install a bundle made by 'group issue' (node cert, CA cert, CRL) after checking it.
+    The group's CA is pinned at the first join; an older CRL than the installed one is refused."""
     ident = NodeIdentity.load(dir_)
-    overlay = ident.install(bundle.read_bytes())
+    overlay = ident.install(bundle.read_bytes(), new_ca=new_ca)
     click.echo(f"node {ident.node_id} is a member of {overlay} ({ident.group_dir(overlay)})")
 
 

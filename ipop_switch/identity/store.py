@@ -12,6 +12,7 @@ Layout of an identity directory (default /var/lib/ipop-switch):
 from __future__ import annotations
 
 import re
+import shutil
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,10 +21,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
 
-from .certs import (NODE_ID_RE, IdentityError, cert_overlay, check_overlay_name, load_cert_pem, make_request,
-                    node_id_for, node_id_of)
+from .certs import (NODE_ID_RE, IdentityError, cert_overlay, check_overlay_name, fingerprint, load_cert_pem,
+                    make_request, node_id_for, node_id_of)
 from .files import load_private, private_pem, read_file, write_file
-from .verify import CertRejected, GroupVerifier, VerifiedPeer
+from .verify import CertRejected, GroupVerifier, VerifiedPeer, crl_number
 
 PEM = serialization.Encoding.PEM
 DEFAULT_DIR = Path("/var/lib/ipop-switch")
@@ -45,6 +46,9 @@ class NodeIdentity:
             raise IdentityError(f"an identity already exists in {dirpath}; refusing to overwrite it (use --force)")
         dirpath.mkdir(parents=True, exist_ok=True)
         dirpath.chmod(0o700)
+        # memberships certify the old keys: useless to a new identity, and their pinned CAs
+        # would refuse the new identity's first join
+        shutil.rmtree(dirpath / "groups", ignore_errors=True)
         signing = ed25519.Ed25519PrivateKey.generate()
         ident = cls(dirpath, node_id_for(signing.public_key()), signing, x25519.X25519PrivateKey.generate())
         write_file(dirpath / "signing.key", private_pem(ident.signing_key), private=True)
@@ -89,9 +93,13 @@ class NodeIdentity:
         g = self.dir / "groups"
         return sorted(p.name for p in g.iterdir() if (p / "node.crt").exists()) if g.is_dir() else []
 
-    def install(self, bundle: bytes, *, force: bool = True) -> str:
+    def install(self, bundle: bytes, *, force: bool = True, new_ca: bool = False) -> str:
         """Install a bundle from 'group issue' (node cert + CA cert + CRL). Checks that the certificate
-        is ours and verifies against the CA before writing anything. Returns the overlay."""
+        is ours and verifies against the CA before writing anything. Returns the overlay.
+
+        The group's CA is pinned at the first join: a bundle of another CA for the same overlay is
+        refused unless ``new_ca``, and a bundle whose CRL is older than the installed one is refused
+        (a stale or replayed bundle would un-revoke members)."""
         try:
             certs = x509.load_pem_x509_certificates(bundle)
         except ValueError as e:
@@ -119,6 +127,21 @@ class NodeIdentity:
         gdir = self.group_dir(overlay)
         if (gdir / "node.crt").exists() and not force:
             raise IdentityError(f"already a member of {overlay} ({gdir}); use --force to replace")
+        if (gdir / "ca.crt").exists() and not new_ca:
+            pinned = load_cert_pem((gdir / "ca.crt").read_bytes(), str(gdir / "ca.crt"))
+            if fingerprint(pinned) != fingerprint(ca_cert):
+                raise IdentityError(f"bundle: its CA ({fingerprint(ca_cert)}) is not the CA this node trusts for "
+                                    f"{overlay} ({fingerprint(pinned)}); if the group's CA really changed, "
+                                    "join with --new-ca")
+        if crl_pem and (gdir / "crl.pem").exists() and not new_ca:
+            try:
+                installed = crl_number(x509.load_pem_x509_crl((gdir / "crl.pem").read_bytes()))
+            except ValueError:
+                installed = -1
+            if crl_number(x509.load_pem_x509_crl(crl_pem)) < installed:
+                raise IdentityError(f"bundle: its CRL is older than the one installed for {overlay} "
+                                    f"(number {crl_number(x509.load_pem_x509_crl(crl_pem))} < {installed}): "
+                                    "a stale or replayed bundle; ask the admin for a new one")
         write_file(gdir / "node.crt", node_cert.public_bytes(PEM), private=False)
         write_file(gdir / "ca.crt", ca_cert.public_bytes(PEM), private=False)
         if crl_pem:

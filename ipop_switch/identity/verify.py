@@ -63,6 +63,25 @@ class VerifiedPeer:
             return False
 
 
+def crl_number(crl: x509.CertificateRevocationList) -> int:
+    """The CRL's number (0 if it has none): it grows with every revocation."""
+    try:
+        return int(crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number)
+    except x509.ExtensionNotFound:
+        return 0
+
+
+def _check_ca(ca: x509.Certificate) -> None:
+    """A group CA certificate must say it is a CA that signs certificates (review finding 12)."""
+    try:
+        bc = ca.extensions.get_extension_for_class(x509.BasicConstraints).value
+        ku = ca.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound as e:
+        raise IdentityError(f"group CA certificate: no {e.oid._name} extension") from None
+    if not bc.ca or not ku.key_cert_sign:
+        raise IdentityError("group CA certificate: not a CA (basicConstraints) or may not sign certificates (keyUsage)")
+
+
 class PeerVerifier(Protocol):
     overlay: str
 
@@ -80,11 +99,13 @@ class GroupVerifier:
             raise IdentityError("group CA certificate: key is not Ed25519")
         if cert_overlay(ca_cert) not in (None, overlay):
             raise IdentityError(f"group CA certificate is for overlay {cert_overlay(ca_cert)!r}, not {overlay!r}")
+        _check_ca(ca_cert)
         self.ca = ca_cert
         self.overlay = overlay
         self.crl_path = Path(crl_path) if crl_path else None
         self._crl_stamp: tuple[int, int] | None = None
         self._revoked: frozenset[int] = frozenset()
+        self._crl_number = -1        # the highest CRL number seen: an older CRL never replaces a newer one
         self._cache: OrderedDict[bytes, VerifiedPeer] = OrderedDict()
         if crl is not None:
             self._set_crl(crl, "given")
@@ -94,6 +115,11 @@ class GroupVerifier:
         if crl.issuer != self.ca.subject or not crl.is_signature_valid(self.ca.public_key()):
             log.warning("CRL %s ignored: not signed by the group CA of %s", origin, self.overlay)
             return False
+        number = crl_number(crl)
+        if number < self._crl_number:
+            log.warning("CRL %s ignored: number %d is older than the one in use (%d)", origin, number, self._crl_number)
+            return False
+        self._crl_number = number
         self._revoked = frozenset(r.serial_number for r in crl)
         return True
 
@@ -152,6 +178,12 @@ class GroupVerifier:
             bc = None
         if bc is None or bc.ca:
             raise CertRejected("bad_cert", "not a node certificate (basic constraints)")
+        try:
+            ku = exts.get_extension_for_class(x509.KeyUsage).value
+        except x509.ExtensionNotFound:
+            ku = None
+        if ku is not None and not ku.digital_signature:
+            raise CertRejected("bad_cert", "its key may not sign (keyUsage)")
         pub = cert.public_key()
         node_id, tunnel = node_id_of(cert.subject), tunnel_public_of(exts)
         if not isinstance(pub, ed25519.Ed25519PublicKey) or node_id is None or tunnel is None:
@@ -167,6 +199,9 @@ class GroupVerifier:
         )
 
     def _verify_dynamic(self, peer: VerifiedPeer, now: dt.datetime) -> None:
+        if not self.ca.not_valid_before_utc <= now <= self.ca.not_valid_after_utc:
+            raise CertRejected("expired", f"the group CA of {self.overlay} is outside its validity "
+                                          f"({self.ca.not_valid_before_utc:%Y-%m-%d} .. {self.ca.not_valid_after_utc:%Y-%m-%d})")
         if now < peer.not_before:
             raise CertRejected("not_yet_valid", f"node {peer.node_id}: valid only from {peer.not_before:%Y-%m-%d %H:%M}")
         if now > peer.not_after:
