@@ -1,4 +1,6 @@
-"""Security review, finding 6 (low): replay-floor poisoning.
+"""Security review, findings 4 (medium) and 6 (low) of signaling.
+
+Finding 6: replay-floor poisoning.
 
 The replay cache had one floor for all senders and accepted timestamps up to 60 s ahead:
 one member sending many valid messages dated near that edge made everyone's messages
@@ -8,10 +10,21 @@ messages may be dated only a few seconds ahead.
 
 from __future__ import annotations
 
+import base64
+import json
+import time
+
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ipop_switch.identity.ca import GroupCA
+from ipop_switch.identity.store import NodeIdentity
+from ipop_switch.signaling.config import SignalingConfig
+from ipop_switch.signaling.events import PeerMessage
+from ipop_switch.signaling.protocol import MAX_BODY, Drop, Envelope, encode, parse
 from ipop_switch.signaling.replay import ReplayGuard
+from ipop_switch.signaling.session import PeerRecord, SignalingSession
 
 A, M = "a" * 32, "f" * 32          # an honest member, a misbehaving one
 NOW = 7_000_000_000
@@ -57,3 +70,92 @@ def test_no_replay_is_ever_accepted_and_the_cache_stays_bounded(msgs):
             g.commit(sender, f"n{n}", ts, NOW)
             accepted.add((sender, n))
         assert len(g) <= 16
+
+
+# -- finding 4 (medium): the untrusted XMPP server saw ICE credentials ------------------------
+
+SECRET = {"ufrag": "Xq7u", "pwd": "s3cr3t-ice-password-of-the-link", "candidates": ["198.18.7.7 4000 typ host"]}
+
+
+class _Wire:
+    """Stands where the XMPP connection stands and keeps what the server would be handed."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, str, str]] = []
+        self.client = type("C", (), {"transport": True})()
+
+    def send_element(self, address: str, text: str, sig: str) -> None:
+        self.sent.append((address, text, sig))
+
+
+def _session(group: GroupCA, d) -> SignalingSession:
+    ident = NodeIdentity.create(d)
+    ident.install(group.bundle(group.issue(ident.request())))
+    s = SignalingSession(ident.membership("blue"), SignalingConfig(jid=f"{d.name}@x.test", password="p"))
+    s._conn = _Wire()
+    return s
+
+
+def _know(a: SignalingSession, b: SignalingSession) -> None:
+    a._peers[b.node_id] = PeerRecord(b.identity.own, {}, f"room/{b.node_id}", 0, time.monotonic())
+
+
+@pytest.fixture
+def pair(tmp_path):
+    group = GroupCA.create(tmp_path / "ca", "blue")
+    a, b, c = (_session(group, tmp_path / n) for n in ("a", "b", "c"))
+    for x in (a, b, c):
+        for y in (a, b, c):
+            if x is not y:
+                _know(x, y)
+    return a, b, c
+
+
+def _deliver(s: SignalingSession, text: str, sig: str) -> list:
+    """What the session does with an element from the room (as _on_element: drops are counted)."""
+    try:
+        s._receive(f"room/{s.node_id}", text, sig)
+    except Drop as d:
+        s.drops.add(d.reason, d.detail, "room")
+    out = []
+    while not s._events.empty():
+        out.append(s._events.get_nowait())
+    return out
+
+
+def test_link_bodies_reach_the_server_sealed_and_the_peer_in_the_clear(pair):
+    a, b, _ = pair
+    a._transmit(f"room/{b.node_id}", b.node_id, "link_offer", SECRET)
+    (_, text, sig), = a._conn.sent
+    on_the_server = base64.b64decode(text)
+    for v in ("s3cr3t-ice-password", "Xq7u", "198.18.7.7"):
+        assert v.encode() not in on_the_server, f"the server can read {v!r}"
+    events = _deliver(b, text, sig)
+    assert [e for e in events if isinstance(e, PeerMessage)] == [PeerMessage(a.node_id, "link_offer", SECRET)]
+
+
+def test_a_body_sealed_for_another_member_or_altered_is_dropped(pair):
+    a, b, c = pair
+    a._transmit(f"room/{c.node_id}", c.node_id, "link_offer", SECRET)
+    (_, text, _sig), = a._conn.sent
+    env, _, _ = parse(text, _sig)
+    # a (misbehaving) member re-addresses a's sealed body to b under its own signature: b cannot open it
+    text2, sig2 = encode(Envelope("blue", c.node_id, b.node_id, "link_offer", env.body), c.identity.sign)
+    assert _deliver(b, text2, sig2) == [] and b.drops.as_dict().get("bad_seal") == 1
+    # an unsealed body from an old or careless sender is refused, not read
+    text3, sig3 = encode(Envelope("blue", a.node_id, b.node_id, "link_offer", SECRET), a.identity.sign)
+    assert _deliver(b, text3, sig3) == [] and b.drops.as_dict().get("bad_seal") == 2
+    # bit flips in the sealed blob
+    blob = bytearray(base64.b64decode(json.loads(base64.b64decode(text))["body"]["sealed"]))
+    blob[-1] ^= 1
+    text4, sig4 = encode(Envelope("blue", a.node_id, b.node_id, "link_offer",
+                                  {"sealed": base64.b64encode(bytes(blob)).decode()}), a.identity.sign)
+    assert _deliver(b, text4, sig4) == [] and b.drops.as_dict().get("bad_seal") == 3
+
+
+def test_the_largest_payload_still_fits_sealed(pair):
+    a, b, _ = pair
+    big = {"blob": "x" * (MAX_BODY - 20)}
+    a._transmit(f"room/{b.node_id}", b.node_id, "link_offer", big)
+    (_, text, sig), = a._conn.sent
+    assert [e.payload for e in _deliver(b, text, sig) if isinstance(e, PeerMessage)] == [big]

@@ -27,7 +27,8 @@ ELEMENT = "ipsw"
 VERSION = 1
 CONTEXT = b"ipop-switch signaling v1\x00"     # domain separation: this key signs nothing else like it
 MAX_BODY = 16 * 1024                          # a body's JSON (payload of link messages), bytes
-MAX_ENVELOPE = MAX_BODY + 2048                # body + certificate in an announce + the fixed fields
+MAX_SEALED = 4 * math.ceil((MAX_BODY + 48) / 3) + 16   # the largest body sealed (seal.py): base64 + key + tag
+MAX_ENVELOPE = MAX_SEALED + 2048              # body + certificate in an announce + the fixed fields
 MAX_WIRE = 4 * math.ceil(MAX_ENVELOPE / 3)    # base64 of the largest envelope
 SIG_LEN = 64
 
@@ -66,9 +67,14 @@ class Envelope:
                           separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
 
 
+def json_bytes(body: dict) -> bytes:
+    """A body as compact JSON (what is sealed, and what the size limit counts)."""
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
+
+
 def body_size(body: dict) -> int:
     """Size of a body as encoded; raises ValueError for what JSON cannot carry (NaN, sets, ...)."""
-    return len(json.dumps(body, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode())
+    return len(json_bytes(body))
 
 
 def check_outgoing(msg_type: str, body: Any) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import json
 import logging
 import random
 import time
@@ -35,8 +36,10 @@ from .discovery import Discovery, MucDiscovery
 from .drops import DropCounter
 from .events import (Event, PeerAppeared, PeerChanged, PeerLeft, PeerMessage, PeerRefreshed, SendFailed,
                      SessionState)
-from .protocol import ANNOUNCE, NODE_ID_RE, RESERVED, Drop, Envelope, check_outgoing, encode, parse, sign_input
+from .protocol import (ANNOUNCE, NODE_ID_RE, RESERVED, Drop, Envelope, check_outgoing, encode, json_bytes, parse,
+                       sign_input)
 from .replay import ReplayGuard
+from .seal import SealError, info_of, seal, unseal
 from .xmpp import AuthFailed, ConnectFailed, SignalingError, TlsFailed, XmppConnection
 
 log = logging.getLogger(__name__)
@@ -281,6 +284,10 @@ class SignalingSession:
     def _transmit(self, address: str, to_node: str, msg_type: str, body: dict) -> None:
         if self._conn is None or not self._conn.client.transport:
             raise ConnectionError("not connected")
+        if msg_type != ANNOUNCE:
+            # end to end to the peer's certified tunnel key: the server relays, never reads
+            rec = self._peers[to_node]
+            body = seal(json_bytes(body), rec.peer.tunnel_public, info_of(self.overlay, self.node_id, to_node, msg_type))
         text, sig = encode(Envelope(self.overlay, self.node_id, to_node, msg_type, body), self.identity.sign)
         self._conn.send_element(address, text, sig)
         self.stats["sent"] += 1
@@ -328,12 +335,23 @@ class SignalingSession:
                 raise Drop(e.reason, e.detail) from None
         if not peer.verify_signature(signature, sign_input(raw)):
             raise Drop("bad_signature", f"claims {env.sender}")
+        body = env.body
+        if env.type != ANNOUNCE:
+            try:
+                body = json.loads(unseal(env.body, self.identity.node.tunnel_key,
+                                         info_of(self.overlay, env.sender, self.node_id, env.type)))
+            except SealError as e:
+                raise Drop("bad_seal", f"from {env.sender}: {e}") from None
+            except ValueError:
+                raise Drop("malformed", f"sealed body of {env.sender} is not JSON") from None
+            if not isinstance(body, dict):
+                raise Drop("malformed", f"sealed body of {env.sender} is not an object")
         self.replay.commit(env.sender, env.nonce, env.ts_ms)
         self.stats["received"] += 1
         if env.type == ANNOUNCE:
             self._on_announce(address, peer, caps)
         else:
-            self._emit(PeerMessage(env.sender, env.type, env.body))
+            self._emit(PeerMessage(env.sender, env.type, body))
 
     def _announce_peer(self, env: Envelope) -> tuple[VerifiedPeer, dict[str, Any]]:
         cert_b64, caps = env.body.get("cert"), env.body.get("caps", {})

@@ -23,7 +23,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from ipop_switch.identity import NodeIdentity
-from ipop_switch.signaling.protocol import ELEMENT, NAMESPACE, Envelope, encode, sign_input
+from ipop_switch.signaling.protocol import ELEMENT, NAMESPACE, Envelope, encode, json_bytes, sign_input
+from ipop_switch.signaling.seal import info_of, seal
 
 NS = NAMESPACE
 
@@ -50,7 +51,9 @@ def plan(c: dict) -> list[tuple[str, str, str | None, bool]]:
         base.update(kw)
         return Envelope(**base)
 
-    ok_text, ok_sig = encode(env(), me.sign)                            # a genuine message ("captured")
+    # a genuine message ("captured"), its body sealed to the target as members seal every body
+    ok_body = seal(json_bytes({"n": 0}), bytes.fromhex(c["target_tunnel"]), info_of(ov, snd, tgt, "probe"))
+    ok_text, ok_sig = encode(env(body=ok_body), me.sign)
     out.append(("accepted", ok_text, ok_sig, True))
     out.append(("replayed", ok_text, ok_sig, True))                     # the same bytes again
     out.append(("stale", *encode(env(ts_ms=int(time.time() * 1000) - 600_000), me.sign), True))
