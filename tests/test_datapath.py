@@ -22,8 +22,11 @@ from scapy.layers.l2 import Ether
 
 import pytest
 
-from ipop_switch.tunnel import accel, codec, gso
-from ipop_switch.tunnel.datapath import FMT_CONT, FMT_CSUM, FMT_TCP, Datapath, Session, Stats
+from ipop_switch.tunnel import accel, codec, gso, ice
+from ipop_switch.tunnel.codec import FMT_CONT, FMT_CSUM, FMT_TCP
+from ipop_switch.tunnel.datapath import Datapath
+from ipop_switch.tunnel.session import Session
+from ipop_switch.tunnel.stats import Stats
 
 SEG, CONT = FMT_CSUM | FMT_TCP, FMT_CSUM | FMT_TCP | FMT_CONT
 from test_gso import complete_checksum, tcp_ok
@@ -89,8 +92,8 @@ class Pair:
                           tap=self.tb, bridge_tso=b_takes_offload)
         self.sa = Session(k1, k2, 11, 22, initiator=True)
         self.sb = Session(k2, k1, 22, 11, initiator=True)
-        self.a.current, self.a.sessions[11] = self.sa, self.sa
-        self.b.current, self.b.sessions[22] = self.sb, self.sb
+        self.a.table.current, self.a.table.by_index[11] = self.sa, self.sa
+        self.b.table.current, self.b.table.by_index[22] = self.sb, self.sb
         self.a.send = self.wire.append
         self.a.set_peer_hints(self.b.local_hints())
         self.b.set_peer_hints(self.a.local_hints())
@@ -333,27 +336,31 @@ def test_interleaved_flows_and_a_gap_split_runs_but_keep_every_byte():
     run(go())
 
 
-class _Proto:
-    """The receiving end of a UDP socket as aioice's protocol looks to the datapath."""
+class _Proto(asyncio.DatagramProtocol):
+    """aioice's protocol on a candidate's UDP socket, as far as the hook sees it: what it
+    gets (STUN) is kept."""
 
-    def __init__(self, dp: Datapath) -> None:
-        self.dp = dp
+    def __init__(self) -> None:
         self.stun: list[bytes] = []
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
 
     def datagram_received(self, data: bytes, addr: tuple) -> None:
-        if data[0] == codec.TYPE_DATA:
-            self.dp.datagram(data, addr, self)
-        else:
-            self.stun.append(data)
+        self.stun.append(data)
 
 
-def gro_pair() -> tuple[Pair, socket.socket, _Proto]:
-    """A pair whose receiving end has the GRO splitter on a real UDP socket's protocol."""
+async def gro_pair() -> tuple[Pair, asyncio.DatagramTransport, _Proto]:
+    """A pair whose receiving end is hooked (ice.py) on a real UDP socket with GRO on."""
     p = Pair()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    proto = _Proto(p.b)
-    p.b._enable_gro(sock, proto)
-    return p, sock, proto
+    transport, proto = await asyncio.get_running_loop().create_datagram_endpoint(
+        _Proto, local_addr=("127.0.0.1", 0))
+    ice.install_hook(proto, p.b.receive)
+    assert ice.enable_gro(proto), "UDP_GRO refused (Linux >= 5.0 has it)"
+    sock = transport.get_extra_info("socket")
+    assert sock.getsockopt(17, 104) == 1            # SOL_UDP, UDP_GRO: set on the real socket
+    return p, transport, proto
 
 
 @settings(max_examples=60, deadline=None)
@@ -365,7 +372,7 @@ def test_gro_glued_datagrams_are_split_back(sf, stun_tail):
     frame = tso_frame(v6, body, opts, flags, seq, ipid)
 
     async def go():
-        p, sock, proto = gro_pair()
+        p, sock, proto = await gro_pair()
         try:
             p.tap_in(tso_vnet(frame, mss), frame)
             glued = b"".join(p.wire)
@@ -398,7 +405,7 @@ def test_a_forged_or_replayed_piece_of_a_gro_burst_loses_only_itself(sf, data):
     frame = tso_frame(v6, body, opts, flags, seq, ipid)
 
     async def go():
-        p, sock, proto = gro_pair()
+        p, sock, proto = await gro_pair()
         try:
             p.tap_in(tso_vnet(frame, mss), frame)
             wire = list(p.wire)
@@ -464,7 +471,7 @@ def test_fused_send_over_a_real_udp_socket_uses_gso_groups():
         rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, BUF)
         rx.settimeout(2.0)
         tx.setblocking(False)
-        p.a._sock, p.a._addr = tx, rx.getsockname()
+        p.a.tx._sock, p.a.tx._addr = tx, rx.getsockname()
         ref = Session(*p.keys, 11, 22, initiator=True)
         want = [ref.seal(seg, CONT if i else SEG, gso.Layout(frame).tcp_off)
                 for i, seg in enumerate(gso.segment(frame, 1348))]
@@ -473,7 +480,7 @@ def test_fused_send_over_a_real_udp_socket_uses_gso_groups():
         assert got == want
         assert not p.a.stats.drops and p.a.stats.tx_packets == len(want)
     finally:
-        p.a._sock = None
+        p.a.tx._sock = None
         p.close()
         rx.close()
         tx.close()
@@ -487,9 +494,9 @@ def test_no_continuation_marks_to_a_peer_that_did_not_announce_them():
     async def go():
         p = Pair()
         try:
-            assert p.b.local_hints() == {"offload": 1, "cont": 1} and p.a.tx_cont
+            assert p.b.local_hints() == {"offload": 1, "cont": 1} and p.a.tx.tx_cont
             p.a.set_peer_hints({"offload": 1})
-            assert not p.a.tx_cont and p.a.tx_offload
+            assert not p.a.tx.tx_cont and p.a.tx.tx_offload
             p.tap_in(tso_vnet(frame, 1000), frame)
             assert [d[1] for d in p.wire] == [SEG] * 20
             out = await p.deliver()

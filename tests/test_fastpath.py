@@ -17,7 +17,10 @@ from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 
 from ipop_switch.tunnel import accel, codec, gso
-from ipop_switch.tunnel.datapath import FMT_CONT, Datapath, Session, Stats
+from ipop_switch.tunnel.codec import FMT_CONT
+from ipop_switch.tunnel.datapath import Datapath
+from ipop_switch.tunnel.session import Session
+from ipop_switch.tunnel.stats import Stats
 
 from test_datapath import SEG, SeqTap, tso_frame, with_partial
 
@@ -75,7 +78,7 @@ def receiver(keys: tuple[bytes, bytes], c_loops: bool) -> tuple[Datapath, SeqTap
         tap = SeqTap()
         dp = Datapath(tap.fd, Stats(), lambda s, p: None, lambda *a: None, tap=tap)
         s = Session(keys[1], keys[0], 22, 11, initiator=True)
-        dp.current = dp.sessions[22] = s
+        dp.table.current = dp.table.by_index[22] = s
         dp.set_peer_hints({"offload": 1, "cont": 1})
         return dp, tap
     finally:

@@ -8,7 +8,9 @@ import os
 from hypothesis import given, settings, strategies as st
 
 from ipop_switch.tunnel import codec
-from ipop_switch.tunnel.datapath import Datapath, Session, Stats
+from ipop_switch.tunnel.datapath import Datapath
+from ipop_switch.tunnel.session import Session
+from ipop_switch.tunnel.stats import Stats
 
 u32 = st.integers(0, 2**32 - 1)
 u64 = st.integers(0, 2**64 - 1)
@@ -99,7 +101,7 @@ def _receiver(session):
     os.set_blocking(r, False)
     controls = []
     dp = Datapath(w, Stats(), lambda s, p: controls.append(p), lambda d, p, a: controls.append(("hs", d)))
-    dp.sessions[session.local_index] = session
+    dp.table.by_index[session.local_index] = session
     return dp, r, w, controls
 
 

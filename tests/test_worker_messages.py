@@ -55,3 +55,29 @@ def test_channel_framing_and_limits():
         r3.feed_eof()
         assert await messages.read_msg(r3) is None
     asyncio.run(go())
+
+
+def test_worker_snapshot_carries_the_fields_status_shows():
+    """The agent passes a worker's counters to ``status`` as they come (no renaming in
+    between), so the snapshot itself must carry the names agent/overlay.py reads."""
+    import time
+
+    from ipop_switch.tunnel.datapath import Datapath
+    from ipop_switch.tunnel.ice import Path
+    from ipop_switch.tunnel.link import LinkWorker
+    from ipop_switch.tunnel.session import Session
+
+    w = LinkWorker(spec(), lambda msg: None)
+    snap = w.snapshot()
+    assert snap["candidates"] is None and snap["last_handshake_s"] is None
+    w.dp = Datapath(-1, w.stats, lambda s, p: None, lambda *a: None)
+    w.dp.table.current = Session(b"\3" * 32, b"\4" * 32, 7, 8, initiator=True)
+    w.dp.table.current.created = time.monotonic() - 42.0
+    w.path = Path(lambda d: None, "direct", "host 198.18.0.1:4000", "srflx 198.18.0.2:5000",
+                  None, ("198.18.0.2", 5000))
+    snap = w.snapshot()
+    assert snap["candidates"] == "host->srflx"
+    assert 42.0 <= snap["last_handshake_s"] < 50.0
+    read_by_status = {"candidates", "rtt_ms", "tx_frames", "tx_bytes", "rx_frames", "rx_bytes", "drops",
+                      "last_handshake_s"}
+    assert read_by_status <= set(snap)

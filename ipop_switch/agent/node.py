@@ -154,7 +154,7 @@ class Node:
             for ov in self.overlays:
                 for link in ov.links.values():
                     if link.link_id in by_id:
-                        link.stats = normalise_stats(by_id[link.link_id])
+                        link.stats = by_id[link.link_id]     # already under status's names
         return self.snapshot()
 
     def snapshot(self) -> dict:
@@ -189,12 +189,3 @@ def kill_stale(rundir: Path) -> int:
             count += 1
     return count
 
-
-def normalise_stats(s: dict) -> dict:
-    """The worker's counters under the names status and metrics use."""
-    out = dict(s)
-    out["last_handshake_s"] = s.get("session_age")
-    local, remote = s.get("local") or "", s.get("remote") or ""
-    if local and remote:
-        out["candidates"] = f"{local.split()[0]}->{remote.split()[0]}"
-    return out

@@ -8,7 +8,7 @@
  *
  *  - TxKey.seal_tcp: cut a TSO super-frame into MSS segments and seal each as a data
  *    packet (header | AES-256-GCM ciphertext | tag), back to back, laid out for one UDP
- *    GSO send (datapath.Datapath._send_super's Python loop).
+ *    GSO send (send.Sender._send_super's Python loop).
  *  - RxState: a session's receive key and its replay window (codec.ReplayWindow's
  *    semantics exactly: a counter is taken at most once, nothing `size` or more behind
  *    the highest).

@@ -34,6 +34,21 @@ CTRL_PING = 0x01        # + 8-byte sender timestamp (ns)
 CTRL_PONG = 0x02        # + the echoed 8-byte timestamp
 ETH_MIN = 14
 
+# Data format (data header byte 1, inside the AEAD's AAD; docs/tunnel.md "Data packets").
+# 0: a complete frame (format v1). With FMT_CSUM the frame has a partial checksum
+# (NEEDS_CSUM): bytes 2-3 hold csum_start (big-endian), the checksum field is at
+# csum_start + 16 with FMT_TCP (a TCP segment the receiver may coalesce), else + 6 (UDP).
+# FMT_CONT (only with CSUM|TCP, only to a peer that announced "cont"): the next segment of
+# the super-frame the previous counter came from; the receiver may append it to the open
+# run without comparing headers.
+FMT_CSUM = 0x01
+FMT_TCP = 0x02
+FMT_CONT = 0x04
+FMT_KNOWN = FMT_CSUM | FMT_TCP | FMT_CONT
+FMT_SEG = FMT_CSUM | FMT_TCP                 # a TCP segment: the hot case
+FMT_CONT_SEG = FMT_SEG | FMT_CONT            # ... continuing the previous one's super-frame
+OFFLOAD_VERSION = 1                          # the "offload" hint both ends must announce
+
 # Counters: a session stops sending well before the 64-bit nonce space ends.
 REJECT_AFTER_MESSAGES = (1 << 64) - (1 << 13) - 1
 

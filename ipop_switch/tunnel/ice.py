@@ -8,10 +8,16 @@ and TURN allocation refreshes. What we add:
   because aioice nominates aggressively (the first pair that answers wins) and a relay
   pair must not beat a direct pair whose first check is still punching through a NAT;
 - data bypasses ``Connection.send``/``recv`` (a task or queue per packet): the datapath
-  sends on the selected pair's transport, or straight into the TURN channel, and our
-  packets are taken off each socket before aioice's STUN parser sees them;
+  sends on the selected pair's transport, or straight into the TURN channel, or (direct
+  paths) through a dup of the pair's socket with UDP GSO (``Path.dup_socket``);
+- one hook per socket (``install_hook``) takes our packets off before aioice's STUN
+  parser sees them and, once UDP GRO is on for the socket (``enable_gro``), splits the
+  glued datagrams of a burst;
 - stray non-STUN datagrams are counted instead of queued (aioice would queue them
   until someone calls recv(), which we never do).
+
+Every use of aioice's internals (private attributes, its protocols and transports) is in
+this module.
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ import asyncio
 import fnmatch
 import ipaddress
 import logging
+import os
 import secrets
+import socket
 import string
 import struct
 from dataclasses import dataclass
@@ -31,7 +39,7 @@ import ifaddr
 from aioice import ice as aioice_ice
 from aioice.candidate import Candidate
 
-from . import codec
+from . import batch_io, codec
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +135,34 @@ class Path:
     def describe(self) -> dict:
         return {"path": self.kind, "local": self.local, "remote": self.remote}
 
+    def candidates(self) -> str:
+        """The pair's candidate types, as ``status`` shows them: "host->srflx"."""
+        return f"{self.local.split()[0]}->{self.remote.split()[0]}"
+
+    def dup_socket(self) -> socket.socket | None:
+        """A non-blocking dup of a direct path's UDP socket (for GSO sends beside the event
+        loop's transport), or None for a relayed path or when there is none."""
+        if self.kind != "direct" or self.turn_inner is not None:
+            return None
+        try:
+            raw = self.protocol.transport.get_extra_info("socket")  # type: ignore[attr-defined]
+            sock = socket.socket(fileno=os.dup(raw.fileno()))
+        except (AttributeError, OSError, ValueError):
+            return None
+        if sock.type != socket.SOCK_DGRAM:
+            sock.close()
+            return None
+        sock.setblocking(False)
+        return sock
+
+    def enable_gro(self) -> bool:
+        """UDP GRO on this path's socket (see ``enable_gro``)."""
+        return enable_gro(self.protocol)
+
+    async def refresh_channel(self) -> None:
+        """Bind the TURN channel again (our sends bypass aioice's, which would refresh it)."""
+        await self.turn_inner.channel_bind(self.channel, self.remote_addr)  # type: ignore[union-attr]
+
 
 def _turn_inner(protocol) -> object | None:
     tr = getattr(protocol, "transport", None)
@@ -157,17 +193,86 @@ def make_path(protocol, remote: Candidate, remote_addr: tuple[str, int]) -> Path
                 protocol, remote_addr)
 
 
-def install_hook(protocol, on_ours: Callable[[bytes, tuple, object], None]) -> None:
-    """Take our packets (first byte 0xE1..0xE3) off ``protocol`` before aioice parses them."""
-    orig = protocol.datagram_received
-    lo, hi = codec.TYPE_INIT, codec.TYPE_DATA
+# What the hook hands our packets to: (buffer, segment size, sender, protocol, where the
+# pieces of a GRO buffer that are not data packets go) -- receive.Receiver.receive.
+OnOurs = Callable[[bytes, int, tuple, object, "Callable[[bytes, tuple], None] | None"], None]
+_LO, _HI, _DATA = codec.TYPE_INIT, codec.TYPE_DATA, codec.TYPE_DATA
+_MIN, _MIN2 = codec.DATA_MIN_LEN, 2 * codec.DATA_MIN_LEN
 
-    def datagram_received(data: bytes, addr: tuple) -> None:
-        if data and lo <= data[0] <= hi:
-            on_ours(data, addr, protocol)
+
+class _Hook:
+    """The one wrapper around a socket's ``datagram_received``: our packets (first byte
+    0xE1..0xE3) go to ``on_ours`` before aioice parses them, everything else to aioice.
+
+    With UDP GRO on (``enable_gro``) the peer's GSO sends arrive glued in one buffer (on
+    one machine the kernel does not even segment them). The event loop's transport knows
+    nothing of GRO, so the segment size is recovered from the data: the next packet of a
+    glued run carries the same receiver index and the next counter (a 12-byte pattern; a
+    false match fails the AEAD and is counted). Pieces that are not data packets go back
+    through ``route`` (ours to us, STUN to aioice)."""
+
+    __slots__ = ("protocol", "orig", "on_ours", "gro")
+
+    def __init__(self, protocol, on_ours: OnOurs) -> None:
+        self.protocol = protocol
+        self.orig = protocol.datagram_received
+        self.on_ours = on_ours
+        self.gro = False
+        protocol.datagram_received = self.received
+        protocol._ipsw_hook = self
+
+    def route(self, data: bytes, addr: tuple) -> None:
+        if data and _LO <= data[0] <= _HI:
+            self.on_ours(data, len(data), addr, self.protocol, None)
         else:
-            orig(data, addr)
-    protocol.datagram_received = datagram_received
+            self.orig(data, addr)
+
+    def received(self, data: bytes, addr: tuple) -> None:
+        if not data or not _LO <= data[0] <= _HI:
+            self.orig(data, addr)
+            return
+        n = len(data)
+        if not self.gro or n < _MIN2 or data[0] != _DATA:
+            self.on_ours(data, n, addr, self.protocol, None)
+            return
+        nxt = data[4:8] + ((int.from_bytes(data[8:16], "big") + 1) & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "big")
+        p = data.find(nxt, _MIN)
+        seg = p - 4 if p >= 0 and data[p - 4] == _DATA else n
+        self.on_ours(data, seg, addr, self.protocol, self.route)     # data packets skip the hooks
+
+
+def reply(protocol, data: bytes, addr: tuple) -> None:
+    """Send ``data`` back to ``addr`` on the socket (or TURN allocation) behind ``protocol``,
+    the one a datagram from ``addr`` came in on."""
+    protocol.transport.sendto(data, addr)
+
+
+def install_hook(protocol, on_ours: OnOurs) -> None:
+    """Take our packets off ``protocol`` (an aioice socket's) before aioice parses them."""
+    _Hook(protocol, on_ours)
+
+
+def enable_gro(protocol) -> bool:
+    """UDP GRO on the socket behind ``protocol`` (hooked by ``install_hook``): its hook then
+    splits glued bursts. True if it is on (now or already)."""
+    hook = getattr(protocol, "_ipsw_hook", None)
+    if hook is None:
+        return False
+    if hook.gro:
+        return True
+    try:
+        raw = protocol.transport.get_extra_info("socket")
+        sock = socket.socket(fileno=os.dup(raw.fileno()))    # the transport's own may be a wrapper
+    except (AttributeError, OSError, ValueError):
+        return False
+    try:
+        sock.setsockopt(batch_io.SOL_UDP, batch_io.UDP_GRO, 1)
+    except OSError:
+        return False
+    finally:
+        sock.close()
+    hook.gro = True
+    return True
 
 
 @dataclass

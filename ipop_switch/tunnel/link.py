@@ -1,11 +1,13 @@
-"""One peer link end to end: TAP, ICE attempts, handshake and rekeys, liveness, counters.
+"""One peer link's lifecycle: the state machine that runs ICE attempts, brings the link
+up, keeps it alive and ends it. What it drives lives beside it: ice.py (ICE and the
+sockets), keys.py (handshakes and rekeys), datapath.py (the frames), tap.py (the TAP).
 
 State machine (docs/tunnel.md, "Link states"), every wait bounded by a Timers value:
 
     controlling: GATHERING -> OFFERED -> CHECKING -> HANDSHAKE -> UP
     controlled:  WAIT_OFFER -> GATHERING -> CHECKING -> HANDSHAKE -> UP
     any failure or a dead path: the attempt ends (ICE closed, sessions dropped,
-    "down" reported if it was up) -> BACKOFF (0.5 s doubling to 4 s, jittered) -> again.
+    "down" reported if it was up) -> BACKOFF (0.5 s doubling to 2 s, jittered) -> again.
 
 The controlling node (higher node id) starts every attempt (link_offer) and is
 always the handshake initiator; the controlled node answers, and asks for a new
@@ -25,17 +27,20 @@ from typing import Callable
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from . import codec, handshake as hs
-from .datapath import Datapath, Session, Stats
-from .ice import TURN_CHANNEL_REFRESH, IceConfig, IceSession, Path, host_addresses, DEFAULT_EXCLUDE
+from . import codec
+from .datapath import Datapath
+from .ice import (DEFAULT_EXCLUDE, TURN_CHANNEL_REFRESH, IceConfig, IceSession, Path, host_addresses,
+                  reply)
+from .keys import Keys
 from .messages import LinkSpec
+from .session import Session
+from .stats import Stats
 from .tap import Tap
 from .timers import Timers, jitter
 
 log = logging.getLogger(__name__)
 
 Emit = Callable[[dict], None]
-HANDSHAKE_RATE = 20            # initiations processed per second at most (3 X25519 each)
 
 
 class State(enum.Enum):
@@ -59,12 +64,12 @@ class LinkWorker:
         self.spec = spec
         self.timers = Timers.from_dict(spec.timers)
         self._emit = emit
-        self.static = X25519PrivateKey.from_private_bytes(bytes(spec.local_static))
         self.state = State.NEW
         self.attempt = 0
         self.stats = Stats()
         self.tap = Tap(spec.tap, spec.mtu)
         self.dp: Datapath | None = None
+        self.keys: Keys | None = None
         self.ice: IceSession | None = None
         self.probe: IceSession | None = None
         self.path: Path | None = None
@@ -78,17 +83,6 @@ class LinkWorker:
         self._offer_event = asyncio.Event()
         self._answer: asyncio.Future | None = None
         self._confirmed = asyncio.Event()
-        self._prologue = b""
-        # handshake state
-        self._initiator: hs.Initiator | None = None
-        self._hs_started = 0.0
-        self._hs_sent = 0.0
-        self._last_ts = 0
-        self._last_init_ts = -1
-        self._hs_bucket = (0.0, 0)
-        self.previous: Session | None = None
-        self.next_: Session | None = None
-        self._previous_until = 0.0
         self._last_offer_payload: dict | None = None
         self._tasks: set[asyncio.Task] = set()
         # upgrade of a relayed path: a direct-only ICE probe beside the working relay
@@ -103,8 +97,11 @@ class LinkWorker:
         self.tap.open()
         self.dp = Datapath(self.tap.fd, self.stats, self._on_control, self._on_handshake_packet,
                            tap=self.tap, bridge_tso=self.spec.bridge_tso, offload=self.spec.offload)
-        self.dp.on_confirm = self._on_confirm
-        self.dp.max_frame = self.spec.mtu + 18
+        self.dp.set_on_confirm(self._on_confirm)
+        self.dp.tx.max_frame = self.spec.mtu + 18
+        static = X25519PrivateKey.from_private_bytes(bytes(self.spec.local_static))
+        self.keys = Keys(static, bytes(self.spec.peer_static), self.spec.link_id, self.timers,
+                         self.stats, self.dp.table)
         asyncio.get_running_loop().add_reader(self.tap.fd, self.dp.tap_readable)
         self._run_task = asyncio.create_task(self._run(), name=f"link-{self.spec.link_id}")
 
@@ -184,9 +181,9 @@ class LinkWorker:
 
     def rekey_now(self) -> bool:
         """Start a rekey at once (initiator only): used by tests and operators."""
-        if not self.spec.controlling or self.state != State.UP or self._initiator is not None:
+        if not self.spec.controlling or self.state != State.UP or self.keys.handshaking:  # type: ignore[union-attr]
             return False
-        self._start_handshake()
+        self.keys.start()  # type: ignore[union-attr]
         return True
 
     # -- the supervisor -------------------------------------------------------------
@@ -261,7 +258,7 @@ class LinkWorker:
 
     def _new_ice(self, attempt: int, direct_only: bool = False) -> IceSession:
         return IceSession(self._ice_config(direct_only), self.spec.controlling, attempt,
-                          self.dp.datagram, self._on_stray)  # type: ignore[union-attr]
+                          self.dp.receive, self._on_stray)  # type: ignore[union-attr]
 
     async def _attempt_controlling(self) -> None:
         t = self.timers
@@ -276,14 +273,16 @@ class LinkWorker:
         self._signal("link_offer", self._last_offer_payload)
         answer = await self._bounded(self._answer, t.answer_timeout, "link_answer")
         await self._connect(ice, answer)
-        self._set_prologue(ice.ufrag, ice.remote_ufrag)
+        keys = self.keys
+        assert keys is not None and self.dp is not None
+        keys.set_prologue(ice.ufrag, ice.remote_ufrag)
         self.state = State.HANDSHAKE
-        self._start_handshake()
+        keys.start()
         deadline = time.monotonic() + t.handshake_timeout
-        while self.dp.current is None:  # type: ignore[union-attr]
+        while self.dp.current is None:
             if time.monotonic() > deadline:
                 raise AttemptEnded(f"handshake: no response within {t.handshake_timeout:.0f}s")
-            self._handshake_tick()
+            keys.tick(self.dp.send)
             await asyncio.sleep(0.05)
         await self._up()
 
@@ -293,7 +292,7 @@ class LinkWorker:
         self.state = State.GATHERING
         self.ice = ice = self._new_ice(self.attempt)
         local = await self._bounded(ice.gather(), t.gather_timeout, "gathering")
-        self._set_prologue(offer.get("ufrag", ""), ice.ufrag)
+        self.keys.set_prologue(offer.get("ufrag", ""), ice.ufrag)  # type: ignore[union-attr]
         self._confirmed.clear()
         self._signal("link_answer", {"attempt": self.attempt, **local, "hints": self.dp.local_hints()})  # type: ignore[union-attr]
         await self._connect(ice, offer)
@@ -328,7 +327,8 @@ class LinkWorker:
 
     async def _up(self) -> None:
         """UP until the path dies: pings, dead-peer detection, rekeys, TURN refreshes, upgrades."""
-        t = self.timers
+        t, keys = self.timers, self.keys
+        assert keys is not None
         self.state = State.UP
         self.up_since = time.monotonic()
         self.stats.last_rx = max(self.stats.last_rx, self.up_since)
@@ -350,13 +350,11 @@ class LinkWorker:
             if cur is not None and now - cur.created > t.reject_after:
                 raise AttemptEnded("session expired without a rekey")
             if self.spec.controlling:
-                if self._initiator is None and cur is not None and now - cur.created > t.rekey_after:
-                    self._start_handshake()
-                self._handshake_tick()
+                if not keys.handshaking and cur is not None and now - cur.created > t.rekey_after:
+                    keys.start()
+                keys.tick(self.dp.send)  # type: ignore[union-attr]
                 self._maybe_probe(now)
-            if self.previous is not None and now > self._previous_until:
-                self._drop_session(self.previous)
-                self.previous = None
+            self.dp.table.expire(now)  # type: ignore[union-attr]
             if self.path and self.path.turn_inner is not None and now - self._channel_refreshed > TURN_CHANNEL_REFRESH:
                 self._channel_refreshed = now
                 self._spawn(self._refresh_channel(self.path))
@@ -370,7 +368,7 @@ class LinkWorker:
 
     async def _refresh_channel(self, path: Path) -> None:
         try:
-            await asyncio.wait_for(path.turn_inner.channel_bind(path.channel, path.remote_addr), 10)  # type: ignore[union-attr]
+            await asyncio.wait_for(path.refresh_channel(), 10)
         except Exception as e:
             log.info("link %s: TURN channel refresh failed: %s", self.spec.link_id, e)
 
@@ -381,11 +379,9 @@ class LinkWorker:
         was_up = self.up_since > 0
         self.up_since = 0.0
         if self.dp:
-            self.dp.send = None
-            self.dp.current = None
-            self.dp.sessions.clear()
-        self.previous = self.next_ = None
-        self._initiator = None
+            self.dp.detach()
+        if self.keys:
+            self.keys.reset()
         self.path = None
         self._answer = None
         if was_up:      # first: closing ICE may wait on a dead TURN server
@@ -459,116 +455,31 @@ class LinkWorker:
             self.probe = None
         await probe.close()
 
-    # -- handshake --------------------------------------------------------------------
-    def _set_prologue(self, ufrag_controlling: str, ufrag_controlled: str) -> None:
-        self._prologue = hs.prologue_for(self.spec.link_id, ufrag_controlling, ufrag_controlled)
-        self._last_init_ts = -1
-
-    def _start_handshake(self) -> None:
-        self._initiator = hs.Initiator(self.static, bytes(self.spec.peer_static), self._prologue)
-        self._hs_started = time.monotonic()
-        self._hs_sent = 0.0
-
-    def _handshake_tick(self) -> None:
-        """Initiator: (re)send a fresh initiation every handshake_retry until answered."""
-        if self._initiator is None or self.dp is None or self.dp.send is None:
-            return
-        now = time.monotonic()
-        if now - self._hs_sent < self.timers.handshake_retry:
-            return
-        self._hs_sent = now
-        self._last_ts = max(time.time_ns(), self._last_ts + 1)
-        pkt = self._initiator.initiation(hs.new_index(), self._last_ts)
-        try:
-            self.dp.send(pkt)
-        except OSError:
-            self.stats.drops["send_error"] += 1
-
+    # -- handshake messages ----------------------------------------------------------
     def _on_handshake_packet(self, data: bytes, protocol, addr: tuple) -> None:
         t = data[0]
+        keys = self.keys
+        assert keys is not None
         if t == codec.TYPE_INIT and not self.spec.controlling:
-            self._on_initiation(data, protocol, addr)
+            if not keys.prologue or self.state in (State.WAIT_OFFER, State.BACKOFF, State.CLOSED):
+                self.stats.drops["handshake_unexpected"] += 1
+                return
+            pkt = keys.on_initiation(data)
+            if pkt is not None:
+                try:
+                    reply(protocol, pkt, addr)     # back where the initiation came from
+                except OSError:
+                    self.stats.drops["send_error"] += 1
         elif t == codec.TYPE_RESP and self.spec.controlling:
-            self._on_response(data)
+            if keys.on_response(data):
+                self.dp.send_control(codec.CTRL_KEEPALIVE)    # confirms the session at the responder  # type: ignore[union-attr]
         else:
             self.stats.drops["handshake_unexpected"] += 1
 
-    def _rate_ok(self) -> bool:
-        now = time.monotonic()
-        start, n = self._hs_bucket
-        if now - start >= 1.0:
-            self._hs_bucket = (now, 1)
-            return True
-        if n >= HANDSHAKE_RATE:
-            return False
-        self._hs_bucket = (start, n + 1)
-        return True
-
-    def _on_initiation(self, data: bytes, protocol, addr: tuple) -> None:
-        if not self._prologue or self.state in (State.WAIT_OFFER, State.BACKOFF, State.CLOSED):
-            self.stats.drops["handshake_unexpected"] += 1
-            return
-        if not self._rate_ok():
-            self.stats.drops["handshake_ratelimit"] += 1
-            return
-        r = hs.Responder(self.static, bytes(self.spec.peer_static), self._prologue)
-        try:
-            got = r.consume_initiation(data)
-        except hs.HandshakeError:
-            self.stats.drops["handshake_auth"] += 1
-            return
-        if got.timestamp <= self._last_init_ts:
-            self.stats.drops["handshake_replay"] += 1
-            return
-        self._last_init_ts = got.timestamp
-        pkt, keys = r.response(got, hs.new_index())
-        s = Session(keys.send_key, keys.recv_key, keys.local_index, keys.remote_index, initiator=False)
-        if self.next_ is not None:
-            self._drop_session(self.next_)
-        self.next_ = s
-        self.dp.sessions[s.local_index] = s  # type: ignore[union-attr]
-        self.stats.handshakes += 1
-        try:
-            protocol.transport.sendto(pkt, addr)     # back where the initiation came from
-        except OSError:
-            self.stats.drops["send_error"] += 1
-
-    def _on_response(self, data: bytes) -> None:
-        if self._initiator is None:
-            self.stats.drops["handshake_unexpected"] += 1
-            return
-        try:
-            keys = self._initiator.consume_response(data)
-        except hs.HandshakeError:
-            self.stats.drops["handshake_auth"] += 1
-            return
-        self._initiator = None
-        s = Session(keys.send_key, keys.recv_key, keys.local_index, keys.remote_index, initiator=True)
-        self._install(s)
-        self.stats.handshakes += 1
-        self.dp.send_control(codec.CTRL_KEEPALIVE)    # confirms the session at the responder  # type: ignore[union-attr]
-
     def _on_confirm(self, s: Session) -> None:
         """Responder: the initiator used the new session, so switch sending to it."""
-        if s is self.next_:
-            self.next_ = None
-            self._install(s)
+        if self.keys is not None and self.keys.on_confirm(s):
             self._confirmed.set()
-
-    def _install(self, s: Session) -> None:
-        dp = self.dp
-        assert dp is not None
-        old = dp.current
-        if self.previous is not None and self.previous is not old:
-            self._drop_session(self.previous)
-        self.previous = old
-        self._previous_until = time.monotonic() + self.timers.previous_keep
-        dp.sessions[s.local_index] = s
-        dp.current = s
-
-    def _drop_session(self, s: Session) -> None:
-        if self.dp and self.dp.sessions.get(s.local_index) is s:
-            del self.dp.sessions[s.local_index]
 
     # -- control messages --------------------------------------------------------------
     def _on_control(self, s: Session, plain: bytes) -> None:
@@ -602,6 +513,7 @@ class LinkWorker:
         return task
 
     def snapshot(self) -> dict:
+        """The link's state and counters, under the names ``status`` shows."""
         d = {"link_id": self.spec.link_id, "peer_id": self.spec.peer_id, "tap": self.spec.tap,
              "state": self.state.value, "attempt": self.attempt, "controlling": self.spec.controlling,
              "up_for": round(time.monotonic() - self.up_since, 3) if self.up_since else 0.0,
@@ -609,9 +521,10 @@ class LinkWorker:
              **self.stats.as_dict()}
         if self.path:
             d.update(self.path.describe())
+            d["candidates"] = self.path.candidates()
         else:
-            d.update({"path": None, "local": None, "remote": None})
+            d.update({"path": None, "local": None, "remote": None, "candidates": None})
         cur = self.dp.current if self.dp else None
-        d["session_age"] = round(time.monotonic() - cur.created, 3) if cur else None
+        d["last_handshake_s"] = round(time.monotonic() - cur.created, 3) if cur else None
         d["session_index"] = cur.local_index if cur else None
         return d

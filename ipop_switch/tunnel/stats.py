@@ -1,0 +1,38 @@
+"""The counters of one link, shared by its send and receive loops and its state machine."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+
+class Stats:
+    """Counters a link reports to the agent."""
+
+    __slots__ = ("tx_frames", "tx_bytes", "rx_frames", "rx_bytes", "drops", "last_rx", "last_tx",
+                 "rtt_ms", "handshakes", "tx_packets", "rx_packets", "tx_super", "rx_coalesced", "mode")
+
+    def __init__(self) -> None:
+        self.tx_frames = self.tx_bytes = self.rx_frames = self.rx_bytes = 0
+        self.tx_packets = self.rx_packets = 0       # data packets on the wire (segments)
+        self.tx_super = self.rx_coalesced = 0       # TSO frames read / GSO frames written
+        self.drops: Counter[str] = Counter()
+        self.last_rx = 0.0          # monotonic time of the last authenticated packet
+        self.last_tx = 0.0
+        self.rtt_ms: float | None = None
+        self.handshakes = 0
+        self.mode = "per-packet"
+
+    def as_dict(self) -> dict:
+        now = time.monotonic()
+        return {
+            "tx_frames": self.tx_frames, "tx_bytes": self.tx_bytes,
+            "rx_frames": self.rx_frames, "rx_bytes": self.rx_bytes,
+            "tx_packets": self.tx_packets, "rx_packets": self.rx_packets,
+            "tx_super": self.tx_super, "rx_coalesced": self.rx_coalesced,
+            "datapath": self.mode,
+            "drops": dict(self.drops),
+            "since_last_rx": None if not self.last_rx else round(now - self.last_rx, 3),
+            "rtt_ms": None if self.rtt_ms is None else round(self.rtt_ms, 3),
+            "handshakes": self.handshakes,
+        }
