@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -29,10 +32,26 @@ from test_datapath import SEG, SeqTap, tso_frame, with_partial
 fp = accel.fastpath or importlib.import_module("ipop_switch.tunnel._fastpath")
 
 
+def _accel_in_a_fresh_process(no_accel: bool) -> dict:
+    """What ``accel`` decides at import, in a new interpreter (the decision is made once)."""
+    env = {k: v for k, v in os.environ.items() if k != "IPSW_NO_ACCEL"}
+    if no_accel:
+        env["IPSW_NO_ACCEL"] = "1"
+    code = ("import json; from ipop_switch.tunnel import accel; "
+            "from ipop_switch.tunnel.session import Session; "
+            "s = Session(bytes(32), bytes(32), 1, 2, initiator=True); "
+            "print(json.dumps({'name': accel.name(), 'c_keys': s.tx_fast is not None}))")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
 def test_the_datapath_runs_the_c_loops_unless_told_not_to():
-    assert accel.name() == ("c" if accel.fastpath is not None else f"python ({accel.why_not})")
-    if not os.environ.get("IPSW_NO_ACCEL"):
-        assert accel.fastpath is fp and accel.name() == "c"
+    """``accel.name()`` (what ``status`` shows) says "c" exactly when sessions get the C
+    keys, and IPSW_NO_ACCEL turns them off with the reason."""
+    assert _accel_in_a_fresh_process(no_accel=False) == {"name": "c", "c_keys": True}
+    assert _accel_in_a_fresh_process(no_accel=True) == {
+        "name": "python (turned off by IPSW_NO_ACCEL)", "c_keys": False}
 
 
 @settings(max_examples=300, deadline=None)

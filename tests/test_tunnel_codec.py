@@ -38,10 +38,35 @@ def test_data_header_roundtrip(receiver, counter, tail):
     assert h == codec.DataHeader(receiver, counter)
 
 
-@given(st.binary(max_size=200))
-def test_decoders_never_raise(b):
-    for dec in (codec.decode_initiation, codec.decode_response, codec.decode_data_header):
-        dec(b)
+# any bytes, and bytes that start like one of our packets (type, zero or not, near the sizes)
+packets = st.one_of(
+    st.binary(max_size=200),
+    st.builds(lambda t, z, n, tail: (bytes([t]) + z + tail)[:n],
+              st.sampled_from(sorted(codec.OUR_TYPES) + [0x01]),
+              st.sampled_from([b"\0\0\0", b"\0\1\0"]),
+              st.sampled_from([codec.DATA_MIN_LEN - 1, codec.DATA_MIN_LEN, codec.RESP_LEN, codec.INIT_LEN,
+                               codec.INIT_LEN + 1, 200]),
+              st.binary(min_size=200, max_size=200)))
+
+
+@settings(max_examples=500)
+@given(packets)
+def test_decoders_take_exactly_their_format(b):
+    """Each decoder returns None unless the bytes are its packet (type byte, three zero
+    bytes, the length), and what it returns encodes back to the same bytes."""
+    zero = b[1:4] == b"\0\0\0"
+    init = codec.decode_initiation(b)
+    assert (init is not None) == (len(b) == codec.INIT_LEN and b[0] == codec.TYPE_INIT and zero)
+    if init is not None:
+        assert codec.encode_initiation(init) == b
+    resp = codec.decode_response(b)
+    assert (resp is not None) == (len(b) == codec.RESP_LEN and b[0] == codec.TYPE_RESP and zero)
+    if resp is not None:
+        assert codec.encode_response(resp) == b
+    hdr = codec.decode_data_header(b)
+    assert (hdr is not None) == (len(b) >= codec.DATA_MIN_LEN and b[0] == codec.TYPE_DATA and zero)
+    if hdr is not None:
+        assert codec.encode_data_header(hdr.receiver, hdr.counter) == b[:codec.DATA_HEADER_LEN]
 
 
 def test_type_bytes_clear_of_stun_dtls_turn():
