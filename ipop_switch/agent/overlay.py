@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,13 +25,31 @@ from ..config import OverlayConfig
 from ..errors import IpopError
 from ..identity.store import NodeIdentity
 from ..tunnel.messages import LinkSpec, TurnServer
+from ..tunnel.timers import Timers
 
 log = logging.getLogger("ipop_switch.agent")
 
 LINK_TYPES = ("link_offer", "link_answer", "link_close", "link_restart", "link_probe", "link_probe_answer")
 TOPOLOGY = "topology"
-OFP_PORT_BASE = 6653
 SIGNALING_START_TIMEOUT = 15.0
+LINK_TIMERS_ENV = "IPSW_LINK_TIMERS"
+
+
+def link_timers() -> dict[str, float]:
+    """Per-link timer overrides from $IPSW_LINK_TIMERS (JSON, e.g. '{"rekey_after": 4}'):
+    lets the lab tests see a rekey or an upgrade probe in seconds instead of minutes.
+    Unset, every link runs the defaults of tunnel/timers.py."""
+    raw = os.environ.get(LINK_TIMERS_ENV)
+    if not raw:
+        return {}
+    try:
+        d = json.loads(raw)
+        if not isinstance(d, dict):
+            raise ValueError("not a JSON object")
+        Timers.from_dict(d)
+    except ValueError as e:
+        raise IpopError(f"{LINK_TIMERS_ENV}: {e}") from None
+    return d
 
 
 @dataclass
@@ -77,14 +97,14 @@ class Overlay:
     async def start(self) -> None:
         ident = NodeIdentity.load(self.node.cfg.node.identity_dir)
         self.me = ident.membership(self.cfg.name)
+        self.timers = link_timers()
         self.node_id = ident.node_id
         self.node.node_id = ident.node_id
         self.tunnel_private = ident.tunnel_private_bytes()
         self.bridge = OverlayBridge(self.node.ovs, self.cfg.bridge, netns=self.node.netns)
         self.bridge.create(mac=stable_mac(self.node_id, self.cfg.name), mtu=self.cfg.mtu,
                            address=self.cfg.address, address6=self.cfg.address6)
-        self.switch = SwitchController(self.node.ovs, self.cfg.bridge, ofp_port=OFP_PORT_BASE + self.index,
-                                       mtu=self.cfg.mtu)
+        self.switch = SwitchController(self.node.ovs, self.cfg.bridge, mtu=self.cfg.mtu)
         await self.switch.start()
         await self.switch.set_node_id(self.node_id)
         await self.switch.add_local_port(self.cfg.bridge)
@@ -179,6 +199,7 @@ class Overlay:
             mtu=self.cfg.mtu + 8,  # flood frames carry two VLAN tags between nodes (docs/switch.md)
             stun=ice.stun_addr(), turn=turn,
             exclude_interfaces=tuple(ice.ignore_interfaces) + tuple(o.bridge for o in self.node.cfg.overlay) + ("ipt*",),
+            timers=self.timers,
         )
         self.links[peer.node_id] = link
         self.by_link_id[link_id] = link
