@@ -3,7 +3,9 @@
 One ``sendmsg`` with ``UDP_SEGMENT`` carries up to 64 equal-size datagrams (the last
 may be shorter) of at most 65507 payload bytes in all; one ``recvmsg`` with
 ``UDP_GRO`` returns several datagrams of one sender glued together, with the
-segment size in a control message. Constants and limits: shared/datapath-facts.md.
+segment size in a control message. ``SOL_UDP`` 17, ``UDP_SEGMENT`` 103 (Linux 4.18),
+``UDP_GRO`` 104 (Linux 5.0); a 64 KiB super-frame plus the per-segment overhead does not
+fit one GSO send, so the sender splits it into groups.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ A TAP opened with ``IFF_VNET_HDR`` and TSO offloads hands us TCP "super-frames" 
 up to 64 KiB, each behind a 10-byte ``virtio_net_hdr``. We encrypt per MSS segment
 (so a lost datagram loses one segment, not 64 KiB), and the receiver coalesces
 contiguous segments back into one GSO frame for a single TAP write, which is the
-largest single lever measured (shared/datapath-facts.md). Checksums are never
+largest single lever measured (868 -> 2033 Mbit/s for one TCP stream; it also cuts the
+ACKs crossing the tunnel to about one per super-frame). Checksums are never
 computed for TCP payloads: segments keep ``NEEDS_CSUM`` end to end (the AEAD
 covers integrity) and their checksum field carries the pseudo-header partial sum
 for their own length, exactly what the kernel expects with ``NEEDS_CSUM``.

@@ -27,7 +27,8 @@ class TurnServer:
 
 @dataclass(frozen=True)
 class LinkSpec:
-    """Everything a worker needs to run one link (contracts.md, "Tunnel workers")."""
+    """Everything a worker needs to run one link: the agent makes one per peer it links
+    to (agent/overlay.py); docs/tunnel.md describes what the worker does with it."""
     link_id: str
     peer_id: str
     controlling: bool

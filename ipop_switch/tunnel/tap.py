@@ -1,8 +1,9 @@
 """A link's TAP device: the peer's port on the node's OVS bridge.
 
-The host stack is kept off it (datapath-facts.md): no addresses, ``arp_ignore=1``
-so the kernel never answers ARP for the bridge's address on the TAP (frames would
-then bypass OVS), IPv6 disabled. The device is not persistent: it disappears when
+The host stack is kept off it: no addresses, ``arp_ignore=1`` so the kernel never
+answers ARP for the bridge's address on the TAP (with OVS's userspace datapath every
+system port is also a live host interface: the peer would learn the TAP's MAC and
+frames would bypass OVS without any sign), IPv6 disabled. The device is not persistent: it disappears when
 its file descriptor closes, so the agent must remove the OVS port first.
 """
 
