@@ -27,11 +27,14 @@ from .peers import System, TincSwitch, Underlay, WireguardGo
 PEERS: dict[str, type[System]] = {"underlay": Underlay, "wireguard-go": WireguardGo, "tinc": TincSwitch}
 PACKAGES = {"wireguard-go": ("wireguard-go", "wireguard-go"), "wg": ("wg", "wireguard-tools"),
             "tincd": ("tincd", "tinc"), "iperf3": ("iperf3", "iperf3")}
+NEEDS = {"wireguard-go": ("wireguard-go", "wg"), "tinc": ("tincd",)}    # system -> binaries beside iperf3
 
 
-def ensure_packages(console: Console) -> None:
-    """Install the peers' Debian packages when missing (the bench runs as root)."""
-    missing = sorted({pkg for binary, pkg in PACKAGES.values() if not shutil.which(binary)})
+def ensure_packages(console: Console, systems: list[str]) -> None:
+    """Install the Debian packages of the systems to measure when missing (the bench runs as
+    root); a peer that is not measured is not installed."""
+    binaries = {"iperf3", *(b for s in systems for b in NEEDS.get(s, ()))}
+    missing = sorted({PACKAGES[b][1] for b in binaries if not shutil.which(PACKAGES[b][0])})
     if not missing:
         return
     console.print(f"installing {', '.join(missing)} ...")
@@ -61,7 +64,7 @@ def run_bench(*, systems: list[str], runs: int = 3, seconds: float = 10.0, conso
               extra_systems: dict[str, type[System]] | None = None,
               variants: tuple[str, ...] = ("relay", "loss1")) -> dict:
     proc.require_root()
-    ensure_packages(console)
+    ensure_packages(console, systems)
     registry = {**PEERS, **(extra_systems or {})}
     unknown = [s for s in systems if s not in registry]
     if unknown:
