@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 
 from conftest import helper, unique_name
+from helpers.wait import readline_within
 from ipop_switch import proc
 from ipop_switch.lab import Lab, LabSpec, SiteSpec, list_namespaces
 from ipop_switch.lab.lab import STATE_ROOT
@@ -33,7 +31,8 @@ def listen_then(lab: Lab, host: str, port: int, send_from: list[tuple[str, list[
     p = lab.popen(host, PROBE + ["probe", "--port", str(port), "--wait", str(wait), STUN1],
                   stdout=subprocess.PIPE, text=True)
     try:
-        first = json.loads(p.stdout.readline())
+        first = json.loads(readline_within(p.stdout, 15, f"the STUN probe on {host}") or "null")
+        assert first, f"the STUN probe on {host} printed nothing"
         mapped = first["mapped"][0]
         assert mapped, "no STUN answer"
         for sender, extra in send_from:
@@ -85,13 +84,18 @@ def test_turn_allocation_and_stun(natlab, transport):
     assert "srflx" in kinds, out
     relay = [c for c in json.loads(out)["candidates"] if c["type"] == "relay"][0]
     assert relay["host"] == TURN_ADDR
+    alloc = json.loads(out)["allocation"]
+    assert alloc["ok"] and alloc["relayed"][0] == TURN_ADDR, alloc
 
 
 def test_turn_refuses_wrong_password(natlab):
     s = natlab.services()["turn"]
-    out = natlab.exec("hardh1", helper("turn_alloc") + [s["address"], str(s["port"]), s["user"], "wrong", "udp"], check=False)
-    kinds = {c["type"] for c in json.loads(out.stdout)["candidates"]} if out.returncode == 0 else set()
-    assert "relay" not in kinds
+    out = natlab.exec("hardh1", helper("turn_alloc") + [s["address"], str(s["port"]), s["user"], "wrong", "udp"]).stdout
+    got = json.loads(out)
+    kinds = {c["type"] for c in got["candidates"]}
+    assert "srflx" in kinds, got                  # the helper ran and reached the server (STUN answered) ...
+    assert "relay" not in kinds, got              # ... which refused the allocation ...
+    assert got["allocation"]["ok"] is False and got["allocation"]["code"] == 401, got   # ... for the credentials
 
 
 def test_none_and_one2one_map_to_public_address_with_stable_port(natlab):
@@ -161,7 +165,8 @@ def test_loss_and_udp_blocked(lab_factory):
         assert lab.exec(host, ["ping", "-c", "1", "-W", "2", TURN_ADDR], check=False).returncode == 0  # ICMP still flows
     s = lab.services()["turn"]
     out = lab.exec("noudph1", helper("turn_alloc") + [s["address"], str(s["port"]), s["user"], s["password"], "tcp"]).stdout
-    assert "relay" in {c["type"] for c in json.loads(out)["candidates"]}
+    assert "relay" in {c["type"] for c in json.loads(out)["candidates"]}, out
+    assert json.loads(out)["allocation"]["ok"], out
 
 
 
@@ -228,7 +233,7 @@ def test_lossy_sites_segment_udp_gso_bursts_so_loss_is_per_datagram(lab_factory)
         """What the receiver ``rx_code`` prints after 20 GSO bursts of 40 datagrams from src to dst."""
         rx = lab.popen(dst, [sys.executable, "-c", rx_code, str(port)], stdout=subprocess.PIPE, text=True)
         try:
-            assert rx.stdout.readline().strip() == "ready"
+            assert readline_within(rx.stdout, 10, f"the receiver on {dst}").strip() == "ready"
             lab.exec(src, [sys.executable, "-c", _GSO_TX, lab.host(dst).public_ip, str(port)], timeout=30)
             out, _ = rx.communicate(timeout=30)
         finally:

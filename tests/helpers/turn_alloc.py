@@ -1,11 +1,42 @@
 """Gather ICE candidates with aioice against the lab's coturn: a relayed candidate
-proves a TURN allocation, a server-reflexive one proves STUN. Prints JSON."""
+proves a TURN allocation, a server-reflexive one proves STUN. Prints JSON.
+
+aioice drops a failed allocation silently (no relay candidate, no error), so the helper
+also asks for one allocation itself and reports the server's answer: a test of a refusal
+sees *why* there is no relay (401 for a wrong password), not just that there is none."""
 
 import asyncio
 import json
 import sys
 
 import aioice
+from aioice import stun, turn
+
+
+class _Closed(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.lost = asyncio.get_running_loop().create_future()
+
+    def connection_lost(self, exc) -> None:
+        if not self.lost.done():
+            self.lost.set_result(None)
+
+
+async def allocate(server: str, port: int, user: str, password: str, transport: str) -> dict:
+    """One TURN allocation: {"ok": True, "relayed": [host, port]} or the error (code from the server)."""
+    try:
+        tr, proto = await asyncio.wait_for(turn.create_turn_endpoint(
+            _Closed, server_addr=(server, port), username=user, password=password,
+            transport=transport), 10)
+    except stun.TransactionFailed as e:
+        code = e.response.attributes.get("ERROR-CODE", (None, ""))[0]
+        return {"ok": False, "code": code, "error": str(e)}
+    except (stun.TransactionError, OSError, asyncio.TimeoutError) as e:
+        return {"ok": False, "code": None, "error": f"{type(e).__name__}: {e}"}
+    relayed = tr.get_extra_info("sockname")
+    tr.close()                                # deletes the allocation
+    await asyncio.wait_for(proto.lost, 5)
+    return {"ok": True, "relayed": list(relayed)}
 
 
 async def main(server: str, port: int, user: str, password: str, transport: str) -> dict:
@@ -21,7 +52,7 @@ async def main(server: str, port: int, user: str, password: str, transport: str)
     await asyncio.wait_for(conn.gather_candidates(), 20)
     cands = [{"type": c.type, "host": c.host, "port": c.port} for c in conn.local_candidates]
     await conn.close()
-    return {"candidates": cands}
+    return {"candidates": cands, "allocation": await allocate(server, port, user, password, transport)}
 
 
 if __name__ == "__main__":
