@@ -7,11 +7,29 @@ import time
 
 from conftest import unique_name
 from helpers.link_harness import Mesh
+from helpers.wait import async_wait_until
 from ipop_switch import proc
 from ipop_switch.lab import Lab, LabSpec, SiteSpec
 
 UP_TIMEOUT = 30.0
 UPGRADE_TIMEOUT = 20.0
+PROBE_TIMEOUT = 20.0
+# probes one second apart, their ICE checks given up after 3 s: a failed probe is seen in ~4 s
+TIMERS = {"upgrade_interval": 1.0, "checks_timeout": 3.0}
+
+
+def probe_ran_and_ended(relayed: list[tuple[str, str, str]], link_id: str, start: int) -> bool:
+    """In the signaling the test relayed since ``start``: a probe offer, its answer, then a next
+    probe offer. The controlling side starts a probe only once the previous one has ended, so this
+    says one probe ran its checks to the end and did not move the link."""
+    types = [t for _, t, lid in relayed[start:] if lid == link_id and t in ("link_probe", "link_probe_answer")]
+    try:
+        first = types.index("link_probe")
+        answer = types.index("link_probe_answer", first)
+        types.index("link_probe", answer)
+    except ValueError:
+        return False
+    return True
 
 
 def test_relayed_link_upgrades_to_direct_without_loss():
@@ -30,14 +48,17 @@ def test_relayed_link_upgrades_to_direct_without_loss():
             mesh = Mesh(lab)
             try:
                 await mesh.start(["ah1", "bh1"])
-                lp = await mesh.open("ah1", "bh1", index=1, timers={"upgrade_interval": 2.0})
+                lp = await mesh.open("ah1", "bh1", index=1, timers=TIMERS)
                 ea, eb = await mesh.wait_up(lp, UP_TIMEOUT)
                 assert ea["path"] == eb["path"] == "relay", (ea, eb)
                 assert (await mesh.ping("ah1", lp.addr_b, count=2)).returncode == 0
                 since = (len(lp.a.events), len(lp.b.events))
                 # a probe while blocked fails and leaves the relayed link working
-                await asyncio.sleep(5)
+                await async_wait_until(lambda: probe_ran_and_ended(mesh.relayed, lp.link_id, 0), PROBE_TIMEOUT,
+                                       "a direct probe to run and fail while the direct path is blocked")
                 assert not [e for e in lp.a.events[since[0]:] if e.get("ev") in ("path", "down")]
+                st = await lp.a.link_stats(lp.link_id)
+                assert st["path"] == "relay" and st["upgrades"] == 0, st
                 proc.run(["nft", "delete", "table", "inet", "block"], netns=lab.netns_of("ah1"))
                 t0 = time.monotonic()
                 # keep traffic flowing across the switch: a ping every 0.05 s must all come back

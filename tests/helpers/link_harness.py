@@ -12,7 +12,7 @@ import secrets
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -134,8 +134,8 @@ class NodeClient:
     async def stop(self) -> None:
         try:
             await self.req("exit", timeout=10)
-        except Exception:
-            pass
+        except (RuntimeError, asyncio.TimeoutError, ConnectionError, OSError):
+            pass                      # the harness is gone already: it is waited for or killed below
         if self.popen:
             try:
                 await asyncio.to_thread(self.popen.wait, 15)
@@ -157,6 +157,11 @@ class LinkPair:
     opened_at: float = 0.0
 
 
+class RelayError(AssertionError):
+    """A signaling message the test relayed was refused or lost: the link under test would wait
+    for it (a stand-in for XMPP must not drop messages silently, or a test fails far from the cause)."""
+
+
 class Mesh:
     """Harnesses on several hosts plus the relay of their signaling messages."""
 
@@ -165,18 +170,27 @@ class Mesh:
         self.nodes: dict[str, NodeClient] = {}
         self.links: dict[str, LinkPair] = {}
         self.relayed: list[tuple[str, str, str]] = []
+        self.relay_errors: list[str] = []
         self.block_signaling: set[str] = set()
+        self.stopping = False         # messages of links closing at stop are not relayed
+
+    def check_relay(self) -> None:
+        """Fail if any relayed message could not be delivered."""
+        if self.relay_errors:
+            raise RelayError("signaling relay failed: " + "; ".join(self.relay_errors[:5])
+                             + (f" (+{len(self.relay_errors) - 5} more)" if len(self.relay_errors) > 5 else ""))
 
     async def _relay(self, src: NodeClient, msg: dict) -> None:
         lp = self.links.get(msg["link_id"])
-        if lp is None or msg["link_id"] in self.block_signaling:
+        if lp is None or msg["link_id"] in self.block_signaling or self.stopping:
             return
         dst = lp.b if src is lp.a else lp.a
         self.relayed.append((src.host, msg["type"], msg["link_id"]))
         try:
             await dst.req("deliver", link_id=msg["link_id"], type=msg["type"], payload=msg["payload"])
-        except Exception:
-            pass
+        except Exception as e:       # recorded, and raised by check_relay (wait_up, stop)
+            self.relay_errors.append(f"{src.host}->{dst.host} {msg['type']} {msg['link_id']}: "
+                                     f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
 
     async def start(self, hosts: list[str], processes: int = 1) -> "Mesh":
         clients = [NodeClient(self.lab, h, processes, relay=self._relay) for h in hosts]
@@ -214,9 +228,14 @@ class Mesh:
         return lp
 
     async def wait_up(self, lp: LinkPair, timeout: float, since: tuple[int, int] = (0, 0)) -> tuple[dict, dict]:
-        ea, eb = await asyncio.gather(
-            lp.a.wait_event(lambda e: e.get("ev") == "up" and e.get("link_id") == lp.link_id, timeout, f"up {lp.link_id}", since[0]),
-            lp.b.wait_event(lambda e: e.get("ev") == "up" and e.get("link_id") == lp.link_id, timeout, f"up {lp.link_id}", since[1]))
+        try:
+            ea, eb = await asyncio.gather(
+                lp.a.wait_event(lambda e: e.get("ev") == "up" and e.get("link_id") == lp.link_id, timeout, f"up {lp.link_id}", since[0]),
+                lp.b.wait_event(lambda e: e.get("ev") == "up" and e.get("link_id") == lp.link_id, timeout, f"up {lp.link_id}", since[1]))
+        except TimeoutError:
+            self.check_relay()          # a lost message is the likelier cause: say so
+            raise
+        self.check_relay()
         return ea, eb
 
     async def ping(self, host: str, addr: str, count: int = 3, timeout: float = 10.0, size: int | None = None,
@@ -229,7 +248,9 @@ class Mesh:
         return await asyncio.to_thread(self.lab.exec, host, argv + [addr], check=False, timeout=timeout + 5)
 
     async def stop(self) -> None:
+        self.stopping = True
         await asyncio.gather(*(c.stop() for c in self.nodes.values()), return_exceptions=True)
+        self.check_relay()
 
 
 def run(coro, timeout: float):
