@@ -20,6 +20,9 @@
  *    handles that packet and counts the drop. A segment it authenticated but cannot
  *    coalesce (a pure ACK, SYN/RST/URG, a bad layout) is handed back to Python.
  *
+ *  Objects made with __new__ alone, or whose __init__ failed, raise RuntimeError
+ *  from every method instead of using a missing key or window.
+ *
  * Nothing here trusts the peer beyond the AEAD: lengths are checked before every copy,
  * and merged frames are validated again by gso.check_vnet before a TAP write.
  * AES-GCM is OpenSSL's (libcrypto, the same library the `cryptography` package wraps).
@@ -105,12 +108,22 @@ static EVP_CIPHER_CTX *new_ctx(PyObject *key, int enc) {
     return ctx;
 }
 
+/* A failed __init__ (also a second one) leaves the object as it was; methods of an object
+ * never initialised (TxKey.__new__(TxKey)) raise instead of touching a NULL context. */
 static int TxKey_init(TxKey *self, PyObject *args, PyObject *kw) {
     PyObject *key;
     if (!PyArg_ParseTuple(args, "O", &key)) return -1;
+    EVP_CIPHER_CTX *ctx = new_ctx(key, 1);
+    if (!ctx) return -1;
     if (self->ctx) EVP_CIPHER_CTX_free(self->ctx);
-    self->ctx = new_ctx(key, 1);
-    return self->ctx ? 0 : -1;
+    self->ctx = ctx;
+    return 0;
+}
+
+static int not_ready(const void *ptr, const char *what) {
+    if (ptr) return 0;
+    PyErr_Format(PyExc_RuntimeError, "%s: not initialised (call __init__ with a key)", what);
+    return 1;
 }
 
 static void TxKey_dealloc(TxKey *self) {
@@ -144,6 +157,7 @@ static PyObject *TxKey_seal_tcp(TxKey *self, PyObject *args) {
     Py_ssize_t po, t, gso, i0, i1;
     unsigned long long counter0;
     PyObject *res = NULL;
+    if (not_ready(self->ctx, "TxKey")) return NULL;
     if (!PyArg_ParseTuple(args, "y*nnnnnKy*y*w*", &fr, &po, &t, &gso, &i0, &i1, &counter0,
                           &pre, &pnx, &out))
         return NULL;
@@ -249,19 +263,25 @@ static int RxState_init(RxState *self, PyObject *args, PyObject *kw) {
         PyErr_SetString(PyExc_ValueError, "replay window size must be 1 .. 2^20");
         return -1;
     }
+    /* everything new is made first: a failed (second) __init__ leaves the old state */
+    uint32_t nbits = (uint32_t)((size + 63) / 64 * 64);
+    EVP_CIPHER_CTX *ctx = new_ctx(key, 0);
+    if (!ctx) return -1;
+    uint64_t *bits = PyMem_Calloc(nbits / 64, 8);
+    if (!bits) { EVP_CIPHER_CTX_free(ctx); PyErr_NoMemory(); return -1; }
     if (self->ctx) EVP_CIPHER_CTX_free(self->ctx);
     PyMem_Free(self->bits);
-    self->bits = NULL;
-    self->ctx = new_ctx(key, 0);
-    if (!self->ctx) return -1;
+    self->ctx = ctx;
+    self->bits = bits;
     self->size = (uint32_t)size;
-    self->nbits = (uint32_t)((size + 63) / 64 * 64);
-    self->bits = PyMem_Calloc(self->nbits / 64, 8);
-    if (!self->bits) { PyErr_NoMemory(); return -1; }
+    self->nbits = nbits;
     self->highest = 0;
     self->any = 0;
     return 0;
 }
+
+/* RxState.__new__(RxState) has no key and no window (nbits 0: a division by zero). */
+static inline int rx_not_ready(RxState *self) { return not_ready(self->bits, "RxState"); }
 
 static void RxState_dealloc(RxState *self) {
     if (self->ctx) EVP_CIPHER_CTX_free(self->ctx);
@@ -314,6 +334,7 @@ static int counter_arg(PyObject *o, uint64_t *c) {
 
 static PyObject *RxState_check(RxState *self, PyObject *o) {
     uint64_t c;
+    if (rx_not_ready(self)) return NULL;
     int r = counter_arg(o, &c);
     if (r < 0) return NULL;
     return PyBool_FromLong(win_check(self, c));
@@ -321,6 +342,7 @@ static PyObject *RxState_check(RxState *self, PyObject *o) {
 
 static PyObject *RxState_update(RxState *self, PyObject *o) {
     uint64_t c;
+    if (rx_not_ready(self)) return NULL;
     int r = counter_arg(o, &c);
     if (r < 0) return NULL;
     if (!win_check(self, c)) Py_RETURN_FALSE;
@@ -525,6 +547,10 @@ static PyObject *FastRx_open_burst(FastRx *self, PyObject *args) {
     Py_ssize_t n = d.len, got = 0;
     PyObject *plain = NULL;
     int pfmt = 0, pcs = 0, err = 0;
+    if (rx_not_ready(rx)) {
+        err = 1;
+        goto done;
+    }
     if (key.len != 4 || seg <= 0 || o < 0) {
         PyErr_SetString(PyExc_ValueError, "open_burst: bad arguments");
         err = 1;
