@@ -86,7 +86,7 @@ def test_the_c_loops_refuse_bad_arguments_without_crashing():
     rx = fp.FastRx()
     with pytest.raises(ValueError):
         rx.open_burst(fp.RxState(os.urandom(32)), b"abc", b"\xe3" * 64, 0, 64, [])
-    assert rx.open_burst(fp.RxState(os.urandom(32)), b"abcd", b"\xe3" * 64, 0, 64, []) == (0, 0, None, 0, 0)
+    assert rx.open_burst(fp.RxState(os.urandom(32)), b"abcd", b"\xe3" * 64, 0, 64, []) == (0, 0, None, 0, 0, 0)
 
 
 def receiver(keys: tuple[bytes, bytes], c_loops: bool) -> tuple[Datapath, SeqTap]:

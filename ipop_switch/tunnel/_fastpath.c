@@ -15,10 +15,12 @@
  *  - FastRx.open_burst: open consecutive TCP-segment data packets of one session from a
  *    UDP GRO buffer and coalesce contiguous ones into one GSO frame (gso.Coalescer's
  *    rules; a segment the sender marked FMT_CONT with the next counter is decrypted
- *    straight behind the run's payload). It stops, consuming nothing, at anything else
- *    (another session, another format, a replay, a failed tag): the Python path then
- *    handles that packet and counts the drop. A segment it authenticated but cannot
- *    coalesce (a pure ACK, SYN/RST/URG, a bad layout) is handed back to Python.
+ *    straight behind the run's payload). A packet whose tag fails is consumed and
+ *    reported (`bad`, counted as an `auth` drop by the caller: a forgery costs one
+ *    decryption, not two). It stops, consuming nothing, at anything else (another
+ *    session, another format, a replay): the Python path then handles that packet and
+ *    counts the drop. A segment it authenticated but cannot coalesce (a pure ACK,
+ *    SYN/RST/URG, a bad layout) is handed back to Python.
  *
  *  Objects made with __new__ alone, or whose __init__ failed, raise RuntimeError
  *  from every method instead of using a missing key or window.
@@ -527,14 +529,16 @@ static int place(FastRx *self, const uint8_t *p, int n, int cs, PyObject *out) {
 }
 
 PyDoc_STRVAR(open_burst_doc,
-"open_burst(rx, key, data, o, seg, out) -> (o, got, plain, fmt, cs)\n\n"
+"open_burst(rx, key, data, o, seg, out) -> (o, got, plain, fmt, cs, bad)\n\n"
 "Open the data packets of session `rx` (receiver index bytes `key`) in `data` from\n"
 "offset `o`, each `seg` bytes but the last, while they are TCP segments (FMT_SEG or\n"
 "FMT_CONT_SEG) with a fresh counter and a valid tag; coalesce them, ending runs into\n"
 "`out` as (vnet header, frame). Returns where it stopped, how many it authenticated,\n"
 "and, when the last one authenticated is not a segment it coalesces, that plaintext\n"
 "with its format and csum_start for the Python path (plain is None otherwise); the run\n"
-"stays open, for gso.Coalescer (whose `fast` this is) to end if it writes that one.");
+"stays open, for gso.Coalescer (whose `fast` this is) to end if it writes that one.\n"
+"`bad`: packets whose tag failed, consumed here (decrypted once; the caller counts them\n"
+"as `auth` drops).");
 
 static PyObject *FastRx_open_burst(FastRx *self, PyObject *args) {
     PyObject *rxo, *out;
@@ -544,7 +548,7 @@ static PyObject *FastRx_open_burst(FastRx *self, PyObject *args) {
         return NULL;
     RxState *rx = (RxState *)rxo;
     const uint8_t *data = d.buf;
-    Py_ssize_t n = d.len, got = 0;
+    Py_ssize_t n = d.len, got = 0, bad = 0;
     PyObject *plain = NULL;
     int pfmt = 0, pcs = 0, err = 0;
     if (rx_not_ready(rx)) {
@@ -575,7 +579,11 @@ static PyObject *FastRx_open_burst(FastRx *self, PyObject *args) {
             uint8_t h[256];
             int po = self->po, plen = clen - po;
             uint8_t *dst = (uint8_t *)PyBytes_AS_STRING(self->run) + self->len;
-            if (!open_one(rx->ctx, counter, pk, clen, h, po, dst)) break;
+            if (!open_one(rx->ctx, counter, pk, clen, h, po, dst)) {    /* garbage past len: not committed */
+                bad++;
+                o = e;
+                continue;
+            }
             win_update(rx, counter);
             got++;
             o = e;
@@ -590,7 +598,11 @@ static PyObject *FastRx_open_burst(FastRx *self, PyObject *args) {
             memcpy(sp + po, dst, (size_t)plen);
             r = place(self, sp, clen, cs, out);
         } else {
-            if (!open_one(rx->ctx, counter, pk, clen, sp, clen, NULL)) break;
+            if (!open_one(rx->ctx, counter, pk, clen, sp, clen, NULL)) {
+                bad++;
+                o = e;
+                continue;
+            }
             win_update(rx, counter);
             got++;
             o = e;
@@ -610,8 +622,8 @@ static PyObject *FastRx_open_burst(FastRx *self, PyObject *args) {
 done:
     PyBuffer_Release(&key); PyBuffer_Release(&d);
     if (err || (pfmt && !plain)) { Py_XDECREF(plain); return NULL; }
-    if (!plain) return Py_BuildValue("nnOii", o, got, Py_None, 0, 0);
-    return Py_BuildValue("nnNii", o, got, plain, pfmt, pcs);
+    if (!plain) return Py_BuildValue("nnOiin", o, got, Py_None, 0, 0, bad);
+    return Py_BuildValue("nnNiin", o, got, plain, pfmt, pcs, bad);
 }
 
 static PyObject *FastRx_end_run(FastRx *self, PyObject *out) {

@@ -76,7 +76,8 @@ class Receiver:
         per received MSS, so the session, its replay window and the coalescer are looked
         up once and nothing is sliced but the header fields. With the C loops (accel),
         runs of TCP segments of a confirmed session go to ``FastRx.open_burst``, which
-        stops at anything else; this loop handles that packet and counts its drop.
+        consumes forged packets (counted here as ``auth``) and stops at anything else;
+        this loop handles that packet and counts its drop.
         Pieces that are not data packets go to ``other`` (aioice's own receive for a
         STUN message glued to a burst), handshake messages to ``on_handshake``."""
         st = self.stats
@@ -140,14 +141,16 @@ class Receiver:
             if fast and fmt & FMT_TCP:
                 if co.run:
                     co.end_run()
-                o2, k, plain, pfmt, pcs = fx.open_burst(w, key, data, o, seg, out)
+                o2, k, plain, pfmt, pcs, bad = fx.open_burst(w, key, data, o, seg, out)
                 got += k
                 queued += k
+                if bad:             # forgeries: consumed and counted in C, decrypted once
+                    st.drops["auth"] += bad
                 if plain is None:
                     if o2 != o:
                         o = o2
                         continue
-                    # a replay, a bad tag, ...: not consumed; the Python path below counts it
+                    # a replay, another format, ...: not consumed; the Python path below counts it
                 else:               # authenticated, the C loop does not coalesce it: as below
                     e, fmt, cs, counter = o2, pfmt, pcs, -1
             if plain is None:
