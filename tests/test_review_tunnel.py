@@ -1,6 +1,9 @@
 """Regression tests for the tunnel's findings of the security review (issue 18, "Review
 findings" 2, 7, 9 and 10). Each failed on the code before its fix:
 
+- 2: any datagram starting with the handshake type, from anywhere, spent the link's
+  shared handshake budget before being parsed: a flood starved handshakes and rekeys.
+
 - 9: the C objects used uninitialised (or after a failed second ``__init__``) crashed the
   process (SIGFPE, SIGSEGV); now every method raises.
 - 10: a forged packet in a burst was decrypted twice (in C, then again in Python).
@@ -9,15 +12,25 @@ findings" 2, 7, 9 and 10). Each failed on the code before its fix:
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import importlib
 import os
+import socket
 import subprocess
 import sys
 import textwrap
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
-from ipop_switch.tunnel import accel
+from ipop_switch.tunnel import accel, codec
+from ipop_switch.tunnel import handshake as hs
+from ipop_switch.tunnel.datapath import Datapath
+from ipop_switch.tunnel.ice import Path
+from ipop_switch.tunnel.keys import Keys
+from ipop_switch.tunnel.link import LinkWorker, State
+from ipop_switch.tunnel.messages import LinkSpec
 
 from test_fastpath import _BYTES, receiver, wire_of
 
@@ -119,3 +132,169 @@ def test_a_forged_segment_in_a_burst_is_decrypted_once_and_counted(forged):
     assert drops == {"auth": 1}
     assert rx_packets == 9
     assert sum(len(f) - 54 for _, f in frames) == 9 * 1000     # Ethernet + IPv4 + TCP: 54 bytes each
+
+
+# -- finding 2: handshake floods --------------------------------------------------------
+ATTACKER = ("198.18.0.66", 40000)      # any other address: the datagrams are spoofable
+
+
+class Endpoint:
+    """One end's UDP socket on loopback, standing in for the aioice protocol the datagram
+    came in on (``reply`` sends on ``protocol.transport``)."""
+
+    def __init__(self) -> None:
+        self.transport = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.transport.bind(("127.0.0.1", 0))
+        self.transport.settimeout(2.0)
+        self.addr = self.transport.getsockname()
+
+    def recv(self) -> tuple[bytes, tuple] | None:
+        try:
+            return self.transport.recvfrom(4096)
+        except socket.timeout:
+            return None
+
+    def close(self) -> None:
+        self.transport.close()
+
+
+class End:
+    """A link worker's handshake side as ``LinkWorker.start`` sets it up, with a socket pair
+    for its TAP and a loopback UDP socket for its ICE pair."""
+
+    def __init__(self, controlling: bool, static: X25519PrivateKey, peer: X25519PrivateKey) -> None:
+        raw = static.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+        spec = LinkSpec(link_id="l-review", peer_id="peer", controlling=controlling, local_static=raw,
+                        peer_static=hs.pub_bytes(peer), tap="ipsw-review")
+        self.w = w = LinkWorker(spec, lambda msg: None)
+        self.tap, self._tap_peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        w.dp = Datapath(self.tap.fileno(), w.stats, w._on_control, w._on_handshake_packet)
+        w.dp.set_on_confirm(w._on_confirm)
+        w.keys = Keys(static, hs.pub_bytes(peer), spec.link_id, w.timers, w.stats, w.dp.table)
+        w.keys.set_prologue("ufragA", "ufragB")
+        w.state = State.HANDSHAKE
+        self.ep = Endpoint()
+
+    def connect(self, other: "End") -> None:
+        """Send to ``other``; once up, the selected pair's remote address is ``other``'s."""
+        ep, to = self.ep, other.ep.addr
+        self.w.dp.send = lambda d: ep.transport.sendto(d, to)
+        self.w.path = Path(self.w.dp.send, "direct", f"host {ep.addr[0]}:{ep.addr[1]}",
+                           f"host {to[0]}:{to[1]}", ep, to)
+
+    def deliver(self, data: bytes, addr: tuple) -> None:
+        """A datagram from ``addr`` as the socket hook hands it over."""
+        self.w.dp.datagram(data, addr, self.ep)
+
+    def receive_until(self, type_: int) -> tuple[bytes, tuple] | None:
+        """Take what arrived at our socket (data packets go in as usual) up to the first
+        datagram of ``type_``, which is returned undelivered; None after 2 s of silence."""
+        while True:
+            got = self.ep.recv()
+            if got is None or got[0][:1] == bytes([type_]):
+                return got
+            self.deliver(*got)
+
+    def close(self) -> None:
+        self.ep.close()
+        self.tap.close()
+        self._tap_peer.close()
+
+
+@pytest.fixture
+def ends():
+    a, b = X25519PrivateKey.generate(), X25519PrivateKey.generate()
+    i, r = End(True, a, b), End(False, b, a)
+    i.connect(r)
+    r.connect(i)
+    yield i, r
+    i.close()
+    r.close()
+
+
+def handshake(i: End, r: End) -> tuple[bytes, bool]:
+    """The initiator sends an initiation over loopback, the responder answers it, the
+    initiator takes the response. Returns the initiation and whether a session came of it."""
+    before = i.w.dp.current
+    i.w.keys.start()
+    i.w.keys.tick(i.w.dp.send)
+    got = r.receive_until(codec.TYPE_INIT)
+    assert got is not None, "the initiation was not sent"
+    r.deliver(*got)
+    resp = i.receive_until(codec.TYPE_RESP)
+    if resp is None:
+        return got[0], False
+    i.deliver(*resp)
+    return got[0], i.w.dp.current is not None and i.w.dp.current is not before
+
+
+def with_mac1(to: End, msg: bytes) -> bytes:
+    """``msg`` with the mac1 WireGuard defines (keyed BLAKE2s-128, key = BLAKE2s-256 of
+    "mac1----" and the receiver's static public key), computed here from the spec."""
+    key = hashlib.blake2s(b"mac1----" + hs.pub_bytes(to.w.keys.static)).digest()
+    return msg + hashlib.blake2s(msg, key=key, digest_size=16).digest()
+
+
+def junk(r: End, n: int, replay: bytes | None = None) -> list[bytes]:
+    """``n`` handshake-type datagrams a stranger can make: one byte, wrong lengths, the
+    right length with a bad mac1, a valid mac1 over a junk body (it knows the responder's
+    public key), and replays of a genuine initiation when given."""
+    shapes = [
+        lambda: bytes([codec.TYPE_INIT]),
+        lambda: bytes([codec.TYPE_INIT]) + os.urandom(115),
+        lambda: bytes([codec.TYPE_INIT, 0, 0, 0]) + os.urandom(128),
+        lambda: with_mac1(r, bytes([codec.TYPE_INIT, 0, 0, 0]) + os.urandom(112)),
+    ]
+    if replay is not None:
+        shapes.append(lambda: replay)
+    return [shapes[k % len(shapes)]() for k in range(n)]
+
+
+def test_a_first_handshake_completes_through_a_flood_of_junk(ends):
+    """2000 unauthenticated handshake-type datagrams from another address, faster than the
+    shared budget, then the peer's initiation: it is answered. The junk is counted by why."""
+    i, r = ends
+    for d in junk(r, 2000):
+        r.deliver(d, ATTACKER)
+    _, ok = handshake(i, r)
+    drops = r.w.stats.drops
+    assert ok, f"the handshake did not complete: {dict(drops)}"
+    assert drops["handshake_malformed"] >= 1000 and drops["handshake_mac"] >= 400, dict(drops)
+    assert drops["handshake_source_limit"] >= 400, dict(drops)   # mac1 right: one source's share
+    assert r.w.stats.handshakes == 1
+
+
+def test_a_rekey_completes_through_a_flood_while_up(ends):
+    """Up, a flood from another address (junk, and replays of the peer's genuine
+    initiation) is refused by address before anything else; the rekey completes."""
+    i, r = ends
+    first, ok = handshake(i, r)
+    assert ok
+    i.w.state = r.w.state = State.UP
+    for d in junk(r, 2000, replay=first):
+        r.deliver(d, ATTACKER)
+    _, ok = handshake(i, r)
+    assert ok, f"the rekey did not complete: {dict(r.w.stats.drops)}"
+    assert r.w.stats.drops["handshake_source"] == 2000, dict(r.w.stats.drops)
+    assert r.w.stats.handshakes == 2
+
+
+def test_one_source_cannot_use_the_shared_budget(ends):
+    """Not up yet (any address may start a handshake): a source sending valid-looking
+    initiations as fast as it can gets a few a second, so the peer still gets an answer."""
+    i, r = ends
+    for _ in range(200):
+        r.deliver(with_mac1(r, bytes([codec.TYPE_INIT, 0, 0, 0]) + os.urandom(112)), ATTACKER)
+    drops = r.w.stats.drops
+    assert drops["handshake_auth"] <= 10 and drops["handshake_source_limit"] >= 190, dict(drops)
+    assert handshake(i, r)[1]
+
+
+def test_the_source_table_is_bounded():
+    from ipop_switch.tunnel.admission import SourceLimiter
+    lim = SourceLimiter(rate=5, burst=5, max_sources=100)
+    assert all(lim.allow(f"198.18.1.{k}", now=0.0) for k in range(100))
+    assert not lim.allow("198.18.2.1", now=0.1)            # full, nobody refilled: refused
+    assert len(lim) == 100
+    assert lim.allow("198.18.2.1", now=1.0) and len(lim) == 1     # all refilled: forgotten
+    assert [lim.allow("198.18.2.1", now=1.0) for _ in range(6)] == [True] * 4 + [False] * 2

@@ -23,6 +23,11 @@ INIT_PAYLOAD_LEN = 12   # sender index (4) + timestamp (8)
 RESP_PAYLOAD_LEN = 8    # sender index (4) + receiver index (4)
 INIT_LEN = 8 + KEY_LEN + (KEY_LEN + TAG_LEN) + (INIT_PAYLOAD_LEN + TAG_LEN)   # 116
 RESP_LEN = 12 + KEY_LEN + (RESP_PAYLOAD_LEN + TAG_LEN)                          # 68
+# On the wire each handshake message is followed by mac1 (admission.py), outside the
+# Noise message: INIT_LEN/RESP_LEN are the messages, the *_WIRE_LEN the datagrams.
+MAC1_LEN = 16
+INIT_WIRE_LEN = INIT_LEN + MAC1_LEN                                             # 132
+RESP_WIRE_LEN = RESP_LEN + MAC1_LEN                                             # 84
 DATA_HEADER_LEN = 16
 DATA_MIN_LEN = DATA_HEADER_LEN + TAG_LEN                                        # 32: an empty keepalive
 OVERHEAD = DATA_MIN_LEN     # bytes a data packet adds to a frame

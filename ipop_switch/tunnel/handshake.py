@@ -118,8 +118,9 @@ class SessionKeys:
 
 
 def prologue_for(link_id: str, ufrag_controlling: str, ufrag_controlled: str) -> bytes:
-    """Binds a handshake to one link and one ICE session (both sides compute the same bytes)."""
-    return b"ipop-switch tunnel v1\0" + "\0".join((link_id, ufrag_controlling, ufrag_controlled)).encode()
+    """Binds a handshake to one link and one ICE session (both sides compute the same bytes).
+    v2: the handshake datagrams carry mac1 (admission.py); a v1 peer's do not authenticate."""
+    return b"ipop-switch tunnel v2\0" + "\0".join((link_id, ufrag_controlling, ufrag_controlled)).encode()
 
 
 class Initiator:

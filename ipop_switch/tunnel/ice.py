@@ -241,6 +241,19 @@ class _Hook:
         self.on_ours(data, seg, addr, self.protocol, self.route)     # data packets skip the hooks
 
 
+def same_addr(a: tuple, b: tuple) -> bool:
+    """Two socket addresses name the same host and port (an IPv6 four-tuple against a pair,
+    a candidate's spelling of an address against the kernel's)."""
+    if a[1] != b[1]:
+        return False
+    if a[0] == b[0]:
+        return True
+    try:
+        return ipaddress.ip_address(a[0]) == ipaddress.ip_address(b[0])
+    except ValueError:
+        return False
+
+
 def reply(protocol, data: bytes, addr: tuple) -> None:
     """Send ``data`` back to ``addr`` on the socket (or TURN allocation) behind ``protocol``,
     the one a datagram from ``addr`` came in on."""

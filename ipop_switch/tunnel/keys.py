@@ -4,11 +4,12 @@ themselves are handshake.py).
 
 The controlling side is always the initiator: it sends a fresh initiation every
 ``handshake_retry`` until answered, and rekeys when ``current`` is ``rekey_after`` old.
-The responder answers at most ``HANDSHAKE_RATE`` initiations a second (three X25519
-each), only with growing timestamps within one attempt, and sends with the new session
-only once the initiator has used it (key confirmation: docs/tunnel.md, "Key
-confirmation and switching"); the replaced session keeps receiving for
-``previous_keep``.
+Every message carries a mac1 (admission.py) and is checked, in this order, before any
+X25519: its exact shape, its mac1, a rate per source address; then the responder opens
+at most ``HANDSHAKE_RATE`` initiations a second (three X25519 each), only with growing
+timestamps within one attempt, and sends with the new session only once the initiator
+has used it (key confirmation: docs/tunnel.md, "Key confirmation and switching"); the
+replaced session keeps receiving for ``previous_keep``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from typing import Callable
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from . import codec
 from . import handshake as hs
+from .admission import SourceLimiter, add_mac1, mac1_key, refusal
 from .session import Session, SessionTable
 from .stats import Stats
 from .timers import Timers
@@ -43,6 +46,9 @@ class Keys:
         self._last_ts = 0
         self._last_init_ts = -1
         self._bucket = (0.0, 0)
+        self._mac_out = mac1_key(peer_static)              # what we send is keyed to the peer
+        self._mac_in = mac1_key(hs.pub_bytes(static))      # what we receive, to us
+        self._sources = SourceLimiter()
 
     @property
     def handshaking(self) -> bool:
@@ -72,20 +78,34 @@ class Keys:
             return
         self._hs_sent = now
         self._last_ts = max(time.time_ns(), self._last_ts + 1)
-        pkt = self._initiator.initiation(hs.new_index(), self._last_ts)
+        pkt = add_mac1(self._mac_out, self._initiator.initiation(hs.new_index(), self._last_ts))
         try:
             send(pkt)
         except OSError:
             self.stats.drops["send_error"] += 1
 
-    def on_response(self, data: bytes) -> bool:
-        """Initiator: a response. True if it made the new current session (it must then be
-        confirmed to the responder by sending with it)."""
+    def _admit(self, data: bytes, addr: tuple, type_: int) -> bytes | None:
+        """The Noise message in ``data`` if it is worth opening (shape, mac1, the source's
+        rate: admission.py), else None and the drop counted."""
+        why = refusal(self._mac_in, data, type_)
+        if why is None and not self._sources.allow(addr[0]):
+            why = "handshake_source_limit"
+        if why is not None:
+            self.stats.drops[why] += 1
+            return None
+        return data[:-codec.MAC1_LEN]
+
+    def on_response(self, data: bytes, addr: tuple) -> bool:
+        """Initiator: a response from ``addr``. True if it made the new current session (it
+        must then be confirmed to the responder by sending with it)."""
         if self._initiator is None:
             self.stats.drops["handshake_unexpected"] += 1
             return False
+        msg = self._admit(data, addr, codec.TYPE_RESP)
+        if msg is None:
+            return False
         try:
-            keys = self._initiator.consume_response(data)
+            keys = self._initiator.consume_response(msg)
         except hs.HandshakeError:
             self.stats.drops["handshake_auth"] += 1
             return False
@@ -107,15 +127,18 @@ class Keys:
         self._bucket = (start, n + 1)
         return True
 
-    def on_initiation(self, data: bytes) -> bytes | None:
-        """Responder: an initiation. Returns the response to send back where it came from,
+    def on_initiation(self, data: bytes, addr: tuple) -> bytes | None:
+        """Responder: an initiation from ``addr``. Returns the response to send back there,
         or None (counted). The new session receives at once and sends once confirmed."""
+        msg = self._admit(data, addr, codec.TYPE_INIT)
+        if msg is None:
+            return None
         if not self._rate_ok():
             self.stats.drops["handshake_ratelimit"] += 1
             return None
         r = hs.Responder(self.static, self.peer_static, self.prologue)
         try:
-            got = r.consume_initiation(data)
+            got = r.consume_initiation(msg)
         except hs.HandshakeError:
             self.stats.drops["handshake_auth"] += 1
             return None
@@ -127,7 +150,7 @@ class Keys:
         s = Session(keys.send_key, keys.recv_key, keys.local_index, keys.remote_index, initiator=False)
         self.table.add_next(s)
         self.stats.handshakes += 1
-        return pkt
+        return add_mac1(self._mac_out, pkt)
 
     def on_confirm(self, s: Session) -> bool:
         """Responder: the initiator used ``s``; True if it now sends (it was our next)."""

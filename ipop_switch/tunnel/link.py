@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from . import codec
 from .datapath import Datapath
 from .ice import (DEFAULT_EXCLUDE, TURN_CHANNEL_REFRESH, IceConfig, IceSession, Path, host_addresses,
-                  reply)
+                  reply, same_addr)
 from .keys import Keys
 from .messages import LinkSpec
 from .session import Session
@@ -457,6 +457,9 @@ class LinkWorker:
 
     # -- handshake messages ----------------------------------------------------------
     def _on_handshake_packet(self, data: bytes, protocol, addr: tuple) -> None:
+        """A handshake message from ``addr``. While the link is up, only the selected pair's
+        remote address may send them (a rekey comes the way the data comes); the rest of
+        the admission (shape, mac1, rates) is keys.py's."""
         t = data[0]
         keys = self.keys
         assert keys is not None
@@ -464,17 +467,26 @@ class LinkWorker:
             if not keys.prologue or self.state in (State.WAIT_OFFER, State.BACKOFF, State.CLOSED):
                 self.stats.drops["handshake_unexpected"] += 1
                 return
-            pkt = keys.on_initiation(data)
+            if not self._from_peer(addr):
+                return
+            pkt = keys.on_initiation(data, addr)
             if pkt is not None:
                 try:
                     reply(protocol, pkt, addr)     # back where the initiation came from
                 except OSError:
                     self.stats.drops["send_error"] += 1
         elif t == codec.TYPE_RESP and self.spec.controlling:
-            if keys.on_response(data):
+            if self._from_peer(addr) and keys.on_response(data, addr):
                 self.dp.send_control(codec.CTRL_KEEPALIVE)    # confirms the session at the responder  # type: ignore[union-attr]
         else:
             self.stats.drops["handshake_unexpected"] += 1
+
+    def _from_peer(self, addr: tuple) -> bool:
+        """Up: a handshake message must come from the selected pair's remote address."""
+        if self.state == State.UP and self.path is not None and not same_addr(addr, self.path.remote_addr):
+            self.stats.drops["handshake_source"] += 1
+            return False
+        return True
 
     def _on_confirm(self, s: Session) -> None:
         """Responder: the initiator used the new session, so switch sending to it."""
