@@ -21,6 +21,7 @@ import pytest
 
 from conftest import unique_name
 from helpers.link_harness import LinkPair, Mesh
+from helpers.wait import listening, wait_until
 from ipop_switch.lab import Lab, LabSpec, SiteSpec
 from ipop_switch.tunnel import LinkSpec
 from test_links_lab import LoopThread
@@ -74,13 +75,17 @@ def world():
         lab.exec(b, ["ethtool", "-K", f"ipswb{LINKS['mixed'][0]}", "tso", "off"])
         yield lab, mesh, lt, links
     finally:
-        if mesh is not None:
-            try:
-                lt.run(mesh.stop(), 60)
-            except Exception:
-                pass
-        lt.stop()
-        lab.down()
+        try:
+            if mesh is not None:
+                lt.run(mesh.stop(), 60)     # raises if a relayed signaling message was lost
+        finally:
+            lt.stop()
+            lab.down()
+
+
+def serving(lab, host: str, proto: str, port: int) -> None:
+    """Wait until a server started in ``host`` listens (a client started earlier is refused)."""
+    wait_until(lambda: listening(lambda argv: lab.exec(host, argv), proto, port), 10, f"{proto} {port} listening on {host}")
 
 
 def stats(lt, node, link_id) -> dict:
@@ -91,11 +96,7 @@ def tcp_transfer(lab, src: str, dst: str, addr: str, nbytes: int, port: int) -> 
     srv = lab.popen(dst, [sys.executable, HELPER, "tcp-server", addr, str(port)], stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if f":{port}" in lab.exec(dst, ["ss", "-Hltn"], check=False).stdout:
-                break
-            time.sleep(0.05)
+        serving(lab, dst, "tcp", port)
         cl = lab.exec(src, [sys.executable, HELPER, "tcp-client", addr, str(port), str(nbytes)], timeout=90)
         out, err = srv.communicate(timeout=60)
         return json.loads(cl.stdout), json.loads(out or "{}")
@@ -147,7 +148,7 @@ def test_every_datagram_size_up_to_the_mtu_with_df(world, name):
     echo = lab.popen(b, [sys.executable, HELPER, "udp-echo", lp.addr_b, "7200", "60"],
                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        time.sleep(0.3)
+        serving(lab, b, "udp", 7200)
         r = lab.exec(a, [sys.executable, HELPER, "udp-sizes", lp.addr_b, "7200", str(maxsize)], timeout=120)
         res = json.loads(r.stdout)
         assert res["bad"] == 0 and res["lost"] <= 2 and res["ok"] >= maxsize - 2, res
@@ -171,7 +172,7 @@ def test_iperf3_both_directions(world, name):
         srv = lab.popen(b, ["iperf3", "-s", "-1", "-B", lp.addr_b, "-p", "7301"], stdout=subprocess.DEVNULL,
                         stderr=subprocess.DEVNULL)
         try:
-            time.sleep(0.4)
+            serving(lab, b, "tcp", 7301)
             r = lab.exec(a, ["iperf3", "-c", lp.addr_b, "-p", "7301", "-t", "2", "-J", "--connect-timeout", "5000"]
                          + (["-R"] if reverse else []), timeout=40, check=False)
             mbit = json.loads(r.stdout)["end"]["sum_received"]["bits_per_second"] / 1e6

@@ -6,7 +6,6 @@ port (the agent's set-up). Peer "tunnels" have MTU 1400, hosts 1500.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 import time
@@ -18,6 +17,7 @@ from ipop_switch import proc
 from ipop_switch.lab import Namespaces, destroy_lab
 
 from helpers.switch_net import BR, SwitchNet, link_local, ping, quiet_port, wait_ping
+from helpers.wait import listening, wait_until
 
 HELPERS = Path(__file__).parent / "helpers"
 
@@ -72,12 +72,10 @@ def _spawn_receivers(net, idxs, listen, out_dir: Path, duration: float):
         for kind, spec in listen:
             argv += ["--listen", kind, spec]
         procs[i] = (proc.spawn(argv, netns=net.nodes[i].ns, log=out_dir / f"recv{i}.log"), out)
-    deadline = time.monotonic() + 10
-    for i, (p, out) in procs.items():
-        while not Path(str(out) + ".ready").exists():
-            assert p.poll() is None, (out_dir / f"recv{i}.log").read_text()
-            assert time.monotonic() < deadline, "receiver did not start"
-            time.sleep(0.05)
+    def ready(i: int, p, out: Path) -> bool:
+        assert p.poll() is None, (out_dir / f"recv{i}.log").read_text()
+        return Path(str(out) + ".ready").exists()
+    wait_until(lambda: all(ready(i, p, out) for i, (p, out) in procs.items()), 10, "the receivers to start")
     return procs
 
 
@@ -118,13 +116,15 @@ def test_chain_arp_and_nd_answered_from_learned_table(chain):
 def test_chain_flows_match_what_the_app_installed(chain):
     assert ping(chain.nodes[0], chain.nodes[2].ip4)
     for i, nd in enumerate(chain.nodes):
-        for _ in range(20):  # flows may still be in flight right after traffic
+        def same() -> set | None:
             app = {(f["cookie"], f["table"], f["priority"]) for f in chain.run(nd.ctl.flows())}
             ovs = set(chain.dump_flows(i))
-            if app == ovs:
-                break
-            time.sleep(0.1)
-        assert app == ovs, (app ^ ovs)
+            same.diff = app ^ ovs
+            return ovs if app == ovs else None
+        try:   # flows may still be in flight right after traffic
+            ovs = wait_until(same, 2, f"node {i}'s flows in OVS to match the app's", interval=0.1)
+        except AssertionError as e:
+            raise AssertionError(f"{e}: differ in {same.diff}") from None
         tables = {t for _, t, _ in ovs}
         assert tables == {0, 1, 2, 3}
         c = chain.run(nd.ctl.counters())
@@ -135,7 +135,7 @@ def test_chain_tcp_full_size_needs_and_gets_mss_clamp(chain, tmp_path):
     a, c = chain.nodes[0], chain.nodes[2]
     srv = proc.spawn(["iperf3", "-s", "-1", "-B", c.ip4], netns=c.ns, log=tmp_path / "iperf3-s.log")
     try:
-        time.sleep(0.3)
+        wait_until(lambda: listening(lambda argv: c.sh(*argv), "tcp", 5201), 10, "iperf3 -s listening")
         before = chain.run(a.ctl.counters())["mss_clamped"]
         r = a.sh("iperf3", "-c", c.ip4, "-t", "2", "-J", check=False, timeout=30)
         assert r.returncode == 0, r.stdout[-500:] + r.stderr
@@ -152,7 +152,7 @@ def test_chain_tcp_full_size_needs_and_gets_mss_clamp(chain, tmp_path):
         chain.run(nd.ctl.set_mtu(0))
     srv = proc.spawn(["iperf3", "-s", "-1", "-B", c.ip4], netns=c.ns, log=tmp_path / "iperf3-s2.log")
     try:
-        time.sleep(0.3)
+        wait_until(lambda: listening(lambda argv: c.sh(*argv), "tcp", 5201), 10, "iperf3 -s listening")
         r = a.sh("timeout", "6", "iperf3", "-c", c.ip4, "-t", "2", "-J", check=False, timeout=30)
         got = 0.0
         if r.returncode == 0:
