@@ -4,10 +4,15 @@ Daemons are started without ``--detach`` so that they stay our children where we
 live long enough (tests), or are orphaned into PID 1 (CLI ``lab up``). PID 1 on
 these machines does not reap, so liveness is judged from /proc state, never from
 ``kill -0`` alone (a zombie still answers it).
+
+A daemon that must not outlive its starter (an agent's OVS and switch app, a test
+run's labs) is spawned with ``die_with_parent``: the kernel sends it SIGTERM when
+the thread that started it ends, however it ends (``kill -9`` included).
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
@@ -68,8 +73,10 @@ def spawn(
     log: Path | None = None,
     env: Mapping[str, str] | None = None,
     new_session: bool = True,
+    die_with_parent: bool = False,
 ) -> subprocess.Popen[bytes]:
-    """Start a long-running process (a daemon kept in the foreground)."""
+    """Start a long-running process (a daemon kept in the foreground). With ``die_with_parent``
+    it gets SIGTERM when the calling thread ends (spawn it from the main thread, then)."""
     out = open(log, "ab") if log else subprocess.DEVNULL
     try:
         return subprocess.Popen(
@@ -79,10 +86,26 @@ def spawn(
             stderr=subprocess.STDOUT,
             env=None if env is None else {**os.environ, **env},
             start_new_session=new_session,
+            preexec_fn=_die_with(os.getpid()) if die_with_parent else None,
         )
     finally:
         if log:
             out.close()  # type: ignore[union-attr]
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with(parent: int):
+    """A preexec function: SIGTERM to the child when its parent ends. ``ip netns exec`` keeps it
+    (it only execs), so it reaches the daemon itself; the check after prctl closes the race
+    with a parent that died before the child asked."""
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def preexec() -> None:
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0 or os.getppid() != parent:
+            os._exit(1)
+    return preexec
 
 
 def alive(pid: int) -> bool:

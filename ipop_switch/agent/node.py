@@ -80,7 +80,7 @@ class Node:
         stale = kill_stale(rundir)
         if stale:
             log.warning("event=stale_processes_stopped count=%d rundir=%s (a previous agent died)", stale, rundir)
-        self.ovs = OvsInstance(rundir, netns=self.netns, datapath=datapath).start()
+        self.ovs = OvsInstance(rundir, netns=self.netns, datapath=datapath, die_with_parent=True).start()
 
     def _start_metrics(self) -> None:
         from .metrics import start_metrics

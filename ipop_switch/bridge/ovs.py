@@ -47,6 +47,7 @@ class OvsInstance:
     rundir: Path
     netns: str | None = None
     datapath: str = field(default_factory=default_datapath)
+    die_with_parent: bool = False      # the agent's OVS ends with the agent, even on kill -9
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -90,6 +91,7 @@ class OvsInstance:
             ],
             env=env,
             log=self.rundir / "ovsdb-server.out",
+            die_with_parent=self.die_with_parent,
         )
         try:
             proc.wait_for(self.db_sock.exists, timeout=timeout, what="ovsdb-server socket")
@@ -107,6 +109,7 @@ class OvsInstance:
                 netns=self.netns,
                 env=env,
                 log=self.rundir / "ovs-vswitchd.out",
+                die_with_parent=self.die_with_parent,
             )
             proc.wait_for(
                 lambda: (self.rundir / "ovs-vswitchd.ctl").exists() or self.procs["ovs-vswitchd"].poll() is not None,

@@ -136,7 +136,7 @@ def lab_up(**kw) -> None:
     from ..render import render_lab
     t0 = time.monotonic()
     with console.status("building the lab ..."):
-        lab_ = Lab(_spec(**kw)).up()
+        lab_ = Lab(_spec(**kw), tied=False).up()
     console.print(f"lab [bold]{lab_.spec.name}[/] up in {time.monotonic() - t0:.1f}s")
     render_lab(lab_.status(), console)
 

@@ -54,8 +54,11 @@ class HostInfo:
 class Lab:
     """A running (or to-be-built) lab. ``with Lab(spec) as lab:`` builds and always tears down."""
 
-    def __init__(self, spec: LabSpec, *, state_root: Path = STATE_ROOT) -> None:
+    def __init__(self, spec: LabSpec, *, state_root: Path = STATE_ROOT, tied: bool = True) -> None:
+        """``tied``: the lab's daemons end with the thread that built the lab (a test run, the demo,
+        a bench), even on kill -9; ``lab up`` builds an untied lab that stays until ``lab down``."""
         self.spec = spec
+        self.tied = tied
         self.dir = Path(state_root) / spec.name
         self.hosts: dict[str, HostInfo] = {}
         self.pids: dict[str, int] = {}
@@ -303,10 +306,10 @@ class Lab:
             pros.register(h.xmpp_user, h.xmpp_password)
         self.turn_password = services.new_password()
         self._save()
-        self.pids["prosody"] = pros.start()
+        self.pids["prosody"] = pros.start(tied=self.tied)
         self._save()
         turn = services.Coturn(self.dir / "coturn", self.core_ns, TURN_USER, self.turn_password)
-        self.pids["coturn"] = turn.start()
+        self.pids["coturn"] = turn.start(tied=self.tied)
         self._save()
 
     def restart_prosody(self, *, down_for: float = 0.0) -> None:
@@ -324,9 +327,10 @@ class Lab:
 
     def start_service(self, which: str) -> None:
         if which == "prosody":
-            self.pids["prosody"] = services.Prosody(self.dir / "prosody", self.core_ns, self.dir / "ca").start()
+            self.pids["prosody"] = services.Prosody(self.dir / "prosody", self.core_ns, self.dir / "ca").start(tied=self.tied)
         elif which == "coturn":
-            self.pids["coturn"] = services.Coturn(self.dir / "coturn", self.core_ns, TURN_USER, self.turn_password).start()
+            self.pids["coturn"] = services.Coturn(self.dir / "coturn", self.core_ns, TURN_USER,
+                                                  self.turn_password).start(tied=self.tied)
         else:
             raise LabError(f"unknown service {which!r}")
         self._save()

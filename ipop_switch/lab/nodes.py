@@ -116,7 +116,8 @@ class LabGroup:
             raise LabError(f"the agent on {host} already runs")
         node.proc = proc.spawn([sys.executable, "-m", "ipop_switch.cli", "up", "-c", str(node.config),
                                 "--pidfile", str(node.dir / "agent.pid")],
-                               netns=self.lab.netns_of(host), log=node.dir / "agent.log")
+                               netns=self.lab.netns_of(host), log=node.dir / "agent.log",
+                               die_with_parent=self.lab.tied)
         return node
 
     def stop(self, host: str, *, kill: bool = False) -> None:

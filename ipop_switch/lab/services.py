@@ -49,9 +49,10 @@ class Prosody:
     def register(self, user: str, password: str) -> None:
         proc.run(["prosodyctl", "--config", str(self.config), "register", user, XMPP_DOMAIN, password], timeout=30)
 
-    def start(self) -> int:
+    def start(self, *, tied: bool = False) -> int:
         proc.require("prosody", "prosody")
-        p = proc.spawn(["prosody", "--config", str(self.config)], netns=self.netns, log=self.root / "prosody.out")
+        p = proc.spawn(["prosody", "--config", str(self.config)], netns=self.netns, log=self.root / "prosody.out",
+                       die_with_parent=tied)
         proc.wait_for(lambda: _listening(self.netns, XMPP_ADDR, XMPP_PORT, "tcp") or p.poll() is not None,
                       timeout=15, what="Prosody to listen")
         if p.poll() is not None:
@@ -72,13 +73,13 @@ class Coturn:
     def pidfile(self) -> Path:
         return self.root / "turnserver.pid"
 
-    def start(self) -> int:
+    def start(self, *, tied: bool = False) -> int:
         proc.require("turnserver", "coturn")
         self.root.mkdir(parents=True, exist_ok=True)
         opts = coturn_options(listen=[TURN_ADDR, STUN_ADDR2], relay=TURN_ADDR, user=self.user, password=self.password)
         opts += [("min-port", "49152"), ("max-port", "65535"), ("pidfile", str(self.pidfile)), ("log-file", "stdout")]
         argv = ["turnserver", "-n", *coturn_argv(opts)]
-        p = proc.spawn(argv, netns=self.netns, log=self.root / "turnserver.log")
+        p = proc.spawn(argv, netns=self.netns, log=self.root / "turnserver.log", die_with_parent=tied)
         proc.wait_for(lambda: _listening(self.netns, TURN_ADDR, TURN_PORT, "udp") or p.poll() is not None,
                       timeout=15, what="coturn to listen")
         if p.poll() is not None:
