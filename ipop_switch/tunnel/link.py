@@ -476,6 +476,9 @@ class LinkWorker:
                 except OSError:
                     self.stats.drops["send_error"] += 1
         elif t == codec.TYPE_RESP and self.spec.controlling:
+            if not keys.handshaking:
+                self.stats.drops["handshake_unexpected"] += 1
+                return
             if self._from_peer(addr) and keys.on_response(data, addr):
                 self.dp.send_control(codec.CTRL_KEEPALIVE)    # confirms the session at the responder  # type: ignore[union-attr]
         else:
