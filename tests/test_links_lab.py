@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import statistics
 import subprocess
 import sys
 import threading
@@ -20,6 +19,7 @@ import pytest
 
 from conftest import unique_name
 from helpers.link_harness import Mesh
+from helpers.wait import listening, wait_until
 from ipop_switch import proc
 from ipop_switch.lab import Lab, LabSpec, SiteSpec
 
@@ -96,13 +96,22 @@ def world():
         lt.run(open_all(), 60)
         yield lab, mesh, lt, lp
     finally:
-        if mesh is not None:
-            try:
-                lt.run(mesh.stop(), 60)
-            except Exception:
-                pass
-        lt.stop()
-        lab.down()
+        try:
+            if mesh is not None:
+                lt.run(mesh.stop(), 60)     # raises if a relayed signaling message was lost
+        finally:
+            lt.stop()
+            lab.down()
+
+
+def pcap_packets(path: Path) -> int:
+    """Packets in a classic pcap file as written so far (tcpdump -U writes each one whole)."""
+    data = path.read_bytes()
+    n, off = 0, 24
+    while off + 16 <= len(data):
+        off += 16 + int.from_bytes(data[off + 8:off + 12], "little")
+        n += off <= len(data)
+    return n
 
 
 def _stats(lt, node, link_id):
@@ -148,10 +157,14 @@ def test_underlay_capture_has_no_plaintext(world):
     ocap = lab.popen("n2h1", ["tcpdump", "-U", "-n", "-i", lp.bridge, "-w", str(overlay_pcap), "icmp"],
                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        time.sleep(1.0)
+        # tcpdump -w writes its file header once the capture is open
+        wait_until(lambda: all(f.exists() and f.stat().st_size >= 24 for f in (pcap, overlay_pcap)), 10,
+                   "both captures running")
         r = lt.run(mesh.ping(lp.a.host, lp.addr_b, count=5, size=200, pattern=PAYLOAD_HEX), 30)
         assert r.returncode == 0, r.stdout
-        time.sleep(0.5)
+        # -U: each packet is in the file once captured
+        wait_until(lambda: pcap_packets(overlay_pcap) >= 10 and pcap.read_bytes().count(b"\xe3\x00\x00\x00") >= 10,
+                   10, "the 5 requests and 5 replies in both captures")
     finally:
         for p in (cap, ocap):
             p.terminate()
@@ -172,30 +185,59 @@ def test_forged_truncated_replayed_wrong_key_are_counted(world):
     ip, port = before["local"].split()[1].rsplit(":", 1)
     r = lab.exec("n2h1", [sys.executable, str(HELPERS / "link_attack.py"), "eth0", ip, port], timeout=30)
     sent = json.loads(r.stdout)["sent"]
-    time.sleep(0.5)
-    after = _stats(lt, lp.b, lp.link_id)
-    for reason, n in sent.items():
-        assert after["drops"].get(reason, 0) - before["drops"].get(reason, 0) >= n, (reason, before["drops"], after["drops"])
+
+    def counted() -> dict | None:
+        after = _stats(lt, lp.b, lp.link_id)
+        ok = all(after["drops"].get(k, 0) - before["drops"].get(k, 0) >= n for k, n in sent.items())
+        return after if ok else None
+    try:
+        after = wait_until(counted, 10, "every attack packet counted as a drop")
+    except AssertionError as e:
+        raise AssertionError(f"{e}: sent {sent}, drops {before['drops']} -> {_stats(lt, lp.b, lp.link_id)['drops']}") from None
     assert after["state"] == "up" and after["attempt"] == before["attempt"]
     ping = lt.run(mesh.ping("n1h1", lp.addr_b, count=3), 20)
     assert ping.returncode == 0, ping.stdout
 
 
 def test_rekey_under_iperf3_keeps_tcp(world):
-    """Link n1-o1 rekeys every 2 s (timer) and is asked for extra rekeys during an 8 s transfer."""
+    """Link n1-o1 rekeys every 2 s (timer) and is asked for three extra rekeys during an 8 s transfer,
+    each once traffic flows: each is started and completed, and TCP loses nothing to a key change."""
     lab, mesh, lt, links = world
     lp = links[("n1h1", "o1h1")]
     lt.run(mesh.wait_up(lp, SETUP_TIMEOUT), SETUP_TIMEOUT + 5)
     srv = lab.popen("o1h1", ["iperf3", "-s", "-1", "-B", lp.addr_b], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        time.sleep(0.5)
+        wait_until(lambda: listening(lambda argv: lab.exec("o1h1", argv), "tcp", 5201), 10, "iperf3 -s listening")
         ctl = lp.a if lp.a.node_id > lp.b.node_id else lp.b
         hs0 = _stats(lt, ctl, lp.link_id)["handshakes"]
         d0 = [_stats(lt, n, lp.link_id)["drops"] for n in (lp.a, lp.b)]
         cli = lab.popen("n1h1", ["iperf3", "-c", lp.addr_b, "-t", "8", "-J"], stdout=subprocess.PIPE, text=True)
-        for _ in range(3):
-            time.sleep(1.5)
-            assert lt.run(ctl.req("rekey", link_id=lp.link_id), 10)["rekeyed"] in (True, False)
+
+        def traffic() -> int:
+            s = _stats(lt, ctl, lp.link_id)
+            return s["tx_bytes"] + s["rx_bytes"]
+
+        def rekey() -> int | None:
+            """The handshake count that says this rekey completed, once the request is taken;
+            None while refused (the timer's own rekey in flight)."""
+            hs = _stats(lt, ctl, lp.link_id)["handshakes"]
+            return hs + 1 if lt.run(ctl.req("rekey", link_id=lp.link_id), 10)["rekeyed"] else None
+
+        def flowing(since: int) -> int | None:
+            """Link bytes once 2 MB more passed since ``since``; fails at once if iperf3 ended early."""
+            assert cli.poll() is None, f"iperf3 ended early ({cli.returncode}): {cli.communicate()[0][-1500:]}"
+            n = traffic()
+            return n if n >= since + 2_000_000 else None
+
+        seen = traffic()
+        for i in range(3):
+            # under load: 2 MB more through the link since the last rekey (>= 10 Mbit/s fits 3 in 8 s)
+            try:
+                seen = wait_until(lambda: flowing(seen), 6, f"iperf3 traffic before rekey {i + 1}", interval=0.1)
+            except AssertionError as e:
+                raise AssertionError(f"{e}: link bytes {seen} -> {traffic()}") from None
+            hs = wait_until(rekey, 3, f"rekey {i + 1} taken", interval=0.1)
+            wait_until(lambda: _stats(lt, ctl, lp.link_id)["handshakes"] >= hs, 5, f"rekey {i + 1} completed")
         out, _ = cli.communicate(timeout=30)
         assert cli.returncode == 0, out[-2000:]
         res = json.loads(out)
@@ -229,7 +271,7 @@ def test_nft_outage_20s_easy_hard_recovers(world):
         down = lt.run(lp.a.wait_event(lambda e: e.get("ev") == "down" and e.get("link_id") == lp.link_id,
                                       10, "down", since[0]), 15)
         detect = down["t"] - t_block
-        time.sleep(max(0.0, 20.0 - (time.monotonic() - t_block)))
+        time.sleep(max(0.0, 20.0 - (time.monotonic() - t_block)))   # the outage lasts 20 s: a duration, not a wait
     finally:
         proc.run(["nft", "delete", "table", "ip", "outage"], netns=router, check=False)
     t_open = time.monotonic()
