@@ -1,6 +1,8 @@
 """Regression tests for the tunnel's findings of the security review (issue 18, "Review
 findings" 2, 7, 9 and 10). Each failed on the code before its fix:
 
+- 7: the UDP GRO splitter guessed the segment size from the first datagram, so one
+  foreign datagram in front of a burst failed the whole burst.
 - 2: any datagram starting with the handshake type, from anywhere, spent the link's
   shared handshake budget before being parsed: a flood starved handshakes and rekeys.
 
@@ -24,7 +26,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
-from ipop_switch.tunnel import accel, codec
+from ipop_switch.tunnel import accel, batch_io, codec, ice
 from ipop_switch.tunnel import handshake as hs
 from ipop_switch.tunnel.datapath import Datapath
 from ipop_switch.tunnel.ice import Path
@@ -298,3 +300,76 @@ def test_the_source_table_is_bounded():
     assert len(lim) == 100
     assert lim.allow("198.18.2.1", now=1.0) and len(lim) == 1     # all refilled: forgotten
     assert [lim.allow("198.18.2.1", now=1.0) for _ in range(6)] == [True] * 4 + [False] * 2
+
+
+# -- finding 7: the GRO segment size comes from the kernel ---------------------------------
+class Recorder(asyncio.DatagramProtocol):
+    """Stands in for aioice's protocol on the socket: what is not ours ends up here."""
+
+    def __init__(self) -> None:
+        self.other: list[bytes] = []
+        self.transport = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data, addr) -> None:
+        self.other.append(data)
+
+
+def run_on(loop_kind: str, coro):
+    if loop_kind == "uvloop":
+        import uvloop
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as r:
+            return r.run(coro)
+    return asyncio.run(coro)
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("foreign", ["same session, bad counter", "another session"])
+@pytest.mark.parametrize("c_loops", [True, False])
+def test_a_gro_burst_behind_a_foreign_datagram_is_delivered(loop_kind, foreign, c_loops):
+    """One GSO send over loopback to a hooked socket with UDP GRO on: a datagram of the same
+    size that is not the burst's (spoofed, or of another session after a rekey) in front of
+    ten genuine segments. The burst is cut where the kernel says, so only that one is
+    dropped, the ten are delivered; a STUN-type datagram still reaches aioice's protocol."""
+    keys = (os.urandom(32), os.urandom(32))
+    wire = wire_of(keys, [(0, _BYTES[:10 * 1000], "A", 1000)])
+    size = len(wire[0])
+    assert len(wire) == 10 and all(len(d) == size for d in wire)
+    c0 = int.from_bytes(wire[0][8:16], "big")
+    if foreign == "another session":
+        first = wire[0][:4] + os.urandom(4) + os.urandom(size - 8)
+        reason = "unknown_index"
+    else:
+        first = wire[0][:8] + (c0 + 100).to_bytes(8, "big") + os.urandom(size - 16)
+        reason = "auth"
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        dp, tap = receiver(keys, c_loops)
+        tr, proto = await loop.create_datagram_endpoint(Recorder, local_addr=("127.0.0.1", 0))
+        tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            ice.install_hook(proto, dp.receive)
+            assert ice.enable_gro(proto)
+            to = proto.transport.get_extra_info("sockname")
+            assert batch_io.send_batch(tx, [first] + wire, to) == 1        # one GSO send
+            tx.sendto(b"\x00\x01" + os.urandom(30), to)                    # not ours: aioice's
+            frames, deadline = [], loop.time() + 3
+            while sum(len(f) - 54 for _, f in frames) < 10 * 1000 and loop.time() < deadline:
+                await asyncio.sleep(0.01)
+                frames += tap.frames()
+            while not proto.other and loop.time() < deadline:
+                await asyncio.sleep(0.01)
+            return frames, dict(dp.stats.drops), dp.stats.rx_packets, proto.other
+        finally:
+            tx.close()
+            proto.transport.close()
+            tap.close()
+
+    frames, drops, rx_packets, other = run_on(loop_kind, go())
+    assert drops == {reason: 1}, drops
+    assert rx_packets == 10
+    assert sum(len(f) - 54 for _, f in frames) == 10 * 1000
+    assert len(other) == 1 and other[0][:2] == b"\x00\x01"

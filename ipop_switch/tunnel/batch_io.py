@@ -5,14 +5,17 @@ may be shorter) of at most 65507 payload bytes in all; one ``recvmsg`` with
 ``UDP_GRO`` returns several datagrams of one sender glued together, with the
 segment size in a control message. ``SOL_UDP`` 17, ``UDP_SEGMENT`` 103 (Linux 4.18),
 ``UDP_GRO`` 104 (Linux 5.0); a 64 KiB super-frame plus the per-segment overhead does not
-fit one GSO send, so the sender splits it into groups.
+fit one GSO send, so the sender splits it into groups. The event loop's transports drop
+control messages, so a socket that receives with GRO is read by ``GroTransport``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import socket
 import struct
-from typing import Iterator
+from typing import Callable, Iterator
 
 SOL_UDP = 17
 UDP_SEGMENT = 103
@@ -92,10 +95,106 @@ def recv_batch(sock: socket.socket, bufsize: int = 65535) -> tuple[list[bytes], 
         data, anc, _flags, addr = sock.recvmsg(bufsize, socket.CMSG_SPACE(4))
     except BlockingIOError:
         return None
-    seg = 0
-    for level, typ, val in anc:
-        if level == SOL_UDP and typ == UDP_GRO:
-            seg = (_I32 if len(val) >= 4 else _U16).unpack_from(val)[0]
+    seg = gro_size(anc)
     if not seg or seg >= len(data):
         return [data], addr
     return [data[o:o + seg] for o in range(0, len(data), seg)], addr
+
+
+def gro_size(anc: list) -> int:
+    """The segment size (gso_size) of a UDP GRO receive from its control messages; 0 if the
+    kernel glued nothing (a single datagram)."""
+    for level, typ, val in anc:
+        if level == SOL_UDP and typ == UDP_GRO:
+            return (_I32 if len(val) >= 4 else _U16).unpack_from(val)[0]
+    return 0
+
+
+# on_datagram(buffer, segment size, sender): a single datagram has size == len(buffer)
+OnDatagram = Callable[[bytes, int, tuple], None]
+_CMSG = socket.CMSG_SPACE(4)
+
+
+class GroTransport(asyncio.DatagramTransport):
+    """A datagram transport over a UDP socket that reads with ``recvmsg``, so that a UDP
+    GRO buffer comes with its segment size (the event loop's own transports drop control
+    messages; uvloop's cannot even be paused). Every receive goes to ``on_datagram``;
+    a send that finds the socket buffer full waits in order for it to drain, and ``close``
+    ends with ``protocol.connection_lost``, as the event loop's transports do."""
+
+    MAX_READS = 64                  # datagrams per wake-up: the other links get their turn
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, protocol,
+                 on_datagram: OnDatagram) -> None:
+        super().__init__({"socket": sock, "sockname": sock.getsockname()})
+        self._loop = loop
+        self._sock = sock
+        self._protocol = protocol
+        self._on_datagram = on_datagram
+        self._buf = bytearray(65536)
+        self._queue: collections.deque[tuple[bytes, tuple]] = collections.deque()
+        self._closing = False
+        sock.setblocking(False)
+        loop.add_reader(sock.fileno(), self._read)
+
+    def _read(self) -> None:
+        buf, recv, on = self._buf, self._sock.recvmsg_into, self._on_datagram
+        for _ in range(self.MAX_READS):
+            try:
+                n, anc, _flags, addr = recv((buf,), _CMSG)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                self._protocol.error_received(e)
+                return
+            seg = gro_size(anc) if anc else 0
+            on(bytes(buf[:n]), seg if 0 < seg < n else n, addr)
+            if self._closing:
+                return
+
+    def sendto(self, data, addr=None) -> None:
+        if self._closing:
+            return
+        if not self._queue:
+            try:
+                self._sock.sendto(data, addr)
+                return
+            except (BlockingIOError, InterruptedError):
+                self._loop.add_writer(self._sock.fileno(), self._drain)
+            except OSError as e:
+                self._protocol.error_received(e)
+                return
+        self._queue.append((bytes(data), addr))
+
+    def _drain(self) -> None:
+        q = self._queue
+        while q:
+            data, addr = q[0]
+            try:
+                self._sock.sendto(data, addr)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                self._protocol.error_received(e)
+            q.popleft()
+        self._loop.remove_writer(self._sock.fileno())
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self._loop.remove_reader(self._sock.fileno())
+        if self._queue:
+            self._loop.remove_writer(self._sock.fileno())
+            self._queue.clear()
+        self._sock.close()
+        self._loop.call_soon(self._protocol.connection_lost, None)
+
+    def abort(self) -> None:
+        self.close()
+
+    def get_write_buffer_size(self) -> int:
+        return sum(len(d) for d, _ in self._queue)

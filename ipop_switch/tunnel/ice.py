@@ -11,8 +11,9 @@ and TURN allocation refreshes. What we add:
   sends on the selected pair's transport, or straight into the TURN channel, or (direct
   paths) through a dup of the pair's socket with UDP GSO (``Path.dup_socket``);
 - one hook per socket (``install_hook``) takes our packets off before aioice's STUN
-  parser sees them and, once UDP GRO is on for the socket (``enable_gro``), splits the
-  glued datagrams of a burst;
+  parser sees them; on host sockets it reads the socket itself (``batch_io.GroTransport``
+  in place of the event loop's transport), so that once UDP GRO is on (``enable_gro``)
+  the glued datagrams of a burst are split at the size the kernel reports;
 - stray non-STUN datagrams are counted instead of queued (aioice would queue them
   until someone calls recv(), which we never do).
 
@@ -196,20 +197,19 @@ def make_path(protocol, remote: Candidate, remote_addr: tuple[str, int]) -> Path
 # What the hook hands our packets to: (buffer, segment size, sender, protocol, where the
 # pieces of a GRO buffer that are not data packets go) -- receive.Receiver.receive.
 OnOurs = Callable[[bytes, int, tuple, object, "Callable[[bytes, tuple], None] | None"], None]
-_LO, _HI, _DATA = codec.TYPE_INIT, codec.TYPE_DATA, codec.TYPE_DATA
-_MIN, _MIN2 = codec.DATA_MIN_LEN, 2 * codec.DATA_MIN_LEN
+_LO, _HI = codec.TYPE_INIT, codec.TYPE_DATA
 
 
 class _Hook:
     """The one wrapper around a socket's ``datagram_received``: our packets (first byte
     0xE1..0xE3) go to ``on_ours`` before aioice parses them, everything else to aioice.
 
-    With UDP GRO on (``enable_gro``) the peer's GSO sends arrive glued in one buffer (on
-    one machine the kernel does not even segment them). The event loop's transport knows
-    nothing of GRO, so the segment size is recovered from the data: the next packet of a
-    glued run carries the same receiver index and the next counter (a 12-byte pattern; a
-    false match fails the AEAD and is counted). Pieces that are not data packets go back
-    through ``route`` (ours to us, STUN to aioice)."""
+    On a host socket the hook also reads the socket (``take_over``): with UDP GRO on
+    (``enable_gro``) the peer's GSO sends arrive glued in one buffer, and only
+    ``recvmsg`` tells where they were cut (the UDP_GRO control message: gso_size). A
+    size guessed from the data let one spoofed datagram in front of a burst (or a
+    rekey) fail the whole burst (issue 18, review finding 7). Pieces of a buffer that
+    are not data packets go back through ``route`` (ours to us, STUN to aioice)."""
 
     __slots__ = ("protocol", "orig", "on_ours", "gro")
 
@@ -228,17 +228,42 @@ class _Hook:
             self.orig(data, addr)
 
     def received(self, data: bytes, addr: tuple) -> None:
+        """One datagram."""
         if not data or not _LO <= data[0] <= _HI:
             self.orig(data, addr)
             return
-        n = len(data)
-        if not self.gro or n < _MIN2 or data[0] != _DATA:
-            self.on_ours(data, n, addr, self.protocol, None)
-            return
-        nxt = data[4:8] + ((int.from_bytes(data[8:16], "big") + 1) & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "big")
-        p = data.find(nxt, _MIN)
-        seg = p - 4 if p >= 0 and data[p - 4] == _DATA else n
-        self.on_ours(data, seg, addr, self.protocol, self.route)     # data packets skip the hooks
+        self.on_ours(data, len(data), addr, self.protocol, None)
+
+    def received_buffer(self, data: bytes, seg: int, addr: tuple) -> None:
+        """What one receive on a taken-over socket returned: datagrams of ``seg`` bytes but
+        the last (the kernel's gso_size), or one datagram (``seg == len(data)``)."""
+        if seg < len(data):
+            self.on_ours(data, seg, addr, self.protocol, self.route)     # data packets skip the hooks
+        else:
+            self.received(data, addr)
+
+    def take_over(self) -> bool:
+        """Read this host socket ourselves: the event loop's transport gives up the socket
+        (closed on a dup, its close not reported to aioice), a ``GroTransport`` on the dup
+        reads and sends from now on. False (nothing changed) for a TURN allocation or a
+        transport without a UDP socket."""
+        protocol = self.protocol
+        tr = protocol.transport
+        if isinstance(tr, batch_io.GroTransport) or _turn_inner(protocol) is not None:
+            return isinstance(tr, batch_io.GroTransport)
+        try:
+            raw = tr.get_extra_info("socket")
+            sock = socket.socket(fileno=os.dup(raw.fileno()))
+        except (AttributeError, OSError, ValueError):
+            return False
+        if sock.type != socket.SOCK_DGRAM:
+            sock.close()
+            return False
+        loop = asyncio.get_running_loop()
+        tr.set_protocol(asyncio.DatagramProtocol())
+        tr.close()
+        protocol.transport = batch_io.GroTransport(loop, sock, protocol, self.received_buffer)
+        return True
 
 
 def same_addr(a: tuple, b: tuple) -> bool:
@@ -261,29 +286,25 @@ def reply(protocol, data: bytes, addr: tuple) -> None:
 
 
 def install_hook(protocol, on_ours: OnOurs) -> None:
-    """Take our packets off ``protocol`` (an aioice socket's) before aioice parses them."""
-    _Hook(protocol, on_ours)
+    """Take our packets off ``protocol`` (an aioice socket's) before aioice parses them;
+    a host socket is from now on read by the hook's own transport (``_Hook.take_over``)."""
+    _Hook(protocol, on_ours).take_over()
 
 
 def enable_gro(protocol) -> bool:
     """UDP GRO on the socket behind ``protocol`` (hooked by ``install_hook``): its hook then
-    splits glued bursts. True if it is on (now or already)."""
+    splits glued bursts at the kernel's segment size. Only on a socket the hook reads
+    itself: anywhere else nobody could tell where glued datagrams were cut. True if it is
+    on (now or already)."""
     hook = getattr(protocol, "_ipsw_hook", None)
-    if hook is None:
+    if hook is None or not isinstance(protocol.transport, batch_io.GroTransport):
         return False
     if hook.gro:
         return True
     try:
-        raw = protocol.transport.get_extra_info("socket")
-        sock = socket.socket(fileno=os.dup(raw.fileno()))    # the transport's own may be a wrapper
-    except (AttributeError, OSError, ValueError):
-        return False
-    try:
-        sock.setsockopt(batch_io.SOL_UDP, batch_io.UDP_GRO, 1)
+        protocol.transport.get_extra_info("socket").setsockopt(batch_io.SOL_UDP, batch_io.UDP_GRO, 1)
     except OSError:
         return False
-    finally:
-        sock.close()
     hook.gro = True
     return True
 
