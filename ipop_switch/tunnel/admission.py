@@ -4,7 +4,8 @@ Three X25519 operations per initiation make handshakes the one costly thing a st
 can ask of a link, so a shared budget (keys.HANDSHAKE_RATE) caps them. That budget must
 only be spent on messages that could be genuine; otherwise anyone who sends 20 junk
 datagrams a second to a node's ICE port starves its handshakes and rekeys (issue 18,
-review finding 2). As WireGuard does (its paper, section 5.3; mac2/cookies aside):
+review finding 2). As WireGuard does (its mac1; not its cookie replies), in this order
+(docs/tunnel.md, §3 "Admission"):
 
 1. exact shape first: type, length and reserved bytes (``codec.*_WIRE_LEN``);
 2. ``mac1``: a keyed BLAKE2s-128 over the message, keyed by
@@ -12,7 +13,8 @@ review finding 2). As WireGuard does (its paper, section 5.3; mac2/cookies aside
    receiver's static key (from its certificate) can make one; checking costs a hash;
 3. a token bucket per source address (``SourceLimiter``, a bounded table), so one
    source cannot use the whole shared budget;
-4. (link.py) while the link is up, only the selected pair's remote address.
+4. (link.py, checked before all of these) while the link is up, only the selected
+   pair's remote address.
 """
 
 from __future__ import annotations
