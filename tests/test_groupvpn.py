@@ -3,8 +3,9 @@ the OpenFlow app and tunnel workers, across none/one2one/easy/hard NATs."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
-import re
+import os
 import subprocess
 import sys
 import time
@@ -13,11 +14,12 @@ from pathlib import Path
 import pytest
 
 from conftest import helper, unique_name
+from helpers.wait import listening, readline_within, wait_until
 from ipop_switch.bridge.overlay_bridge import stable_mac
 from ipop_switch.lab import Lab, LabSpec, SiteSpec
-from ipop_switch.lab.demo import first_ping, wait_links
+from ipop_switch.lab.probes import first_ping, wait_links
+from ipop_switch.errors import IpopError
 from ipop_switch.lab.nodes import LabGroup
-from ipop_switch.tunnel import accel
 
 LINKS_TIMEOUT = 60.0
 REJOIN_TIMEOUT = 30.0
@@ -28,6 +30,29 @@ RELAYED = {frozenset({"easy", "hard"})}
 
 def ping_ok(lab: Lab, host: str, addr: str, count: int = 2) -> bool:
     return lab.exec(host, ["ping", "-c", str(count), "-i", "0.2", "-W", "2", addr], check=False, timeout=30).returncode == 0
+
+
+def cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    """``ipop-switch ARGS`` as a user runs it (wide columns: the status line is read whole)."""
+    return subprocess.run([sys.executable, "-m", "ipop_switch.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, check=True, env={**os.environ, "COLUMNS": "400"})
+
+
+def need_c_loops() -> None:
+    """The test environment always builds the C loops (bootstrap installs gcc and libssl-dev):
+    a missing extension is a broken set-up, not a reason to test less."""
+    assert importlib.util.find_spec("ipop_switch.tunnel._fastpath") is not None, \
+        "the C extension ipop_switch/tunnel/_fastpath is not built: run ./bootstrap.sh test (gcc, libssl-dev)"
+    assert not os.environ.get("IPSW_NO_ACCEL"), "IPSW_NO_ACCEL is set: the agents would run the Python loops"
+
+
+def agents_running(g: LabGroup) -> None:
+    """Fail at once, with its log, if an agent has exited (instead of timing out on its socket)."""
+    for h, node in g.nodes.items():
+        if node.proc is not None and node.proc.poll() is not None:
+            log = node.dir / "agent.log"
+            tail = log.read_text()[-2000:] if log.exists() else "(no log)"
+            raise AssertionError(f"the agent on {h} exited with {node.proc.returncode}:\n{tail}")
 
 
 def peer_by_id(st: dict, node_id: str, overlay: int = 0) -> dict | None:
@@ -60,7 +85,6 @@ def test_all_pairs_ping_v4_v6_over_expected_paths(net):
     hosts = list(g.nodes)
     for a in hosts:
         st = g.status(a)
-        assert st["node"]["tunnel_loops"] == accel.name()       # the C loops, where they are built
         for b in hosts:
             if a == b:
                 continue
@@ -76,12 +100,25 @@ def test_all_pairs_ping_v4_v6_over_expected_paths(net):
         assert stable_mac(g.nodes[b].node_id, "grp") in neigh, neigh
 
 
+def test_status_reports_the_c_tunnel_loops(net):
+    """What ``ipop-switch status`` shows (JSON and the text a person reads): the tunnel loops run in C."""
+    need_c_loops()
+    lab, g = net
+    for h, node in g.nodes.items():
+        st = json.loads(cli("status", "-c", str(node.config), "--json").stdout)
+        assert st["node"]["tunnel_loops"] == "c", (h, st["node"])
+        text = cli("status", "-c", str(node.config)).stdout
+        head = next((l for l in text.splitlines() if l.startswith("node ")), None)
+        assert head is not None, text
+        assert node.node_id in head and head.rstrip().endswith("tunnel loops in c"), (h, head)
+
+
 def test_iperf3_tcp_over_the_overlay(net):
     lab, g = net
     a, b = "pubh1", "hardh1"
     server = lab.popen(b, ["iperf3", "-s", "-1", "-B", g.nodes[b].ip], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        time.sleep(0.3)
+        wait_until(lambda: listening(lambda argv: lab.exec(b, argv), "tcp", 5201), 10, "iperf3 -s listening")
         r = lab.exec(a, ["iperf3", "-c", g.nodes[b].ip, "-t", "3", "-J", "--connect-timeout", "3000"], timeout=40)
         end = json.loads(r.stdout)["end"]
         assert end["sum_received"]["bytes"] > 10_000_000, end["sum_received"]
@@ -98,7 +135,7 @@ def test_dhcp_served_over_the_overlay(net):
                                   f"--dhcp-leasefile={leases}", "--no-resolv", "--no-hosts"],
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        time.sleep(0.5)
+        wait_until(lambda: listening(lambda argv: lab.exec("pubh1", argv), "udp", 67), 10, "dnsmasq on UDP 67")
         got = {}
         for i, h in enumerate(("oneh1", "easyh1", "hardh1")):
             mac = f"02:dc:00:00:00:{i + 1:02x}"
@@ -121,9 +158,7 @@ def test_mdns_query_reaches_every_node_exactly_once(net, tmp_path):
         out = tmp_path / f"{h}.json"
         receivers[h] = (lab.popen(h, mcast + ["recv", "--iface", "ipswgrp", "--listen", "udp4", "224.0.0.251:5353",
                                                "--out", str(out), "--duration", "6"]), out)
-    deadline = time.monotonic() + 10
-    while not all(Path(str(o) + ".ready").exists() for _, o in receivers.values()) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_until(lambda: all(Path(str(o) + ".ready").exists() for _, o in receivers.values()), 10, "mDNS receivers ready")
     lab.exec("pubh1", mcast + ["send", "--iface", "ipswgrp", "--send", "udp4", "224.0.0.251:5353",
                                "--count", "10", "--rate", "20", "--tag", "mdns"], timeout=20)
     for h, (p, out) in receivers.items():
@@ -157,10 +192,12 @@ def test_prosody_outage_keeps_links_and_late_node_joins(net):
     lab, g = net
     lab.stop_service("prosody")
     try:
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < 30:   # 30 s without signaling: traffic still flows
-            assert ping_ok(lab, "oneh1", g.nodes["hardh1"].ip, count=1)
-            time.sleep(3)
+        offline = lambda h: g.status(h)["overlays"][0]["signaling"]["state"].startswith("offline")
+        wait_until(lambda: offline("oneh1") and offline("hardh1"), 30, "the agents to see signaling go offline")
+        # 30 s without signaling: traffic still flows, every ping answered
+        r = lab.exec("oneh1", ["ping", "-c", "30", "-i", "1", "-W", "2", g.nodes["hardh1"].ip], check=False, timeout=60)
+        assert " 30 received" in r.stdout, r.stdout
+        assert offline("oneh1") and offline("hardh1"), "signaling came back during the outage"
     finally:
         lab.start_service("prosody")
     g.add("lateh1")
@@ -178,24 +215,19 @@ def test_two_overlays_on_the_same_nodes_stay_isolated(lab_factory, tmp_path):
         for h in ("ah1", "bh1"):
             g.add(h)
             g.start(h)
-        deadline = time.monotonic() + LINKS_TIMEOUT
-        while time.monotonic() < deadline:
-            try:
-                sts = [g.status(h) for h in ("ah1", "bh1")]
-                if all(len(o["peers"]) == 1 and o["peers"][0]["state"] == "up" for st in sts for o in st["overlays"]):
-                    break
-            except Exception:
-                pass
-            time.sleep(0.3)
-        else:
-            raise AssertionError("links of both overlays did not come up")
+        def both_up() -> bool:
+            agents_running(g)
+            sts = [g.status(h) for h in ("ah1", "bh1")]
+            return all(len(o["peers"]) == 1 and o["peers"][0]["state"] == "up" for st in sts for o in st["overlays"])
+        # IpopError: an agent's status socket is not there yet
+        wait_until(both_up, LINKS_TIMEOUT, "links of both overlays up", interval=0.3, retry_on=(IpopError,))
         for ov in ("red", "blue"):
             assert ping_ok(lab, "ah1", g.address("bh1", ov))
         # a broadcast in red is never seen in blue (receivers bound to each bridge interface)
         procs = {ov: lab.popen("bh1", helper("bcast_count") + [f"ipsw{ov}", "9999", "4"], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True) for ov in ("red", "blue")}
         for p in procs.values():
-            assert p.stderr.readline().strip() == "ready"
+            assert readline_within(p.stderr, 10, "bcast_count ready").strip() == "ready"
         mcast = helper("switch_mcast")
         lab.exec("ah1", mcast + ["send", "--iface", "ipswred", "--send", "udp4", "255.255.255.255:9999",
                                  "--count", "5", "--rate", "20", "--tag", "red"], timeout=20)
