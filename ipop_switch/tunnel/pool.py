@@ -166,7 +166,11 @@ class WorkerPool:
                 [self.python, "-m", "ipop_switch.tunnel.poolproc", "--fd", str(child.fileno()),
                  "--log-level", self.log_level],
                 pass_fds=[child.fileno()], stdin=subprocess.DEVNULL, stdout=err or subprocess.DEVNULL,
-                stderr=err or None)
+                stderr=err or None,
+                # a session of its own, as OVS and the switch app have: Ctrl-C in the agent's terminal
+                # reaches only the agent, which closes the links in order (the process still ends
+                # when its channel closes); else it quit first and was "restarted" mid-shutdown
+                start_new_session=True)
         finally:
             child.close()
             if err:

@@ -4,6 +4,7 @@ file, its OVS run directory, its children), never machine-wide."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -55,6 +56,26 @@ def wait_up(group: LabGroup, timeout: float, path: str | None = None) -> dict[st
     want = (lambda p: p["state"] == "up" and (path is None or p["path"] == path))
     return {h: wait_peer(group, h, want, timeout, f"link up{' on a ' + path + ' path' if path else ''}")
             for h in group.nodes}
+
+
+def log_tails(group: LabGroup, lines: int = 30) -> str:
+    """The last lines of every node's agent and worker logs: what a failed wait shows."""
+    out = []
+    for h, node in group.nodes.items():
+        for f in [node.dir / "agent.log", *sorted((node.dir / "state").glob("worker*.log"))]:
+            if f.exists():
+                tail = f.read_text(errors="replace").splitlines()[-lines:]
+                out.append(f"--- {h}: {f.name}\n" + "\n".join(tail))
+    return "\n".join(out)
+
+
+@contextlib.contextmanager
+def logs_on_failure(group: LabGroup):
+    """A failed assertion inside also shows the nodes' log tails (the lab is gone afterwards)."""
+    try:
+        yield
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n{log_tails(group)}") from None
 
 
 def ping_ok(lab: Lab, host: str, addr: str, count: int = 2) -> bool:
