@@ -1,9 +1,10 @@
-"""Run the overlay switch app: ``python -m ryu_apps.launch --channel SOCK [--ofp-port 6653]``.
+"""Run the overlay switch app: ``python -m ryu_apps.launch --channel SOCK --ofp-socket SOCK``.
 
-os-ken 4.x ships no ``osken-manager``; this launcher sets os-ken's options (listen on
-127.0.0.1 only: the controller is reachable from its own namespace, nowhere else),
-passes our settings to the app and runs it with AppManager.run_apps. The default hub
-is plain threads. The agent starts it as a child process inside the node's namespace.
+os-ken 4.x ships no ``osken-manager``; this launcher sets os-ken's options, makes its
+OpenFlow listener a unix socket (ofp_unix.py: no TCP port another local user could reach
+or take over), passes our settings to the app and runs it with AppManager.run_apps. The
+default hub is plain threads. The agent starts it as a child process inside the node's
+namespace, both sockets in the node's private run directory.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="ryu_apps.launch", description="ipop-switch OpenFlow app")
     ap.add_argument("--channel", required=True, help="unix socket path for the agent's JSON-lines channel")
-    ap.add_argument("--ofp-host", default="127.0.0.1")
-    ap.add_argument("--ofp-port", type=int, default=6653)
+    ap.add_argument("--ofp-socket", required=True, help="unix socket path the bridge connects to (OpenFlow)")
+    ap.add_argument("--dpid", type=lambda v: int(v, 0), default=None,
+                    help="the bridge's datapath id: every other switch is refused (unset: all, until set_datapath)")
     ap.add_argument("--aging", type=int, default=300, help="MAC aging in seconds")
     ap.add_argument("--mtu", type=int, default=0, help="overlay MTU for MSS clamping (0: off until set)")
     ap.add_argument("-v", "--verbose", action="store_true")
@@ -30,12 +32,14 @@ def main(argv: list[str] | None = None) -> int:
     from os_ken import cfg
     from os_ken.base.app_manager import AppManager
 
-    from . import switch
+    from . import ofp_unix, switch
 
-    cfg.CONF(args=[f"--ofp-listen-host={a.ofp_host}", f"--ofp-tcp-listen-port={a.ofp_port}"], project="os_ken")
+    cfg.CONF(args=["--ofp-tcp-listen-port=6653"], project="os_ken")  # not opened: see ofp_unix.install
+    ofp_unix.install(a.ofp_socket)
     switch.SETTINGS.channel = a.channel
     switch.SETTINGS.aging = a.aging
     switch.SETTINGS.mtu = a.mtu
+    switch.SETTINGS.dpid = a.dpid
     # SIGTERM/SIGINT: leave at once (the native hub's threads cannot be killed, only abandoned)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: os._exit(0))

@@ -13,6 +13,8 @@ Pipeline (docs/switch.md explains why):
 
 Flood frames carry two 802.1Q tags between nodes: outer VID = root index (1 + rank of
 the root's node id in the sorted node list), inner VID = depth (hops from the root).
+
+Only the datapath the agent named is adopted (any other switch is closed and counted).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class Settings:
     channel: str = ""
     aging: int = 300  # seconds without a frame from a MAC before it is forgotten
     mtu: int = 0
+    dpid: int | None = None  # the bridge's datapath id (None: refuse every switch until set_datapath)
 
 
 SETTINGS = Settings()
@@ -95,6 +98,8 @@ class OverlaySwitch(app_manager.OSKenApp):
         self.macs: dict[bytes, MacEntry] = {}
         self.ips: dict[str, tuple[bytes, float]] = {}
         self.flows: dict[tuple, FlowRec] = {}
+        self.expected_dpid = SETTINGS.dpid  # told by the agent; any other datapath is refused
+        self._logged: set[str] = set()  # warnings already logged once
         self.base_keys: set[tuple] = set()
         self.serial = itertools.count(1)
         self.counters = {k: 0 for k in ch.COUNTERS}
@@ -110,7 +115,12 @@ class OverlaySwitch(app_manager.OSKenApp):
         dp = ev.msg.datapath
         ofp, parser = dp.ofproto, dp.ofproto_parser
         with self.lock:
-            self.dp = dp
+            if self.expected_dpid is None or ev.msg.datapath_id != self.expected_dpid:
+                self._refuse_datapath(dp, ev.msg.datapath_id)
+                return
+            old, self.dp = self.dp, dp
+            if old is not None and old is not dp:
+                old.close()  # the bridge reconnected: its old connection is dead or dying
             self.ready.clear()
             self.flows.clear()
             self.base_keys.clear()
@@ -121,9 +131,31 @@ class OverlaySwitch(app_manager.OSKenApp):
             dp.send_msg(parser.OFPPortDescStatsRequest(dp, 0))
         LOG.info("switch %016x connected", dp.id)
 
+    def _refuse_datapath(self, dp, dpid: int) -> None:
+        """Not our bridge (or the agent has not said which one is): close it, count, log once."""
+        self.counters["datapaths_refused"] += 1
+        self._warn_once("dp", "refused an OpenFlow connection from datapath %016x (expected %s)",
+                        dpid, "none yet" if self.expected_dpid is None else f"{self.expected_dpid:016x}")
+        dp.close()
+        try:
+            dp.socket.shutdown(socket.SHUT_RDWR)  # close() only half-closes: end its receive loop too
+        except OSError:
+            pass
+
+    def _warn_once(self, key: str, fmt: str, *args: Any) -> None:
+        if key not in self._logged:
+            self._logged.add(key)
+            LOG.warning(fmt + " (logged once; see the counters)", *args)
+
+    def _ours(self, msg) -> bool:
+        """Only the adopted datapath's messages count: a refused one may still be sending."""
+        return msg.datapath is self.dp
+
     @set_ev_cls(ofp_event.EventOFPPortDescStatsReply, MAIN_DISPATCHER)
     def _port_desc(self, ev) -> None:
         with self.lock:
+            if not self._ours(ev.msg):
+                return
             for p in ev.msg.body:
                 if p.port_no <= ofproto_v1_3.OFPP_MAX:
                     self.port_no[p.name.decode()] = p.port_no
@@ -136,6 +168,8 @@ class OverlaySwitch(app_manager.OSKenApp):
         ofp = msg.datapath.ofproto
         name = msg.desc.name.decode()
         with self.lock:
+            if not self._ours(msg):
+                return
             if msg.reason == ofp.OFPPR_DELETE:
                 if self.port_no.get(name) == msg.desc.port_no:
                     del self.port_no[name]
@@ -147,6 +181,8 @@ class OverlaySwitch(app_manager.OSKenApp):
     def _flow_removed(self, ev) -> None:
         msg = ev.msg
         with self.lock:
+            if not self._ours(msg):
+                return
             key = next((k for k, r in self.flows.items() if r.cookie == msg.cookie), None)
             if key is None:
                 return
@@ -164,7 +200,7 @@ class OverlaySwitch(app_manager.OSKenApp):
     def _reply(self, ev) -> None:
         msg = ev.msg
         w = self.waiters.get(msg.xid)
-        if not w:
+        if not w or not self._ours(msg):
             return
         if hasattr(msg, "body"):
             w[1].extend(msg.body)
@@ -179,6 +215,8 @@ class OverlaySwitch(app_manager.OSKenApp):
         in_port = msg.match["in_port"]
         kind = msg.cookie >> 48
         with self.lock:
+            if not self._ours(msg):
+                return
             self.counters["packet_in"] += 1
             try:
                 f = packets.parse(msg.data)
@@ -523,6 +561,12 @@ class OverlaySwitch(app_manager.OSKenApp):
             with self.lock:
                 return ch.ok(macs={packets.mac_str(m): {"port": e.port, "owner": e.owner} for m, e in self.macs.items()})
         with self.lock:
+            if op == "set_datapath":
+                self.expected_dpid = req.dpid
+                if self.dp is not None and self.dp.id != req.dpid:
+                    self._refuse_datapath(self.dp, self.dp.id)
+                    self.dp = None
+                return ch.ok()  # nothing to push: the switch connects afterwards
             if op == "set_node_id":
                 self.node_id = req.node_id
             elif op == "set_mtu":

@@ -1,7 +1,6 @@
 """Regression tests (unit, no OVS) for the switch app's review findings (issue 18):
-11: a malformed SYN never makes ``clamp_mss`` raise; 5: the MAC table is capped per
-port and in total, flow-removed finds its flow by cookie without scanning, the
-packet-in token bucket; 3: the channel carries the expected datapath id and the limits.
+11: a malformed SYN never makes ``clamp_mss`` raise; 3: the app refuses every datapath
+but the one the agent named.
 """
 
 from __future__ import annotations
@@ -80,3 +79,84 @@ def test_every_parser_takes_any_bytes(data):
     packets.parse_arp(f)
     packets.parse_nd(f)
     packets.clamp_mss(f, 1360, 1340)
+
+
+# -- finding 3: the app refuses any datapath it was not told about ------------------------
+def _of_msg(typ: int, xid: int, body: bytes = b"") -> bytes:
+    return struct.pack("!BBHI", 4, typ, 8 + len(body), xid) + body
+
+
+def fake_switch(path: str, dpid: int, timeout: float = 10.0) -> bool:
+    """Speak OpenFlow 1.3 as a switch with ``dpid``: HELLO, answer FEATURES_REQUEST (and echoes).
+    True if the controller then closes the connection (refused), False if it keeps it."""
+    import socket as so
+    import time
+
+    s = so.socket(so.AF_UNIX, so.SOCK_STREAM)
+    s.connect(path)
+    s.settimeout(0.5)
+    s.sendall(_of_msg(0, 1))
+    buf, answered, deadline = b"", None, time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            try:
+                chunk = s.recv(65536)
+            except so.timeout:
+                if answered is not None and time.monotonic() - answered > 3:
+                    return False  # still open 3 s after the features reply: adopted
+                continue
+            except ConnectionResetError:
+                return True
+            if not chunk:
+                return True
+            buf += chunk
+            while len(buf) >= 8:
+                _, typ, length, xid = struct.unpack_from("!BBHI", buf)
+                if len(buf) < length:
+                    break
+                buf = buf[length:]
+                if typ == 5:  # FEATURES_REQUEST
+                    s.sendall(_of_msg(6, xid, struct.pack("!QIBB2xII", dpid, 0, 254, 0, 0, 0)))
+                    answered = time.monotonic()
+                elif typ == 2:  # ECHO_REQUEST
+                    s.sendall(_of_msg(3, xid))
+        raise AssertionError("no FEATURES_REQUEST from the controller")
+    finally:
+        s.close()
+
+
+def test_app_refuses_datapaths_until_told_and_then_all_but_the_named_one(tmp_path):
+    import json
+    import socket as so
+    import subprocess
+    import sys
+    import time
+
+    chan, ofp = tmp_path / "app.sock", tmp_path / "ofp.sock"
+    p = subprocess.Popen([sys.executable, "-m", "ryu_apps.launch", "--channel", str(chan), "--ofp-socket", str(ofp)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 15
+        while not (chan.exists() and ofp.exists()):
+            assert p.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        assert ofp.stat().st_mode & 0o777 == 0o600
+        c = so.socket(so.AF_UNIX)
+        c.connect(str(chan))
+        f = c.makefile("rwb")
+
+        def call(msg: dict) -> dict:
+            f.write(json.dumps(msg).encode() + b"\n")
+            f.flush()
+            return json.loads(f.readline())
+
+        assert fake_switch(str(ofp), 0x1111)  # no datapath named yet: refused
+        assert call({"op": "set_datapath", "dpid": 0x2222})["ok"]
+        assert fake_switch(str(ofp), 0x1111)  # not the one named: refused
+        assert call({"op": "counters"})["counters"]["datapaths_refused"] == 2
+        assert not fake_switch(str(ofp), 0x2222)  # the named one is kept
+        assert call({"op": "status"})["dpid"] == 0x2222
+        c.close()
+    finally:
+        p.terminate()
+        p.wait(timeout=5)

@@ -77,7 +77,8 @@ def test_app_channel_answers_bad_input_and_keeps_serving(tmp_path):
     import time
 
     sock_path = tmp_path / "app.sock"
-    p = subprocess.Popen([sys.executable, "-m", "ryu_apps.launch", "--channel", str(sock_path), "--ofp-port", "0"],
+    p = subprocess.Popen([sys.executable, "-m", "ryu_apps.launch", "--channel", str(sock_path),
+                          "--ofp-socket", str(tmp_path / "ofp.sock")],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 10

@@ -1,19 +1,24 @@
 """Agent-side handle on the OpenFlow switch app (ryu_apps/): start it, point the bridge at
 it, and tell it the node id, which port leads to which peer, and the overlay graph.
 
-The app runs as a child process (crash isolation) inside the node's namespace and
-listens on 127.0.0.1 there; the bridge connects out-of-band with a small max_backoff,
-so a restarted app is found again within a second, not OVS's default 8 s. Before any
-traffic we wait until the app holds this bridge's connection (matching datapath id) and
-has read its ports; OVS's ``is_connected`` column lags by seconds, the app does not.
-Requests go over a unix socket as JSON lines (messages: switch_channel.py); every
-state-changing request returns once the switch has the new flows (barrier).
+The app runs as a child process (crash isolation) inside the node's namespace. Both its
+sockets, the agent's channel and the OpenFlow controller (``unix:`` for OVS), live in a
+private directory (0700) of the node's run directory: no other local user can connect a
+fake switch or stand in for the app while it restarts, as a TCP port on 127.0.0.1 allowed
+(security review, finding 3). The bridge's datapath id is pinned and told to the app,
+which refuses any other switch. The bridge connects out-of-band with a small max_backoff,
+so a restarted app is found again within a second, not OVS's default 8 s. Before any traffic we wait until the app holds this bridge's connection and has read its
+ports; OVS's ``is_connected`` column lags by seconds, the app does not. Requests go over
+the channel as JSON lines (messages: switch_channel.py); every state-changing request
+returns once the switch has the new flows (barrier).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import stat
 import sys
 import tempfile
 import time
@@ -39,18 +44,20 @@ class SwitchController:
         bridge: str,
         *,
         rundir: Path | None = None,
-        ofp_port: int = 6653,
         aging: int = 300,
         mtu: int = 0,
         python: str = sys.executable,
     ) -> None:
-        self.ovs, self.bridge, self.ofp_port = ovs, bridge, ofp_port
+        self.ovs, self.bridge = ovs, bridge
         self.aging, self.mtu, self.python = aging, mtu, python
         self.rundir = Path(rundir or ovs.rundir).absolute()
-        sock = self.rundir / f"switch-{bridge}.sock"
-        if len(str(sock)) > 100:  # sun_path is 108 bytes
-            sock = Path(tempfile.mkdtemp(prefix="ipsw-sw-")) / "app.sock"
-        self.sock_path = sock
+        sockdir = self.rundir / f"switch-{bridge}"
+        if len(str(sockdir / "app.sock")) > 100:  # sun_path is 108 bytes
+            sockdir = Path(tempfile.mkdtemp(prefix="ipsw-sw-"))  # 0700 too
+        self.sock_dir = sockdir
+        self.sock_path = sockdir / "app.sock"  # the agent's channel
+        self.ofp_path = sockdir / "ofp.sock"  # OpenFlow: OVS connects here
+        self.dpid: int | None = None
         self.log_path = self.rundir / f"switch-{bridge}.log"
         self._proc = None
         self._reader: asyncio.StreamReader | None = None
@@ -62,13 +69,19 @@ class SwitchController:
     async def start(self, *, timeout: float = 15.0) -> "SwitchController":
         """Spawn the app, set the bridge's controller, wait until the switch is connected."""
         self.rundir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.sock_dir)
+        # pinned and named before the app starts: the bridge may connect the moment the socket exists
+        self.dpid = await asyncio.to_thread(self._pin_dpid)
         self._proc = proc.spawn(
             [self.python, "-m", "ryu_apps.launch", "--channel", str(self.sock_path),
-             "--ofp-port", str(self.ofp_port), "--aging", str(self.aging), "--mtu", str(self.mtu)],
+             "--ofp-socket", str(self.ofp_path), "--dpid", f"{self.dpid:#x}", "--aging", str(self.aging),
+             "--mtu", str(self.mtu)],
             netns=self.ovs.netns, log=self.log_path,
+            die_with_parent=True,      # the app never outlives the agent (kill -9 included)
         )
         try:
-            await self._wait(lambda: self.sock_path.exists() or self._proc.poll() is not None, timeout, "app socket")
+            await self._wait(lambda: (self.sock_path.exists() and self.ofp_path.exists())
+                             or self._proc.poll() is not None, timeout, "app sockets")
             await self._connect_channel(timeout)
             await asyncio.to_thread(self._point_bridge)
             await self._wait_connected(timeout)
@@ -98,12 +111,19 @@ class SwitchController:
         # two VLAN tags (root, depth) ride on flood frames between nodes: OVS must parse both
         v("set", "Open_vSwitch", ".", "other_config:vlan-limit=2")
         v("set", "bridge", self.bridge, "protocols=OpenFlow13", "fail_mode=secure")
-        v("set-controller", self.bridge, f"tcp:127.0.0.1:{self.ofp_port}")
+        v("set-controller", self.bridge, f"unix:{self.ofp_path}")
         v("--", "set", "controller", self.bridge, "connection-mode=out-of-band", "max_backoff=1000",
           "inactivity_probe=5000")
 
     def _dpid(self) -> int:
         return int(self.ovs.vsctl("get", "bridge", self.bridge, "datapath_id").strip().strip('"'), 16)
+
+    def _pin_dpid(self) -> int:
+        """The bridge's datapath id, pinned: OVS would derive a new one from a port's MAC
+        (and reconnect under it) if ports change while the bridge has no fixed address."""
+        dpid = self._dpid()
+        self.ovs.vsctl("set", "bridge", self.bridge, f"other-config:datapath-id={dpid:016x}")
+        return dpid
 
     async def _wait_connected(self, timeout: float) -> None:
         """Until the app holds this bridge's OpenFlow connection and has read its ports.
@@ -113,7 +133,7 @@ class SwitchController:
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        dpid = await asyncio.to_thread(self._dpid)
+        dpid = self.dpid
         while True:
             self._check_alive()
             st = await self._call({"op": "status"})
@@ -156,10 +176,11 @@ class SwitchController:
         if self._proc is not None:
             await asyncio.to_thread(proc.terminate, self._proc.pid)
             self._proc = None
-        try:
-            self.sock_path.unlink()
-        except FileNotFoundError:
-            pass
+        for path in (self.sock_path, self.ofp_path):
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
         if not keep_state:
             self._replay.clear()
 
@@ -222,3 +243,13 @@ class SwitchController:
 
     async def status(self) -> dict[str, Any]:
         return await self._call({"op": "status"})
+
+
+def private_dir(path: Path) -> None:
+    """``path`` as a directory only we can enter (0700, ours, not a symlink): the sockets in it
+    are then out of other local users' reach whatever their own modes."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        raise SwitchAppError(f"{path} is not a directory of ours: refusing to put the switch sockets there")
+    os.chmod(path, 0o700)

@@ -6,6 +6,9 @@ line ``{"ok": true, ...}`` or ``{"ok": false, "error": "..."}``. Kept free of
 other ipop_switch imports so the app stays isolated from the agent.
 
 Requests (field ``op``):
+- ``set_datapath`` {dpid}               the bridge's datapath id: the app adopts only that switch and
+                                        refuses (closes, counts) any other OpenFlow connection; until
+                                        told, it refuses every one
 - ``set_node_id``  {node_id}            this node's overlay node id (32 hex chars)
 - ``set_mtu``      {mtu}                overlay MTU: TCP MSS is clamped to mtu-40 (IPv4) / mtu-60 (IPv6); 0 = off
 - ``add_peer_port``    {port, peer}     OVS port name -> peer node id (port may appear in OVS before or after)
@@ -47,6 +50,11 @@ def _port(v: str) -> str:
 
 class _Msg(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class SetDatapath(_Msg):
+    op: Literal["set_datapath"] = "set_datapath"
+    dpid: int = Field(ge=0, le=2**64 - 1)
 
 
 class SetNodeId(_Msg):
@@ -103,7 +111,8 @@ class Query(_Msg):
 
 
 Request = Annotated[
-    Union[SetNodeId, SetMtu, AddPeerPort, RemovePeerPort, AddLocalPort, RemoveLocalPort, SetTopology, Query],
+    Union[SetDatapath, SetNodeId, SetMtu, AddPeerPort, RemovePeerPort, AddLocalPort, RemoveLocalPort, SetTopology,
+          Query],
     Field(discriminator="op"),
 ]
 _request_adapter: TypeAdapter[Any] = TypeAdapter(Request)
@@ -121,6 +130,7 @@ COUNTERS = (
     "flows_active",  # flows the app currently has installed
     "macs_learned",  # MAC addresses in the table now
     "bad_frames",  # packet-ins that could not be parsed (counted drops)
+    "datapaths_refused",  # OpenFlow connections closed: not the bridge the agent named
 )
 
 
