@@ -203,8 +203,21 @@ def lab_demo(keep: bool, json_path: str | None, **kw) -> None:
 @click.option("--systems", default=None, help="comma list (default: all available)")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="also write the results as JSON to this file ('-': stdout)")
 @click.option("--memory", is_flag=True, help="instead: memory of one node with 1, 8, 16 and 32 peers (33 nodes, minutes)")
-def bench(runs: int, seconds: float, systems: str | None, json_path: str | None, memory: bool) -> None:
+@click.option("--fuzz", "fuzz_minutes", type=click.FloatRange(0.01, 24 * 60), default=None,
+              help="instead: fuzz the C fast path under ASan/UBSan (libFuzzer) for this many minutes")
+@click.option("--update", is_flag=True, help="with --fuzz: keep new inputs in tests/fuzz_corpus/ (minimised)")
+def bench(runs: int, seconds: float, systems: str | None, json_path: str | None, memory: bool,
+          fuzz_minutes: float | None, update: bool) -> None:
     """Measure ipop-switch beside the underlay, wireguard-go and tinc, in one lab, interleaved."""
+    if fuzz_minutes is not None:        # no lab, no root: a local build and one process
+        from ..bench.fuzz import print_report, run_fuzz
+        report = run_fuzz(fuzz_minutes, update=update, console=console)
+        print_report(report, console)
+        if json_path == "-":
+            click.echo(json.dumps(report, indent=1))
+        elif json_path:
+            Path(json_path).write_text(json.dumps(report, indent=1))
+        sys.exit(1 if report["crashes"] else 0)
     from ..proc import require_root
     require_root()
     if memory:
