@@ -14,7 +14,9 @@ Pipeline (docs/switch.md explains why):
 Flood frames carry two 802.1Q tags between nodes: outer VID = root index (1 + rank of
 the root's node id in the sorted node list), inner VID = depth (hops from the root).
 
-Only the datapath the agent named is adopted (any other switch is closed and counted).
+Hostile input is bounded: the MAC table is capped in total and per port (tables.py; a MAC
+over a cap is not learned, its frames flood), flow-removed finds its flow by cookie, and
+only the datapath the agent named is adopted (any other switch is closed and counted).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import os
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from os_ken.base import app_manager
@@ -36,6 +38,7 @@ from os_ken.ofproto import ofproto_v1_3
 from ipop_switch.bridge import switch_channel as ch
 
 from . import flood, packets
+from .tables import FlowRec, FlowTable, MacEntry, MacTable
 
 LOG = logging.getLogger("ryu_apps.switch")
 
@@ -54,27 +57,12 @@ class Settings:
     channel: str = ""
     aging: int = 300  # seconds without a frame from a MAC before it is forgotten
     mtu: int = 0
+    max_macs: int = 8192  # learned MACs in total (also the cap on snooped IP -> MAC bindings)
+    max_macs_per_port: int = 1024  # learned MACs behind one port
     dpid: int | None = None  # the bridge's datapath id (None: refuse every switch until set_datapath)
 
 
 SETTINGS = Settings()
-
-
-@dataclass
-class MacEntry:
-    port: int  # where frames to this MAC go
-    owner: str | None  # node the MAC lives at (None: not known yet, pointer from last sighting)
-    seen: set[tuple[int, int]] = field(default_factory=set)  # markers installed: (in_port, vid)
-
-
-@dataclass
-class FlowRec:
-    cookie: int
-    table: int
-    priority: int
-    match: dict[str, Any]
-    actions: str
-    idle: int = 0
 
 
 class OverlaySwitch(app_manager.OSKenApp):
@@ -95,9 +83,9 @@ class OverlaySwitch(app_manager.OSKenApp):
         self.port_peer: dict[int, str] = {}
         self.local_ports: set[int] = {OFPP_LOCAL}
         self.plan: flood.FloodPlan | None = None
-        self.macs: dict[bytes, MacEntry] = {}
-        self.ips: dict[str, tuple[bytes, float]] = {}
-        self.flows: dict[tuple, FlowRec] = {}
+        self.macs = MacTable(SETTINGS.max_macs, SETTINGS.max_macs_per_port)
+        self.ips: dict[str, tuple[bytes, float]] = {}  # oldest first: evicted past max_macs
+        self.flows = FlowTable()
         self.expected_dpid = SETTINGS.dpid  # told by the agent; any other datapath is refused
         self._logged: set[str] = set()  # warnings already logged once
         self.base_keys: set[tuple] = set()
@@ -181,19 +169,16 @@ class OverlaySwitch(app_manager.OSKenApp):
     def _flow_removed(self, ev) -> None:
         msg = ev.msg
         with self.lock:
-            if not self._ours(msg):
+            rec = self.flows.pop_cookie(msg.cookie) if self._ours(msg) else None  # O(1): no scan
+            if rec is None:
                 return
-            key = next((k for k, r in self.flows.items() if r.cookie == msg.cookie), None)
-            if key is None:
-                return
-            rec = self.flows.pop(key)
             if msg.cookie >> 48 == K_MARKER:
                 mac = packets.mac_bytes(rec.match["eth_src"])
                 e = self.macs.get(mac)
                 if e:
                     e.seen.discard((rec.match["in_port"], rec.match["vlan_vid"]))
                     if not e.seen:  # aged out everywhere: forget it
-                        del self.macs[mac]
+                        self.macs.remove(mac)
                         self._del_flow(T_L2, 100, {"eth_dst": rec.match["eth_src"]})
 
     @set_ev_cls([ofp_event.EventOFPFlowStatsReply, ofp_event.EventOFPBarrierReply], MAIN_DISPATCHER)
@@ -256,7 +241,13 @@ class OverlaySwitch(app_manager.OSKenApp):
         e = self.macs.get(f.src)
         mac = packets.mac_str(f.src)
         if e is None:
-            e = self.macs[f.src] = MacEntry(port=in_port, owner=owner)
+            e = MacEntry(port=in_port, owner=owner)
+            e.port = self._port_for(e, in_port)  # counted against the port it will point to
+            if not self.macs.add(f.src, e):  # over a cap: not learned, its frames still flood
+                self.counters["macs_refused"] += 1
+                self._warn_once("macs", "MAC table full (%d in total, %d behind port %d): %s not learned",
+                                len(self.macs), self.macs.on_port(e.port), e.port, mac)
+                return False
             changed = True
         elif owner is not None and owner != e.owner:
             e.owner, changed = owner, True  # a move (or first authoritative sighting)
@@ -267,7 +258,7 @@ class OverlaySwitch(app_manager.OSKenApp):
         else:
             changed = False
         if changed:
-            e.port = self._port_for(e, in_port)
+            self.macs.set_port(e, self._port_for(e, in_port))
             for old in list(e.seen):  # other sightings are stale now: let them trap again
                 if old != (in_port, vid):
                     self._del_flow(T_TRAP, 100, {"in_port": old[0], "eth_src": mac, "vlan_vid": old[1]})
@@ -295,15 +286,23 @@ class OverlaySwitch(app_manager.OSKenApp):
         a = packets.parse_arp(f)
         if a is not None:
             if a.spa != "0.0.0.0":
-                self.ips[a.spa] = (a.sha, now)
+                self._bind_ip(a.spa, a.sha, now)
             return
         nd = packets.parse_nd(f)
         if nd is None:
             return
         if nd.type == packets.ND_NS and nd.src_ip != "::" and nd.lladdr:
-            self.ips[nd.src_ip] = (nd.lladdr, now)
+            self._bind_ip(nd.src_ip, nd.lladdr, now)
         elif nd.type == packets.ND_NA and nd.lladdr:
-            self.ips[nd.target] = (nd.lladdr, now)
+            self._bind_ip(nd.target, nd.lladdr, now)
+
+    def _bind_ip(self, ip: str, mac: bytes, now: float) -> None:
+        """Remember ip -> mac; past the cap the least recently seen binding goes."""
+        self.ips.pop(ip, None)
+        self.ips[ip] = (mac, now)
+        if len(self.ips) > self.settings.max_macs:
+            del self.ips[next(iter(self.ips))]
+            self.counters["neighbours_evicted"] += 1
 
     def _known(self, ip: str, asker: bytes) -> bytes | None:
         """The MAC for ip if it is known and that MAC is alive in the table (not aged out)."""
@@ -387,12 +386,12 @@ class OverlaySwitch(app_manager.OSKenApp):
             if e.owner is not None and e.owner != (self.node_id or "self") and (self.plan is None or e.owner not in self.plan.roots):
                 e.owner = None
             if e.port not in valid and e.owner is None or not e.seen:
-                del self.macs[mac]
+                self.macs.remove(mac)
                 self._del_flow(T_L2, 100, {"eth_dst": packets.mac_str(mac)})
                 continue
             port = self._port_for(e, e.port)
             if port != e.port or (T_L2, 100, _mkey({"eth_dst": packets.mac_str(mac)})) not in self.flows:
-                e.port = port
+                self.macs.set_port(e, port)
                 self._pointer(mac, e)
 
     def _view(self) -> dict[str, set[str]]:
@@ -517,12 +516,12 @@ class OverlaySwitch(app_manager.OSKenApp):
         dp.send_msg(parser.OFPFlowMod(dp, cookie=cookie, table_id=table, command=cmd, idle_timeout=idle,
                                       priority=priority, flags=flags, match=parser.OFPMatch(**match),
                                       instructions=insts))
-        self.flows[key] = FlowRec(cookie, table, priority, match, text, idle)
+        self.flows.put(key, FlowRec(cookie, table, priority, match, text, idle))
         self.counters["flows_installed"] += 1
 
     def _del_flow(self, table: int, priority: int, match: dict) -> None:
         key = (table, priority, _mkey(match))
-        if self.flows.pop(key, None) is None or self.dp is None:
+        if self.flows.pop(key) is None or self.dp is None:
             return
         dp = self.dp
         ofp, parser = dp.ofproto, dp.ofproto_parser
@@ -548,6 +547,7 @@ class OverlaySwitch(app_manager.OSKenApp):
             with self.lock:
                 return ch.ok(connected=self.dp is not None and self.ready.is_set(),
                              dpid=self.dp.id if self.dp else None, node_id=self.node_id,
+                             limits={"max_macs": self.macs.max_total, "max_macs_per_port": self.macs.max_per_port},
                              ports={n: {"ofport": no, "peer": self.port_peer.get(no),
                                         "local": no in self.local_ports} for n, no in self.port_no.items()})
         if op == "counters":

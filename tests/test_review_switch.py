@@ -1,6 +1,7 @@
 """Regression tests (unit, no OVS) for the switch app's review findings (issue 18):
-11: a malformed SYN never makes ``clamp_mss`` raise; 3: the app refuses every datapath
-but the one the agent named.
+11: a malformed SYN never makes ``clamp_mss`` raise; 5: the MAC table is capped per
+port and in total, flow-removed finds its flow by cookie without scanning; 3: the app
+refuses every datapath but the one the agent named.
 """
 
 from __future__ import annotations
@@ -79,6 +80,67 @@ def test_every_parser_takes_any_bytes(data):
     packets.parse_arp(f)
     packets.parse_nd(f)
     packets.clamp_mss(f, 1360, 1340)
+
+
+# -- finding 5: bounded MAC table, flows indexed by cookie -------------------------------
+from ryu_apps.tables import FlowRec, FlowTable, MacEntry, MacTable  # noqa: E402
+
+
+def test_mac_table_caps_per_port_and_in_total():
+    t = MacTable(max_total=10, max_per_port=4)
+    mac = lambda i: bytes([2, 0, 0, 0, i >> 8, i & 0xFF])  # noqa: E731
+    assert [t.add(mac(i), MacEntry(port=1, owner=None)) for i in range(6)] == [True] * 4 + [False] * 2
+    assert t.on_port(1) == 4 and len(t) == 4
+    assert sum(t.add(mac(100 + i), MacEntry(port=2 + i % 3, owner=None)) for i in range(20)) == 6
+    assert len(t) == 10 and not t.room(9)  # total reached: no port has room
+    e = t.get(mac(0))
+    t.set_port(e, 9)  # a move is not refused...
+    assert t.on_port(1) == 3 and t.on_port(9) == 1 and len(t) == 10  # ...and is counted where it went
+    t.remove(mac(1))
+    assert t.room(1) and t.add(mac(1), MacEntry(port=1, owner=None))
+    with pytest.raises(KeyError):
+        t.add(mac(1), MacEntry(port=1, owner=None))
+
+
+class _NoScan(dict):
+    """A dict that fails the test if anything walks it."""
+
+    def _scan(self, *a):
+        raise AssertionError("the flow table was scanned")
+
+    __iter__ = items = values = keys = _scan
+
+
+def test_flow_removed_lookup_is_by_cookie_not_a_scan():
+    t = FlowTable()
+    for i in range(1000):
+        t.put((0, 100, (("eth_src", i),)), FlowRec(cookie=(7 << 48) | i, table=0, priority=100, match={}, actions=""))
+    t._by_key, t._by_cookie = _NoScan(t._by_key), _NoScan(t._by_cookie)
+    rec = t.pop_cookie((7 << 48) | 500)
+    assert rec is not None and rec.cookie == (7 << 48) | 500
+    assert t.pop_cookie((7 << 48) | 500) is None and t.pop_cookie(12345) is None
+    assert len(t) == 999
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["put", "pop", "pop_cookie"]), st.integers(0, 15), st.integers(1, 40)),
+                max_size=120))
+def test_flow_table_cookie_index_stays_exact(ops):
+    """Whatever the order of adds, re-adds under a new cookie and removals, the index is exact."""
+    t, model = FlowTable(), {}
+    for op, k, cookie in ops:
+        key = (0, 1, ((k,),))
+        if op == "put" and not any(r.cookie == cookie for kk, r in model.items() if kk != key):
+            rec = FlowRec(cookie=cookie, table=0, priority=1, match={}, actions="")
+            t.put(key, rec)
+            model[key] = rec
+        elif op == "pop":
+            assert t.pop(key) is model.pop(key, None)
+        elif op == "pop_cookie":
+            hit = next((kk for kk, r in model.items() if r.cookie == cookie), None)
+            assert t.pop_cookie(cookie) is (model.pop(hit) if hit is not None else None)
+        assert dict(t._by_key) == model
+        assert t._by_cookie == {r.cookie: kk for kk, r in model.items()}
 
 
 # -- finding 3: the app refuses any datapath it was not told about ------------------------

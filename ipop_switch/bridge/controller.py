@@ -7,7 +7,9 @@ private directory (0700) of the node's run directory: no other local user can co
 fake switch or stand in for the app while it restarts, as a TCP port on 127.0.0.1 allowed
 (security review, finding 3). The bridge's datapath id is pinned and told to the app,
 which refuses any other switch. The bridge connects out-of-band with a small max_backoff,
-so a restarted app is found again within a second, not OVS's default 8 s. Before any traffic we wait until the app holds this bridge's connection and has read its
+so a restarted app is found again within a second, not OVS's default 8 s, and OVS limits
+packet-ins per port, fairly (``controller_rate_limit``), so no port can flood the app.
+Before any traffic we wait until the app holds this bridge's connection and has read its
 ports; OVS's ``is_connected`` column lags by seconds, the app does not. Requests go over
 the channel as JSON lines (messages: switch_channel.py); every state-changing request
 returns once the switch has the new flows (barrier).
@@ -46,10 +48,19 @@ class SwitchController:
         rundir: Path | None = None,
         aging: int = 300,
         mtu: int = 0,
+        max_macs: int = 8192,
+        max_macs_per_port: int = 1024,
+        packet_in_rate: int = 1000,
+        packet_in_burst: int = 250,
         python: str = sys.executable,
     ) -> None:
+        """``max_macs``/``max_macs_per_port``: the app's MAC table caps (a MAC over them is not
+        learned, its frames are flooded); ``packet_in_rate`` (>= 100/s) and ``packet_in_burst``
+        (>= 25): OVS's per-port-fair limit on frames sent to the app."""
         self.ovs, self.bridge = ovs, bridge
         self.aging, self.mtu, self.python = aging, mtu, python
+        self.max_macs, self.max_macs_per_port = max_macs, max_macs_per_port
+        self.packet_in_rate, self.packet_in_burst = max(100, packet_in_rate), max(25, packet_in_burst)
         self.rundir = Path(rundir or ovs.rundir).absolute()
         sockdir = self.rundir / f"switch-{bridge}"
         if len(str(sockdir / "app.sock")) > 100:  # sun_path is 108 bytes
@@ -75,7 +86,8 @@ class SwitchController:
         self._proc = proc.spawn(
             [self.python, "-m", "ryu_apps.launch", "--channel", str(self.sock_path),
              "--ofp-socket", str(self.ofp_path), "--dpid", f"{self.dpid:#x}", "--aging", str(self.aging),
-             "--mtu", str(self.mtu)],
+             "--mtu", str(self.mtu), "--max-macs", str(self.max_macs),
+             "--max-macs-per-port", str(self.max_macs_per_port)],
             netns=self.ovs.netns, log=self.log_path,
             die_with_parent=True,      # the app never outlives the agent (kill -9 included)
         )
@@ -113,7 +125,8 @@ class SwitchController:
         v("set", "bridge", self.bridge, "protocols=OpenFlow13", "fail_mode=secure")
         v("set-controller", self.bridge, f"unix:{self.ofp_path}")
         v("--", "set", "controller", self.bridge, "connection-mode=out-of-band", "max_backoff=1000",
-          "inactivity_probe=5000")
+          "inactivity_probe=5000", f"controller_rate_limit={self.packet_in_rate}",
+          f"controller_burst_limit={self.packet_in_burst}")
 
     def _dpid(self) -> int:
         return int(self.ovs.vsctl("get", "bridge", self.bridge, "datapath_id").strip().strip('"'), 16)
@@ -124,6 +137,16 @@ class SwitchController:
         dpid = self._dpid()
         self.ovs.vsctl("set", "bridge", self.bridge, f"other-config:datapath-id={dpid:016x}")
         return dpid
+
+    def _packet_in_dropped(self) -> int:
+        """Packet-ins OVS dropped at the rate limit (its controller status, refreshed every few s)."""
+        out = self.ovs.vsctl("--format=json", "--columns=status", "list", "controller")
+        total = 0
+        for row in json.loads(out).get("data", []):
+            for k, v in row[0][1] if row and row[0][0] == "map" else []:
+                if k.startswith("packet-in-") and k.endswith("-dropped"):
+                    total += int(v)
+        return total
 
     async def _wait_connected(self, timeout: float) -> None:
         """Until the app holds this bridge's OpenFlow connection and has read its ports.
@@ -233,7 +256,10 @@ class SwitchController:
         await self._set("topology", {"op": "set_topology", "edges": [list(e) for e in edges]})
 
     async def counters(self) -> dict[str, int]:
-        return (await self._call({"op": "counters"}))["counters"]
+        """The app's counters (switch_channel.COUNTERS) and OVS's ``packet_in_dropped``."""
+        c = (await self._call({"op": "counters"}))["counters"]
+        c["packet_in_dropped"] = await asyncio.to_thread(self._packet_in_dropped)
+        return c
 
     async def flows(self) -> list[dict[str, Any]]:
         return (await self._call({"op": "flows"}))["flows"]

@@ -17,7 +17,7 @@ Requests (field ``op``):
 - ``remove_local_port`` {port}
 - ``set_topology`` {edges}              the overlay graph as [[node_a, node_b], ...] (undirected); optional:
                                         without it the app assumes its peers form a full mesh
-- ``status``   -> {connected, dpid, node_id, ports}
+- ``status``   -> {connected, dpid, node_id, limits, ports}
 - ``counters`` -> {counters: {name: int}}
 - ``flows``    -> {flows: [{table, priority, match}]}: what the app has installed
 - ``macs``     -> {macs: {mac: {port, owner}}}
@@ -130,8 +130,12 @@ COUNTERS = (
     "flows_active",  # flows the app currently has installed
     "macs_learned",  # MAC addresses in the table now
     "bad_frames",  # packet-ins that could not be parsed (counted drops)
+    "macs_refused",  # source MACs not learned: the MAC table was full (in total or behind that port)
+    "neighbours_evicted",  # snooped IP -> MAC bindings dropped, oldest first, past the cap
     "datapaths_refused",  # OpenFlow connections closed: not the bridge the agent named
 )
+# Added by the agent (SwitchController.counters) from OVS's controller status, not the app:
+# "packet_in_dropped": packet-ins OVS dropped at its per-port-fair rate limit (controller_rate_limit).
 
 
 class ChannelError(ValueError):
