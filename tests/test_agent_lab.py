@@ -146,7 +146,11 @@ def test_metrics_match_status(link):
     lab, g, _ = link
     with logs_on_failure(g):
         assert ping_ok(lab, A, g.nodes[B].ip, count=5)
+        # one-way traffic, so that sent and received differ and a swapped direction shows
+        lab.exec(A, [sys.executable, "-c", "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+                     f"[s.sendto(bytes(1200), ('{g.nodes[B].ip}', 9)) for _ in range(200)]"])
         before = g.status(A)["overlays"][0]["peers"][0]
+        assert before["tx_bytes"] > before["rx_bytes"] + 150_000, before
         m = _metrics(lab, A)
         after = g.status(A)["overlays"][0]["peers"][0]
         peer = g.nodes[B].node_id
