@@ -155,6 +155,8 @@ class Node:
                 for link in ov.links.values():
                     if link.link_id in by_id:
                         link.stats = by_id[link.link_id]     # already under status's names
+        for ov in self.overlays:
+            await ov.refresh_switch_counters()
         return self.snapshot()
 
     def snapshot(self) -> dict:

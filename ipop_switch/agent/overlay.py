@@ -90,6 +90,8 @@ class Overlay:
         self.switch: SwitchController | None = None
         self.bridge: OverlayBridge | None = None
         self.sig_state = "starting"
+        self.switch_counters: dict[str, int] = {}  # the switch app's counters, as of the last status
+        self._counters_task: asyncio.Task | None = None
         self._tasks: list[asyncio.Task] = []
         self._lock = asyncio.Lock()
 
@@ -131,6 +133,20 @@ class Overlay:
             await self.switch.stop()
         if self.bridge:
             self.bridge.destroy()
+
+    async def refresh_switch_counters(self, timeout: float = 2.0) -> None:
+        """The switch app's counters for status (drops: macs_refused, packet_in_dropped, ...).
+        A slow answer is not cancelled (that would leave its reply on the channel for the
+        next request): status goes on with the last counters, the request finishes later."""
+        if self.switch is None or not self.switch.alive():
+            return
+        if self._counters_task is None or self._counters_task.done():
+            self._counters_task = asyncio.create_task(self.switch.counters())
+            self._counters_task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        try:
+            self.switch_counters = await asyncio.wait_for(asyncio.shield(self._counters_task), timeout)
+        except Exception as e:
+            log.debug("event=switch_counters_failed overlay=%s error=%s", self.cfg.name, e)
 
     async def _watch_switch(self, interval: float = 2.0) -> None:
         """The app is a child process: if it dies, restart it (flows already in OVS keep forwarding)."""
@@ -341,6 +357,7 @@ class Overlay:
             "signaling": {"state": self.sig_state, "server": f"{self.cfg.xmpp.server}:{self.cfg.xmpp.port}",
                           "drops": (sig.status().get("drops", {}) if sig else {})},
             "peers": peers,
+            "switch": self.switch_counters,
         }
 
 
