@@ -75,6 +75,10 @@ def render_status(st: dict, console: Console) -> None:
             console.print(t)
         else:
             console.print("  no peers yet")
+        refused = {k: v for k, v in (ov.get("switch") or {}).items()
+                   if k in ("macs_refused", "datapaths_refused", "packet_in_dropped", "bad_frames") and v}
+        if refused:
+            console.print("  switch app: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in sorted(refused.items())))
         for note in ov.get("notes", []):
             console.print(f"  note: {note}")
 

@@ -22,11 +22,17 @@ class StatusCollector(Collector):
         drops = CounterMetricFamily("ipsw_peer_drops", "packets dropped by reason", labels=["overlay", "peer", "reason"])
         sig = CounterMetricFamily("ipsw_signaling_drops", "signaling messages dropped by reason", labels=["overlay", "reason"])
         peers = GaugeMetricFamily("ipsw_peers", "known peers of the overlay", labels=["overlay"])
+        sw = CounterMetricFamily("ipsw_switch_events", "the switch app's counters (packet-ins, MACs refused over "
+                                 "the caps, foreign datapaths refused, packet-ins OVS dropped, ...)",
+                                 labels=["overlay", "event"])
         for ov in st.get("overlays", []):
             name = ov["name"]
             peers.add_metric([name], len(ov.get("peers", [])))
             for reason, n in ov.get("signaling", {}).get("drops", {}).items():
                 sig.add_metric([name, reason], n)
+            for event, n in (ov.get("switch") or {}).items():
+                if isinstance(n, (int, float)) and not isinstance(n, bool):
+                    sw.add_metric([name, event], n)
             for p in ov.get("peers", []):
                 lbl = [name, p["node_id"]]
                 up.add_metric(lbl, 1 if p.get("state") == "up" else 0)
@@ -38,7 +44,7 @@ class StatusCollector(Collector):
                     by.add_metric(lbl + [d], p.get(f"{d}_bytes", 0))
                 for reason, n in (p.get("drops") or {}).items():
                     drops.add_metric(lbl + [reason], n)
-        yield from (peers, up, direct, rtt, fr, by, drops, sig)
+        yield from (peers, up, direct, rtt, fr, by, drops, sig, sw)
 
 
 def start_metrics(addr: str, snapshot: Callable[[], dict]):
