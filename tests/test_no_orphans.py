@@ -1,4 +1,4 @@
-"""No orphans (issue 18): after ``kill -9`` of an agent, none of its processes (private
+"""No orphans: after ``kill -9`` of an agent, none of its processes (private
 ovsdb-server and ovs-vswitchd, the switch app, the tunnel worker processes) survives
 5 s, and the next start on the same node comes up cleanly.
 

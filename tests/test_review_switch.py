@@ -1,4 +1,4 @@
-"""Regression tests (unit, no OVS) for the switch app's review findings (issue 18):
+"""Regression tests (unit, no OVS) for the switch app's security review findings:
 11: a malformed SYN never makes ``clamp_mss`` raise; 5: the MAC table is capped per
 port and in total, flow-removed finds its flow by cookie without scanning; 3: the app
 refuses every datapath but the one the agent named.

@@ -1,4 +1,4 @@
-"""Review findings 3 and 5 of issue 18 with real OVS (userspace datapath) and the switch app:
+"""Security review findings 3 and 5 with real OVS (userspace datapath) and the switch app:
 two nodes in namespaces linked by a veth (tests/helpers/switch_net.py).
 
 3: the OpenFlow controller is a unix socket in a private directory, not a TCP port; a

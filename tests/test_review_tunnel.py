@@ -1,5 +1,5 @@
-"""Regression tests for the tunnel's findings of the security review (issue 18, "Review
-findings" 2, 7, 9 and 10). Each failed on the code before its fix:
+"""Regression tests for the tunnel's findings of the security review (findings 2, 7, 9
+and 10). Each failed on the code before its fix:
 
 - 7: the UDP GRO splitter guessed the segment size from the first datagram, so one
   foreign datagram in front of a burst failed the whole burst.

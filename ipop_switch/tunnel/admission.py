@@ -3,8 +3,8 @@
 Three X25519 operations per initiation make handshakes the one costly thing a stranger
 can ask of a link, so a shared budget (keys.HANDSHAKE_RATE) caps them. That budget must
 only be spent on messages that could be genuine; otherwise anyone who sends 20 junk
-datagrams a second to a node's ICE port starves its handshakes and rekeys (issue 18,
-review finding 2). As WireGuard does (its mac1; not its cookie replies), in this order
+datagrams a second to a node's ICE port starves its handshakes and rekeys (security review,
+finding 2). As WireGuard does (its mac1; not its cookie replies), in this order
 (docs/tunnel.md, §3 "Admission"):
 
 1. exact shape first: type, length and reserved bytes (``codec.*_WIRE_LEN``);

@@ -208,7 +208,7 @@ class _Hook:
     (``enable_gro``) the peer's GSO sends arrive glued in one buffer, and only
     ``recvmsg`` tells where they were cut (the UDP_GRO control message: gso_size). A
     size guessed from the data let one spoofed datagram in front of a burst (or a
-    rekey) fail the whole burst (issue 18, review finding 7). Pieces of a buffer that
+    rekey) fail the whole burst (security review, finding 7). Pieces of a buffer that
     are not data packets go back through ``route`` (ours to us, STUN to aioice)."""
 
     __slots__ = ("protocol", "orig", "on_ours", "gro")
