@@ -191,8 +191,8 @@ def run_fuzz(minutes: float, *, update: bool = False, corpus: Path = CORPUS, cra
         elapsed = time.monotonic() - t0
         log = r.stderr
         new = sorted(p.name for p in crashes.iterdir() if p.name not in before and p.name.startswith(ARTIFACTS))
-        (Path(scratch) / "log").write_text(log)
-        if r.returncode or new:
+        if r.returncode or new:         # the whole log beside the input, for the bug report
+            (crashes / f"{new[0] if new else 'fuzz'}.log").write_text(log)
             tail = "\n".join(log.splitlines()[-60:])
             say(f"the fuzzer stopped with exit status {r.returncode}\n{tail}")
         if update and not r.returncode:
@@ -206,7 +206,7 @@ def run_fuzz(minutes: float, *, update: bool = False, corpus: Path = CORPUS, cra
         "crash_inputs": [str(crashes / n) for n in new],
         "corpus_files": files, "corpus_bytes": size, "new_units": _stat(log, "new_units_added"),
         "peak_rss_mb": _stat(log, "peak_rss_mb"), "exit_status": r.returncode,
-        "sanitizers": "address,undefined", "harness": str(SOURCES[1].relative_to(ROOT)),
+        "sanitizers": "address,undefined", "harness": str(SOURCES[1]), "binary": str(exe),
     }
     return report
 
@@ -236,4 +236,5 @@ def print_report(report: dict, console=None) -> None:
         f"{report['exec_per_sec']} exec/s, crashes {report['crashes']}, "
         f"corpus {report['corpus_files']} inputs / {report['corpus_bytes']} bytes")
     for p in report["crash_inputs"]:
-        say(f"  crashing input kept: {p}")
+        say(f"  crashing input kept: {p} (replay: {' '.join(f'{k}={v}' for k, v in SAN_ENV.items())} "
+            f"{report['binary']} {p})")
