@@ -1,7 +1,7 @@
 """`ipop-switch bench --fuzz`: the C fast path built with ASan/UBSan and fuzzed by
 libFuzzer (ipop_switch/bench/fuzz.py, harness ipop_switch/tunnel/fuzz_fastpath.c), here
 for 15 s on the corpus kept in the repository: it must build, execute inputs and find
-no crash. The ten-minute run is the bench's (issue 18, item 4)."""
+no crash. Longer runs (ten minutes and more) are the bench's."""
 
 from __future__ import annotations
 

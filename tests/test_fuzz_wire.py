@@ -1,6 +1,6 @@
-"""Property-based fuzzing (hypothesis) of every parser a peer or the XMPP server can feed
-(issue 18, item 4): the tunnel's receive path over whole UDP GRO bursts cut anywhere, in
-Python and in C; the handshake layer from the raw datagram (tunnel/keys.py with
+"""Property-based fuzzing (hypothesis) of every parser a peer or the XMPP server can feed:
+the tunnel's receive path over whole UDP GRO bursts cut anywhere, in Python and in C;
+the handshake layer from the raw datagram (tunnel/keys.py with
 admission.py) down to the Noise messages (handshake.py); the signaling element parser
 (protocol.parse), sealed bodies (seal.unseal) and a SignalingSession's receive path.
 

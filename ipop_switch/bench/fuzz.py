@@ -1,5 +1,5 @@
 """``ipop-switch bench --fuzz MINUTES``: the datapath's C loops under libFuzzer with
-AddressSanitizer and UndefinedBehaviorSanitizer (issue 18, item 4).
+AddressSanitizer and UndefinedBehaviorSanitizer.
 
 Why libFuzzer with an embedded interpreter, not atheris: ``_fastpath.c`` is a CPython
 extension, and what must be instrumented is that C, not Python. The harness
