@@ -33,7 +33,7 @@ def test_a_short_sanitized_fuzz_run_executes_inputs_and_finds_no_crash(tmp_path)
     report = json.loads(out.read_text())
     assert report["crashes"] == 0 and not report["crash_inputs"]
     assert report["executions"] > 1000, report
-    assert report["exec_per_sec"] > 0 and report["sanitizers"] == "address,undefined"
+    assert report["exec_per_sec"] > 0 and report["sanitizers"] == "address,undefined,leak"
     assert report["corpus_files"] == len(before)
     assert sorted(p.name for p in CORPUS.iterdir()) == before, "without --update the corpus stays as it is"
     assert "executions" in r.stdout and "crashes 0" in r.stdout
