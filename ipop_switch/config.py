@@ -7,8 +7,6 @@ account, ICE servers, trust material and bridge.
 from __future__ import annotations
 
 import ipaddress
-import os
-import re
 import tomllib
 from pathlib import Path
 from typing import Literal

@@ -4,7 +4,6 @@ only the status documents, never the parts that make them."""
 
 from __future__ import annotations
 
-import time
 
 from rich.console import Console
 from rich.table import Table

@@ -31,6 +31,7 @@ from ipop_switch.tunnel.session import Session
 from ipop_switch.tunnel.stats import Stats
 
 SEG, CONT = FMT_CSUM | FMT_TCP, FMT_CSUM | FMT_TCP | FMT_CONT
+from helpers.seq_tap import SeqTap
 from test_gso import complete_checksum, tcp_ok
 
 BUF = 4 * 1024 * 1024
@@ -50,37 +51,6 @@ def loops(request):
     accel.fastpath = _fp if request.param == "c" else None
     yield request.param
     accel.fastpath = saved
-
-
-class SeqTap:
-    """Stand-in for a TAP device: ``fd`` is the datapath's end, ``kernel`` the other."""
-
-    def __init__(self) -> None:
-        self.dp_end, self.kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        for s in (self.dp_end, self.kernel):
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, BUF)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, BUF)
-            s.setblocking(False)
-        self.fd = self.dp_end.fileno()
-        self.vnet = True
-        self.tso = False
-
-    def set_offloads(self, tso: bool) -> bool:
-        self.tso = tso
-        return tso
-
-    def frames(self) -> list[tuple[bytes, bytes]]:
-        out = []
-        while True:
-            try:
-                r = self.kernel.recv(1 << 17)
-            except BlockingIOError:
-                return out
-            out.append((r[:gso.VNET_LEN], r[gso.VNET_LEN:]))
-
-    def close(self) -> None:
-        self.dp_end.close()
-        self.kernel.close()
 
 
 class Pair:

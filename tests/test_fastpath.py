@@ -25,7 +25,8 @@ from ipop_switch.tunnel.datapath import Datapath
 from ipop_switch.tunnel.session import Session
 from ipop_switch.tunnel.stats import Stats
 
-from test_datapath import SEG, SeqTap, tso_frame, with_partial
+from helpers.seq_tap import SeqTap
+from test_datapath import SEG, tso_frame, with_partial
 
 # the extension itself, also when IPSW_NO_ACCEL keeps the datapath off it (an ImportError
 # here means it was not built: bootstrap.sh installs what building it needs)

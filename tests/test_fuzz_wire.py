@@ -21,7 +21,6 @@ import base64
 import importlib
 import json
 import os
-import socket
 import struct
 import time
 
@@ -38,6 +37,9 @@ from ipop_switch.tunnel.session import Session, SessionTable
 from ipop_switch.tunnel.stats import Stats
 from ipop_switch.tunnel.timers import Timers
 
+from helpers import signaling_direct
+from helpers.seq_tap import SeqTap
+
 _fp = accel.fastpath or importlib.import_module("ipop_switch.tunnel._fastpath")
 SEG = codec.FMT_SEG
 # drops a datagram can take before it is authenticated: each is one datagram, nothing else
@@ -45,36 +47,6 @@ PRE_AUTH = ("malformed", "offload_refused", "unknown_index", "replay", "auth")
 
 
 # -- the tunnel: GRO bursts of genuine and hostile datagrams, cut anywhere ------------------
-
-class Tap:
-    """A TAP stand-in that keeps frame boundaries (SOCK_SEQPACKET) and has a vnet header."""
-
-    vnet = True
-
-    def __init__(self) -> None:
-        self.dp_end, self.kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        for s in (self.dp_end, self.kernel):
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-            s.setblocking(False)
-        self.fd = self.dp_end.fileno()
-
-    def set_offloads(self, tso: bool) -> bool:
-        return tso
-
-    def frames(self) -> list[tuple[bytes, bytes]]:
-        out = []
-        while True:
-            try:
-                r = self.kernel.recv(1 << 17)
-            except BlockingIOError:
-                return out
-            out.append((r[:gso.VNET_LEN], r[gso.VNET_LEN:]))
-
-    def close(self) -> None:
-        self.dp_end.close()
-        self.kernel.close()
-
 
 def tcp_v4(seq: int, payload: bytes, ident: int) -> bytes:
     """An IPv4 TCP segment of one flow with its partial checksum, as a TSO TAP hands it over."""
@@ -193,7 +165,7 @@ def _feed(dp: Datapath, datagrams: list[bytes], seg: int | str | None) -> int:
 @given(pieces, st.one_of(st.none(), st.just("first"), st.integers(1, 1600)))
 def test_any_gro_burst_delivers_only_what_the_peer_sent_and_counts_every_datagram(loops, items, seg):
     k1, k2 = os.urandom(32), os.urandom(32)
-    tap = Tap()
+    tap = SeqTap()
     controls, handshakes = [], []
     dp = Datapath(tap.fd, Stats(), lambda s, p: controls.append(p),
                   lambda d, p, a: handshakes.append(d), tap=tap, bridge_tso=True)
@@ -330,14 +302,11 @@ def test_noise_messages_of_any_bytes_raise_only_handshake_error(pkt):
 
 # -- signaling: the element parser, sealed bodies, the session's receive path -----------------
 
-from ipop_switch.identity.ca import GroupCA                                    # noqa: E402
-from ipop_switch.identity.store import NodeIdentity                            # noqa: E402
 from ipop_switch.signaling import protocol                                     # noqa: E402
-from ipop_switch.signaling.config import SignalingConfig                       # noqa: E402
 from ipop_switch.signaling.events import PeerMessage                           # noqa: E402
 from ipop_switch.signaling.protocol import Drop, Envelope, encode, parse       # noqa: E402
 from ipop_switch.signaling.seal import SealError, info_of, seal, unseal        # noqa: E402
-from ipop_switch.signaling.session import PeerRecord, SignalingSession         # noqa: E402
+from ipop_switch.signaling.session import SignalingSession                     # noqa: E402
 
 b64 = st.binary(max_size=300).map(lambda b: base64.b64encode(b).decode())
 json_values = st.recursive(
@@ -390,44 +359,16 @@ def test_unseal_refuses_low_order_ephemeral_keys():
             unseal({"sealed": base64.b64encode(epk + bytes(40)).decode()}, X25519PrivateKey.generate(), b"i")
 
 
-class _Wire:
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, str, str]] = []
-        self.client = type("C", (), {"transport": True})()
-
-    def send_element(self, address: str, text: str, sig: str) -> None:
-        self.sent.append((address, text, sig))
-
-
 @pytest.fixture(scope="module")
 def members(tmp_path_factory):
     """Two members of group "blue" who know each other (as after their announces)."""
-    d = tmp_path_factory.mktemp("fuzz-sig")
-    group = GroupCA.create(d / "ca", "blue")
-    out = []
-    for name in ("a", "b"):
-        ident = NodeIdentity.create(d / name)
-        ident.install(group.bundle(group.issue(ident.request())))
-        s = SignalingSession(ident.membership("blue"), SignalingConfig(jid=f"{name}@x.test", password="p"))
-        s._conn = _Wire()
-        out.append(s)
-    a, b = out
-    for x, y in ((a, b), (b, a)):
-        x._peers[y.node_id] = PeerRecord(y.identity.own, {}, f"room/{y.node_id}", 0, time.monotonic())
-    return a, b
+    return signaling_direct.members(tmp_path_factory.mktemp("fuzz-sig"))
 
 
 def _receive(s: SignalingSession, text, sig) -> tuple[str | None, list]:
     """What the session does with an element from the room: (drop reason or None, events)."""
-    reason = None
     before = s.stats["received"]
-    try:
-        s._receive(f"room/{s.node_id}", text, sig)
-    except Drop as d:
-        reason = d.reason
-    events = []
-    while not s._events.empty():
-        events.append(s._events.get_nowait())
+    reason, events = signaling_direct.deliver(s, text, sig)
     assert (reason is None) == (s.stats["received"] == before + 1)
     return reason, events
 

@@ -148,7 +148,7 @@ def test_no_route_from_root_namespace_into_the_lab(natlab):
     """The root namespace has no interface, address or route of the lab (nothing is sent to check it:
     a lab address from the root namespace would go to the machine's default route, outside)."""
     links = proc.run(["ip", "-o", "link"]).stdout
-    assert "link-netns ipsw-" not in links and not any(f"@if" in l and "ipsw" in l for l in links.splitlines())
+    assert "link-netns ipsw-" not in links and not any("@if" in l and "ipsw" in l for l in links.splitlines())
     assert "198.18." not in proc.run(["ip", "-4", "addr"]).stdout
     routes = proc.run(["ip", "route"]).stdout + proc.run(["ip", "route", "show", "table", "all"]).stdout
     assert "198.18." not in routes and "100.64." not in routes and "100.100." not in routes

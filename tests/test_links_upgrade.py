@@ -36,7 +36,7 @@ def test_relayed_link_upgrades_to_direct_without_loss():
     lab = Lab(LabSpec(name=unique_name("u"), sites=(SiteSpec("a", "none"), SiteSpec("b", "none"))))
     try:
         lab.up()
-        a_ip, b_ip = lab.host("ah1").public_ip, lab.host("bh1").public_ip
+        b_ip = lab.host("bh1").public_ip
         # direct UDP between the two hosts is blocked at first: only the TURN relay works
         block = ("table inet block {\n chain out {\n  type filter hook output priority filter; policy accept;\n"
                  f"  ip daddr {b_ip} meta l4proto udp drop\n }}\n chain in {{\n"

@@ -12,19 +12,15 @@ from __future__ import annotations
 
 import base64
 import json
-import time
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ipop_switch.identity.ca import GroupCA
-from ipop_switch.identity.store import NodeIdentity
-from ipop_switch.signaling.config import SignalingConfig
+from helpers.signaling_direct import deliver, members
 from ipop_switch.signaling.events import PeerMessage
-from ipop_switch.signaling.protocol import MAX_BODY, Drop, Envelope, encode, parse
+from ipop_switch.signaling.protocol import MAX_BODY, Envelope, encode, parse
 from ipop_switch.signaling.replay import ReplayGuard
-from ipop_switch.signaling.session import PeerRecord, SignalingSession
 
 A, M = "a" * 32, "f" * 32          # an honest member, a misbehaving one
 NOW = 7_000_000_000
@@ -77,50 +73,13 @@ def test_no_replay_is_ever_accepted_and_the_cache_stays_bounded(msgs):
 SECRET = {"ufrag": "Xq7u", "pwd": "s3cr3t-ice-password-of-the-link", "candidates": ["198.18.7.7 4000 typ host"]}
 
 
-class _Wire:
-    """Stands where the XMPP connection stands and keeps what the server would be handed."""
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, str, str]] = []
-        self.client = type("C", (), {"transport": True})()
-
-    def send_element(self, address: str, text: str, sig: str) -> None:
-        self.sent.append((address, text, sig))
-
-
-def _session(group: GroupCA, d) -> SignalingSession:
-    ident = NodeIdentity.create(d)
-    ident.install(group.bundle(group.issue(ident.request())))
-    s = SignalingSession(ident.membership("blue"), SignalingConfig(jid=f"{d.name}@x.test", password="p"))
-    s._conn = _Wire()
-    return s
-
-
-def _know(a: SignalingSession, b: SignalingSession) -> None:
-    a._peers[b.node_id] = PeerRecord(b.identity.own, {}, f"room/{b.node_id}", 0, time.monotonic())
-
-
 @pytest.fixture
 def pair(tmp_path):
-    group = GroupCA.create(tmp_path / "ca", "blue")
-    a, b, c = (_session(group, tmp_path / n) for n in ("a", "b", "c"))
-    for x in (a, b, c):
-        for y in (a, b, c):
-            if x is not y:
-                _know(x, y)
-    return a, b, c
+    return members(tmp_path, ("a", "b", "c"))
 
 
-def _deliver(s: SignalingSession, text: str, sig: str) -> list:
-    """What the session does with an element from the room (as _on_element: drops are counted)."""
-    try:
-        s._receive(f"room/{s.node_id}", text, sig)
-    except Drop as d:
-        s.drops.add(d.reason, d.detail, "room")
-    out = []
-    while not s._events.empty():
-        out.append(s._events.get_nowait())
-    return out
+def _deliver(s, text: str, sig: str) -> list:
+    return deliver(s, text, sig)[1]
 
 
 def test_link_bodies_reach_the_server_sealed_and_the_peer_in_the_clear(pair):

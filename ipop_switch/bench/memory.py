@@ -7,7 +7,6 @@ PSS (proportional set size) is printed beside it."""
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -87,7 +86,7 @@ def run_memory(*, console: Console, steps: tuple[int, ...] = (1, 8, 16, 32)) -> 
             if group:
                 group.stop_all()
             lab.down()
-    t = Table(title=f"memory of one node (userspace OVS, 1 worker process) as its links grow")
+    t = Table(title="memory of one node (userspace OVS, 1 worker process) as its links grow")
     parts = sorted({p for r in rows.values() for p in r["parts"]})
     for col in ("links", "RSS MB", "PSS MB", *[f"{p} RSS" for p in parts]):
         t.add_column(col)

@@ -7,10 +7,8 @@ in blocks, and min/median/max are reported.
 
 from __future__ import annotations
 
-import json
 import shutil
 import statistics
-import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field

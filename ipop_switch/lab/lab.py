@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
-import signal
 import subprocess
 import time
 from dataclasses import asdict, dataclass
@@ -218,7 +216,6 @@ class Lab:
             _ip(core, "addr", "add", f"{a}/{PUBLIC_PREFIX}", "dev", "pub")
 
     def _build_site(self, i: int, site: SiteSpec) -> None:
-        lab = self.spec.name
         if site.nat == "none":
             for j, hname in enumerate(site.host_names(), start=1):
                 ns = self._add_ns(hname)

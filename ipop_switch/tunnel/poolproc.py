@@ -88,7 +88,6 @@ async def amain(fd: int) -> None:
     reader, writer = await asyncio.open_unix_connection(sock=sock)
     loop = asyncio.get_running_loop()
     pp = PoolProcess(reader, writer)
-    main = asyncio.current_task()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: reader.feed_eof())
     await pp.run()

@@ -8,11 +8,11 @@ import contextlib
 import json
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, TypeVar
 
+from helpers.wait import wait_until
 from ipop_switch import proc
 from ipop_switch.lab import Lab
 from ipop_switch.lab.nodes import LabGroup
@@ -22,20 +22,9 @@ CLI = [sys.executable, "-m", "ipop_switch.cli"]
 
 
 def until(pred: Callable[[], T], timeout: float, what: str, interval: float = 0.2) -> T:
-    """Poll ``pred`` until it returns something truthy (exceptions count as "not yet");
-    fail the test after ``timeout`` seconds, naming ``what`` and the last error."""
-    deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    while True:
-        try:
-            got = pred()
-            if got:
-                return got
-        except Exception as e:      # an agent still starting: no status socket yet
-            last = e
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}" + (f" (last error: {last})" if last else ""))
-        time.sleep(interval)
+    """``wait_until`` for agents: any exception counts as "not yet" (an agent still starting
+    has no status socket, a status without the peer yet raises LookupError, ...)."""
+    return wait_until(pred, timeout, what, interval=interval, retry_on=(Exception,))
 
 
 def peer_of(group: LabGroup, host: str, overlay: int = 0) -> dict | None:

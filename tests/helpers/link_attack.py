@@ -11,7 +11,7 @@ import os
 import socket
 import sys
 
-from scapy.all import UDP, Raw, sniff  # type: ignore
+from scapy.all import UDP, sniff  # type: ignore
 
 iface, ip, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
 pkts = sniff(iface=iface, filter=f"udp and dst host {ip} and dst port {port} and udp[8] = 0xe3", count=1, timeout=10)

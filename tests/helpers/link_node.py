@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import json
 import os
-import sys
 import time
 import traceback
 from pathlib import Path
