@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ipop_switch.lab import Lab, LabSpec, destroy_lab
+from ipop_switch.lab import Lab, LabSpec, destroy_lab, orphaned_labs
 
 HELPERS = Path(__file__).parent / "helpers"
 _counter = itertools.count(1)
@@ -26,6 +26,9 @@ def unique_name(prefix: str = "t") -> str:
 def _need_root():
     if os.geteuid() != 0:
         pytest.exit("the test suite needs root (network namespaces, OVS, TAP): run ./bootstrap.sh test as root", 2)
+    # what a killed earlier run left: its daemons died with it, its namespaces did not
+    for name in orphaned_labs():
+        destroy_lab(name)
 
 
 def _sigterm(signum, frame):

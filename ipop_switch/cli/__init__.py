@@ -144,12 +144,13 @@ def lab_up(**kw) -> None:
 @lab.command("down")
 @click.option("--name", default="lab", show_default=True)
 @click.option("--all", "all_", is_flag=True, help="every lab on this machine")
-def lab_down(name: str, all_: bool) -> None:
+@click.option("--orphans", is_flag=True, help="the labs of test runs, demos and benches that were killed")
+def lab_down(name: str, all_: bool, orphans: bool) -> None:
     """Remove everything a lab made (also after a crash)."""
-    from ..lab import destroy_lab, list_labs
+    from ..lab import destroy_lab, list_labs, orphaned_labs
     from ..proc import require_root
     require_root()
-    names = list_labs() if all_ else [name]
+    names = list_labs() if all_ else orphaned_labs() if orphans else [name]
     for n in names:
         removed = destroy_lab(n)
         click.echo(f"lab {n}: removed {len([r for r in removed if r.startswith('netns')])} namespaces, "

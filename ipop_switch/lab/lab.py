@@ -57,6 +57,7 @@ class Lab:
         a bench), even on kill -9; ``lab up`` builds an untied lab that stays until ``lab down``."""
         self.spec = spec
         self.tied = tied
+        self.owner = os.getpid() if tied else None   # whose end ends a tied lab's daemons
         self.dir = Path(state_root) / spec.name
         self.hosts: dict[str, HostInfo] = {}
         self.pids: dict[str, int] = {}
@@ -156,6 +157,7 @@ class Lab:
         lab.pids = data["pids"]
         lab._ns.names[:] = data["namespaces"]
         lab.turn_password = data["turn_password"]
+        lab.tied, lab.owner = bool(data.get("tied")), data.get("owner")
         return lab
 
     def _save(self) -> None:
@@ -166,6 +168,8 @@ class Lab:
             "namespaces": self.namespaces,
             "turn_password": self.turn_password,
             "created": time.time(),
+            "tied": self.tied,
+            "owner": self.owner,
         }
         tmp = self.dir / "state.json.tmp"
         tmp.write_text(json.dumps(data, indent=1))
@@ -348,6 +352,21 @@ def list_labs(state_root: Path = STATE_ROOT) -> list[str]:
         if ns.startswith(NS_PREFIX) and "-" in ns[len(NS_PREFIX):]:
             names.add(ns[len(NS_PREFIX):].split("-", 1)[0])
     return sorted(names)
+
+
+def orphaned_labs(state_root: Path = STATE_ROOT) -> list[str]:
+    """Tied labs whose owner (a test run, a demo, a bench) is gone without tearing them down,
+    e.g. killed with SIGKILL: their daemons died with the owner, their namespaces did not."""
+    out = []
+    for name in list_labs(state_root):
+        try:
+            data = json.loads((Path(state_root) / name / "state.json").read_text())
+        except (OSError, ValueError):
+            continue
+        owner = data.get("owner")
+        if data.get("tied") and isinstance(owner, int) and not proc.alive(owner):
+            out.append(name)
+    return out
 
 
 def destroy_lab(name: str, *, state_root: Path = STATE_ROOT) -> list[str]:
