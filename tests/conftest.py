@@ -10,6 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# no per-example deadline: on 2 cores, beside lab daemons, a slow example is load, not a bug
+# (a hang still ends at pytest-timeout); tests set their own example counts on top of this
+settings.register_profile("suite", deadline=None)
+settings.load_profile("suite")
 
 from ipop_switch.lab import Lab, LabSpec, destroy_lab, orphaned_labs
 
