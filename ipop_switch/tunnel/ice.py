@@ -145,15 +145,9 @@ class Path:
         loop's transport), or None for a relayed path or when there is none."""
         if self.kind != "direct" or self.turn_inner is not None:
             return None
-        try:
-            raw = self.protocol.transport.get_extra_info("socket")  # type: ignore[attr-defined]
-            sock = socket.socket(fileno=os.dup(raw.fileno()))
-        except (AttributeError, OSError, ValueError):
-            return None
-        if sock.type != socket.SOCK_DGRAM:
-            sock.close()
-            return None
-        sock.setblocking(False)
+        sock = _dup_udp(self.protocol.transport)  # type: ignore[attr-defined]
+        if sock is not None:
+            sock.setblocking(False)
         return sock
 
     def enable_gro(self) -> bool:
@@ -221,14 +215,8 @@ class _Hook:
         protocol.datagram_received = self.received
         protocol._ipsw_hook = self
 
-    def route(self, data: bytes, addr: tuple) -> None:
-        if data and _LO <= data[0] <= _HI:
-            self.on_ours(data, len(data), addr, self.protocol, None)
-        else:
-            self.orig(data, addr)
-
     def received(self, data: bytes, addr: tuple) -> None:
-        """One datagram."""
+        """One datagram (also a piece of a GRO buffer that is not a data packet)."""
         if not data or not _LO <= data[0] <= _HI:
             self.orig(data, addr)
             return
@@ -238,7 +226,7 @@ class _Hook:
         """What one receive on a taken-over socket returned: datagrams of ``seg`` bytes but
         the last (the kernel's gso_size), or one datagram (``seg == len(data)``)."""
         if seg < len(data):
-            self.on_ours(data, seg, addr, self.protocol, self.route)     # data packets skip the hooks
+            self.on_ours(data, seg, addr, self.protocol, self.received)  # data packets skip the hooks
         else:
             self.received(data, addr)
 
@@ -251,19 +239,27 @@ class _Hook:
         tr = protocol.transport
         if isinstance(tr, batch_io.GroTransport) or _turn_inner(protocol) is not None:
             return isinstance(tr, batch_io.GroTransport)
-        try:
-            raw = tr.get_extra_info("socket")
-            sock = socket.socket(fileno=os.dup(raw.fileno()))
-        except (AttributeError, OSError, ValueError):
-            return False
-        if sock.type != socket.SOCK_DGRAM:
-            sock.close()
+        sock = _dup_udp(tr)
+        if sock is None:
             return False
         loop = asyncio.get_running_loop()
         tr.set_protocol(asyncio.DatagramProtocol())
         tr.close()
         protocol.transport = batch_io.GroTransport(loop, sock, protocol, self.received_buffer)
         return True
+
+
+def _dup_udp(transport) -> socket.socket | None:
+    """A dup of the UDP socket behind ``transport``, or None (no socket, or not UDP)."""
+    try:
+        raw = transport.get_extra_info("socket")
+        sock = socket.socket(fileno=os.dup(raw.fileno()))
+    except (AttributeError, OSError, ValueError):
+        return None
+    if sock.type != socket.SOCK_DGRAM:
+        sock.close()
+        return None
+    return sock
 
 
 def same_addr(a: tuple, b: tuple) -> bool:
