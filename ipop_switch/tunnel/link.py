@@ -91,6 +91,7 @@ class LinkWorker:
         self._last_probe = 0.0
         self._probe_every = jitter(self.timers.upgrade_interval)
         self.upgrades = 0
+        self._retired: set[IceSession] = set()   # old relayed sessions still receiving (path_linger)
 
     # -- lifecycle -------------------------------------------------------------
     def start(self) -> None:
@@ -387,7 +388,8 @@ class LinkWorker:
         if was_up:      # first: closing ICE may wait on a dead TURN server
             self._emit({"kind": "down", "link_id": self.spec.link_id, "peer_id": self.spec.peer_id,
                         "tap": self.spec.tap, "reason": reason})
-        ices, self.ice, self.probe = (self.ice, self.probe), None, None
+        ices, self.ice, self.probe = (self.ice, self.probe, *self._retired), None, None
+        self._retired.clear()
         for s in ices:
             if s is not None:
                 await s.close()
@@ -448,7 +450,17 @@ class LinkWorker:
         log.info("link %s: upgraded to a direct path %s -> %s", self.spec.link_id, path.local, path.remote)
         self._emit({"kind": "path", "link_id": self.spec.link_id, "peer_id": self.spec.peer_id,
                     "tap": self.spec.tap, "attempt": attempt, **path.describe()})
-        await old.close()
+        # the peer may still be sending on the relay until its own checks end: keep receiving
+        # there a little longer (closing it now lost ~0.4 s of the peer's frames)
+        self._retired.add(old)
+        self._spawn(self._retire(old))
+
+    async def _retire(self, old: IceSession) -> None:
+        try:
+            await asyncio.sleep(self.timers.path_linger)
+        finally:
+            self._retired.discard(old)
+            await old.close()
 
     async def _probe_drop(self, probe: IceSession) -> None:
         if self.probe is probe:

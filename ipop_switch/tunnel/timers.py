@@ -24,6 +24,7 @@ class Timers:
     backoff_max: float = 2.0
     restart_every: float = 3.0      # controlled side re-asks for an offer this often while waiting
     upgrade_interval: float = 30.0  # a relayed link probes for a direct path this often (docs/tunnel.md §6)
+    path_linger: float = 3.0        # an upgraded link still receives on the old relayed path this long
     addr_poll: float = 2.0          # local addresses are compared this often (ICE restart on change)
 
     @classmethod
