@@ -109,14 +109,15 @@ class LabGroup:
         a4, a6 = overlay_address(self.nodes[host].index, net=self.overlays[overlay])
         return (a6 if v6 else a4).split("/")[0]
 
-    def start(self, host: str) -> LabNode:
-        """Run ``ipop-switch up`` in the host's namespace (output in <node dir>/agent.log)."""
+    def start(self, host: str, *, env: dict[str, str] | None = None) -> LabNode:
+        """Run ``ipop-switch up`` in the host's namespace (output in <node dir>/agent.log), with
+        ``env`` added to the environment (e.g. IPSW_LINK_TIMERS)."""
         node = self.nodes[host]
         if node.proc and node.proc.poll() is None:
             raise LabError(f"the agent on {host} already runs")
         node.proc = proc.spawn([sys.executable, "-m", "ipop_switch.cli", "up", "-c", str(node.config),
                                 "--pidfile", str(node.dir / "agent.pid")],
-                               netns=self.lab.netns_of(host), log=node.dir / "agent.log",
+                               netns=self.lab.netns_of(host), log=node.dir / "agent.log", env=env,
                                die_with_parent=self.lab.tied)
         return node
 
