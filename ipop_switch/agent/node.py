@@ -19,6 +19,7 @@ from ..bridge.ovs import OvsError, OvsInstance, default_datapath, host_buffer_no
 from ..tunnel import accel
 from ..config import Config
 from ..errors import IpopError
+from ..netwatch import AddressWatch
 from .status import StatusServer
 
 log = logging.getLogger("ipop_switch.agent")
@@ -40,6 +41,7 @@ class Node:
         self._metrics = None
         self._tasks: list[asyncio.Task] = []
         self.node_id = "?"
+        self.watch = AddressWatch()     # the host's address changes, for signaling (links watch their own)
 
     # -- lifecycle --------------------------------------------------------------------
     async def run(self) -> None:
@@ -65,6 +67,13 @@ class Node:
             self._start_metrics()
         await self._start_pool()
         await self._start_overlays()
+        if self.watch.start():
+            self.watch.subscribe(self._addresses_changed)
+
+    def _addresses_changed(self) -> None:
+        for ov in self.overlays:
+            if ov.signaling is not None:
+                ov.signaling.local_addresses_changed()
 
     def _start_ovs(self) -> None:
         mode = self.cfg.ovs.mode
@@ -120,6 +129,7 @@ class Node:
             await ov.start()
 
     async def stop(self) -> None:
+        self.watch.stop()
         for t in self._tasks:
             t.cancel()
         for ov in reversed(self.overlays):

@@ -182,6 +182,11 @@ class SignalingSession:
             self._wake.set()
         return fut
 
+    def local_addresses_changed(self) -> None:
+        """The host's addresses changed: reconnect now if ours went away."""
+        if self._conn is not None:
+            self._conn.check_local_address()
+
     def status(self) -> dict[str, Any]:
         return {
             "overlay": self.overlay, "node_id": self.node_id, "online": self.online,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 from typing import Callable
 
@@ -161,6 +162,26 @@ class XmppConnection:
                 log.warning("XMPP keepalive to %s failed (%s): reconnecting", self.host, e)
                 self.close()
                 return
+
+    def check_local_address(self) -> bool:
+        """After the host's addresses changed: is our TCP connection's own address still the
+        host's? If not (the host roamed), drop the connection now so the session reconnects
+        from the new address at once, instead of when the keepalive next fails (up to
+        ``keepalive`` + 10 s, while every link's ICE restart waits on signaling). True if kept."""
+        tr = self.client.transport
+        name = tr.get_extra_info("sockname") if tr else None
+        if not name:
+            return True
+        probe = socket.socket(socket.AF_INET6 if ":" in name[0] else socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            probe.bind((name[0], 0))       # EADDRNOTAVAIL: the address is gone from the host
+        except OSError:
+            log.warning("XMPP connection's local address %s is gone: reconnecting", name[0])
+            self.close()
+            return False
+        finally:
+            probe.close()
+        return True
 
     def close(self) -> None:
         """Drop the connection now (idempotent)."""

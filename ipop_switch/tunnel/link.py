@@ -92,6 +92,11 @@ class LinkWorker:
         self._probe_every = jitter(self.timers.upgrade_interval)
         self.upgrades = 0
         self._retired: set[IceSession] = set()   # old relayed sessions still receiving (path_linger)
+        # the host's addresses: compared when the pool's netlink watch says they changed, or
+        # every addr_poll seconds where there is no watch
+        self.poll_addresses = True
+        self._closing: set[asyncio.Future] = set()   # ICE sessions of ended attempts, closing
+        self._addr_changed = False
 
     # -- lifecycle -------------------------------------------------------------
     def start(self) -> None:
@@ -122,6 +127,8 @@ class LinkWorker:
                 except BaseException:
                     pass
         await self._end_attempt(reason)
+        if self._closing:
+            await asyncio.wait(set(self._closing), timeout=5)
         if self.tap.fd >= 0:
             try:
                 asyncio.get_running_loop().remove_reader(self.tap.fd)
@@ -160,8 +167,9 @@ class LinkWorker:
             if self.state == State.OFFERED and self._last_offer_payload:
                 self._signal("link_offer", self._last_offer_payload)      # it may have missed it
             elif self.state in (State.UP, State.CHECKING, State.HANDSHAKE):
-                if self.state != State.UP or attempt != self.attempt or self._rx_age() > self.timers.keepalive * 2:
-                    self._supersede()
+                # the controlled side asks only once its attempt has ended (its address changed,
+                # its worker restarted, ...): believe it, even while our side still looks fine
+                self._supersede()
             else:
                 self._wake.set()
         elif type_ == "link_probe" and not self.spec.controlling:
@@ -179,6 +187,11 @@ class LinkWorker:
                 self._supersede(keep_backoff=True)
         else:
             self.stats.drops["signal_unexpected"] += 1
+
+    def addresses_changed(self) -> None:
+        """The host's addresses changed (netwatch): an up link compares its own at the next tick
+        and restarts ICE if one it uses is gone."""
+        self._addr_changed = True
 
     def rekey_now(self) -> bool:
         """Start a rekey at once (initiator only): used by tests and operators."""
@@ -359,8 +372,8 @@ class LinkWorker:
             if self.path and self.path.turn_inner is not None and now - self._channel_refreshed > TURN_CHANNEL_REFRESH:
                 self._channel_refreshed = now
                 self._spawn(self._refresh_channel(self.path))
-            if now - last_addr >= t.addr_poll:
-                last_addr = now
+            if self._addr_changed or (self.poll_addresses and now - last_addr >= t.addr_poll):
+                last_addr, self._addr_changed = now, False
                 cur_addrs = set(host_addresses(list(DEFAULT_EXCLUDE) + list(self.spec.exclude_interfaces)
                                                + [self.spec.tap], False))
                 if addrs and not addrs <= cur_addrs:
@@ -390,9 +403,13 @@ class LinkWorker:
                         "tap": self.spec.tap, "reason": reason})
         ices, self.ice, self.probe = (self.ice, self.probe, *self._retired), None, None
         self._retired.clear()
+        # closed in the background: closing a TURN allocation from an address that is gone (the
+        # host roamed) or towards a dead server waits up to 3 s, and the next attempt must not
         for s in ices:
             if s is not None:
-                await s.close()
+                t = asyncio.ensure_future(s.close())
+                self._closing.add(t)
+                t.add_done_callback(self._closing.discard)
 
     # -- upgrade of a relayed path ------------------------------------------------------
     # Make before break: the controlling side periodically runs a direct-only ICE session

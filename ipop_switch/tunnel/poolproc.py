@@ -15,6 +15,7 @@ import signal
 import socket
 import sys
 
+from ..netwatch import AddressWatch
 from . import messages
 from .link import LinkWorker
 from .messages import LinkSpec
@@ -27,12 +28,19 @@ class PoolProcess:
         self.reader = reader
         self.writer = writer
         self.links: dict[str, LinkWorker] = {}
+        self.watch = AddressWatch()       # one per process, for every link in it
+
+    def _addresses_changed(self) -> None:
+        for w in self.links.values():
+            w.addresses_changed()
 
     def emit(self, msg: dict) -> None:
         if not self.writer.is_closing():
             self.writer.write(messages.encode(msg))
 
     async def run(self) -> None:
+        if self.watch.start():
+            self.watch.subscribe(self._addresses_changed)
         try:
             while True:
                 msg = await messages.read_msg(self.reader)
@@ -46,6 +54,7 @@ class PoolProcess:
                 if msg.get("kind") == "exit":
                     break
         finally:
+            self.watch.stop()
             await asyncio.gather(*(w.close("pool exit", notify_peer=False) for w in list(self.links.values())),
                                  return_exceptions=True)
             self.links.clear()
@@ -61,6 +70,7 @@ class PoolProcess:
             if spec.link_id in self.links:
                 raise ValueError(f"link {spec.link_id} is already open")
             w = LinkWorker(spec, self.emit)
+            w.poll_addresses = not self.watch.running
             w.start()
             self.links[spec.link_id] = w
         elif kind == "close":
