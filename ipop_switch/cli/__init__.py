@@ -207,8 +207,14 @@ def lab_demo(keep: bool, json_path: str | None, **kw) -> None:
 @click.option("--fuzz", "fuzz_minutes", type=click.FloatRange(0.01, 24 * 60), default=None,
               help="instead: fuzz the C fast path under ASan/UBSan (libFuzzer) for this many minutes")
 @click.option("--update", is_flag=True, help="with --fuzz: keep new inputs in tests/fuzz_corpus/ (minimised)")
+@click.option("--faults", is_flag=True,
+              help="instead: every single fault on one link (killed worker/agent, cut, restarts, roaming, NAT flush, loss): detect, recover, lost")
+@click.option("--only", default=None, help="with --faults: comma list of scenario name parts (e.g. 'loss,turn')")
+@click.option("--soak", "soak_minutes", type=click.FloatRange(1, 24 * 60), default=None,
+              help="instead: 8 nodes for this many minutes (traffic, rekeys, cuts); RSS, fds, flows sampled")
 def bench(runs: int, seconds: float, systems: str | None, json_path: str | None, memory: bool,
-          fuzz_minutes: float | None, update: bool) -> None:
+          fuzz_minutes: float | None, update: bool, faults: bool, only: str | None,
+          soak_minutes: float | None) -> None:
     """Measure ipop-switch beside the underlay, wireguard-go and tinc, in one lab, interleaved."""
     if fuzz_minutes is not None:        # no lab, no root: a local build and one process
         from ..bench.fuzz import print_report, run_fuzz
@@ -221,7 +227,18 @@ def bench(runs: int, seconds: float, systems: str | None, json_path: str | None,
         sys.exit(1 if report["crashes"] else 0)
     from ..proc import require_root
     require_root()
-    if memory:
+    failed = False
+    if faults:
+        from ..bench.faults import print_faults, run_faults
+        report = run_faults(console=console, only=only.split(",") if only else None)
+        print_faults(report, console)
+        failed = not report["ok"]
+    elif soak_minutes is not None:
+        from ..bench.soak import print_soak, run_soak
+        report = run_soak(soak_minutes, console=console)
+        print_soak(report, console)
+        failed = not report["ok"]
+    elif memory:
         from ..bench.memory import run_memory
         report = {"memory": run_memory(console=console)}
     else:
@@ -234,6 +251,8 @@ def bench(runs: int, seconds: float, systems: str | None, json_path: str | None,
         click.echo(json.dumps(report, indent=1))
     elif json_path:
         Path(json_path).write_text(json.dumps(report, indent=1))
+    if failed:
+        sys.exit(1)
 
 
 @cli.group()
