@@ -19,7 +19,7 @@ esac
 
 [ "$(id -u)" -eq 0 ] || die "must run as root (it installs Debian packages and builds network namespaces); become root (su -, or sudo where installed) and run $0 $MODE again"
 
-APT_PKGS=(openvswitch-switch prosody coturn nftables iproute2 iperf3 iputils-ping tcpdump procps psmisc ca-certificates openssl python3 python3-venv dnsmasq-base ruby ethtool
+APT_PKGS=(openvswitch-switch prosody coturn nftables conntrack iproute2 iperf3 iputils-ping tcpdump procps psmisc ca-certificates openssl python3 python3-venv dnsmasq-base ruby ethtool
           gcc libc6-dev python3-dev libssl-dev    # these four build the datapath's C loops
           clang libclang-rt-14-dev)               # the C loops under libFuzzer + ASan/UBSan (bench --fuzz)
 
