@@ -26,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mtu", type=int, default=0, help="overlay MTU for MSS clamping (0: off until set)")
     ap.add_argument("--max-macs", type=int, default=8192, help="learned MACs in total")
     ap.add_argument("--max-macs-per-port", type=int, default=1024, help="learned MACs behind one port")
+    ap.add_argument("--ovs-rundir", default="", help="ovs-vswitchd's run directory (to purge its flow cache "
+                    "after pipeline changes; unset: never purged)")
     ap.add_argument("-v", "--verbose", action="store_true")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
@@ -44,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     switch.SETTINGS.dpid = a.dpid
     switch.SETTINGS.max_macs = a.max_macs
     switch.SETTINGS.max_macs_per_port = a.max_macs_per_port
+    switch.SETTINGS.ovs_rundir = a.ovs_rundir
     # SIGTERM/SIGINT: leave at once (the native hub's threads cannot be killed, only abandoned)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: os._exit(0))

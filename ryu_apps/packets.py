@@ -87,6 +87,17 @@ def arp_reply(req: Arp, answer_mac: bytes) -> bytes:
     return eth + arp
 
 
+ETH_RARP = 0x8035
+
+
+def rarp_announce(mac: bytes) -> bytes:
+    """A broadcast RARP "request reverse" from ``mac``, as QEMU sends after a migration: a frame
+    every host ignores whose only job is to be seen (and learned) by every switch."""
+    arp = struct.pack("!HHBBH", 1, ETH_IP, 6, 4, 3) + mac + b"\0" * 4 + mac + b"\0" * 4
+    frame = BROADCAST + mac + struct.pack("!H", ETH_RARP) + arp
+    return frame + b"\0" * (60 - len(frame))
+
+
 # -- IPv6 neighbour discovery ------------------------------------------------
 ND_NS, ND_NA = 135, 136
 

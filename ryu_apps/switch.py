@@ -17,14 +17,23 @@ the root's node id in the sorted node list), inner VID = depth (hops from the ro
 Hostile input is bounded: the MAC table is capped in total and per port (tables.py; a MAC
 over a cap is not learned, its frames flood), flow-removed finds its flow by cookie, and
 only the datapath the agent named is adopted (any other switch is closed and counted).
+
+Guests (extra local ports) are guarded in table 0: unless DHCP-trusted, a port's DHCP
+server messages and IPv6 router adverts are dropped (one DHCP server per overlay), and a
+MAC-locked port may send only from its allowed MACs. These drops are flows (no packet-in),
+counted from OVS's flow stats, per port too. A station that turns up at a local port from
+elsewhere with a unicast first frame gets an announcement flooded on its behalf, so every
+node re-points to it at once (a broadcast first frame teaches them by itself).
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+from collections import Counter
 import os
 import socket
+import subprocess
 import threading
 import time
 from dataclasses import dataclass
@@ -45,9 +54,21 @@ LOG = logging.getLogger("ryu_apps.switch")
 T_TRAP, T_FLOOD_IN, T_FLOOD, T_L2 = 0, 1, 2, 3
 # cookie = kind << 48 | serial: the kind tells a packet-in's reason, the serial names the flow.
 K_BASE, K_LEARN_MISS, K_SNOOP, K_ARP_REQ, K_NS, K_SYN, K_MARKER, K_POINTER = range(1, 9)
+# guard drops share kind bit 4 (no other kind has it): one masked flow-stats request finds them all
+K_DHCP, K_RA, K_SPOOF = 16, 17, 18
+GUARD_BIT = 16 << 48
+GUARD = {K_DHCP: ("dhcp_dropped", "dhcp"), K_RA: ("ra_dropped", "ra"), K_SPOOF: ("spoof_dropped", "spoof")}
 OFPP_LOCAL = ofproto_v1_3.OFPP_LOCAL
 VID_PRESENT = ofproto_v1_3.OFPVID_PRESENT
 MCAST = ("01:00:00:00:00:00", "01:00:00:00:00:00")
+
+
+@dataclass(frozen=True)
+class PortOpts:
+    """What the agent said about a local port."""
+
+    dhcp_trusted: bool = False
+    allowed_macs: tuple[str, ...] | None = None  # None: any source MAC
 
 
 @dataclass
@@ -60,6 +81,7 @@ class Settings:
     max_macs: int = 8192  # learned MACs in total (also the cap on snooped IP -> MAC bindings)
     max_macs_per_port: int = 1024  # learned MACs behind one port
     dpid: int | None = None  # the bridge's datapath id (None: refuse every switch until set_datapath)
+    ovs_rundir: str = ""  # ovs-vswitchd's run directory: the datapath flow cache is purged through it
 
 
 SETTINGS = Settings()
@@ -78,6 +100,10 @@ class OverlaySwitch(app_manager.OSKenApp):
         self.port_no: dict[str, int] = {}  # OVS port name -> ofport (ports present now)
         self.peer_decl: dict[str, str] = {}  # port name -> peer node id (told by the agent)
         self.local_decl: set[str] = set()
+        self.local_opts: dict[str, PortOpts] = {}  # local port name -> its guards
+        self.local_name: str | None = None  # the LOCAL port's name (the bridge's)
+        self.guard_cookies: dict[int, tuple[int, str]] = {}  # installed guard flow -> (kind, port name)
+        self.port_gone: dict[str, Counter] = {}  # port name -> guard drops of its removed flows
         self.topology: list[tuple[str, str]] | None = None
         self.peer_port: dict[str, int] = {}  # peer node -> active ofport
         self.port_peer: dict[int, str] = {}
@@ -93,6 +119,7 @@ class OverlaySwitch(app_manager.OSKenApp):
         self.counters = {k: 0 for k in ch.COUNTERS}
         self.waiters: dict[int, tuple[threading.Event, list]] = {}
         self.ready = threading.Event()
+        self.purger = _Purger(self)
         if self.settings.channel:
             self._server = _ChannelServer(self.settings.channel, self)
             threading.Thread(target=self._server.serve, name="channel", daemon=True).start()
@@ -111,6 +138,7 @@ class OverlaySwitch(app_manager.OSKenApp):
                 old.close()  # the bridge reconnected: its old connection is dead or dying
             self.ready.clear()
             self.flows.clear()
+            self.guard_cookies.clear()  # that connection's flows are deleted below: start afresh
             self.base_keys.clear()
             self.macs.clear()
             self.port_no.clear()
@@ -147,8 +175,11 @@ class OverlaySwitch(app_manager.OSKenApp):
             for p in ev.msg.body:
                 if p.port_no <= ofproto_v1_3.OFPP_MAX:
                     self.port_no[p.name.decode()] = p.port_no
+                elif p.port_no == OFPP_LOCAL:
+                    self.local_name = p.name.decode()
             self._refresh()
             self.ready.set()
+        self.purger.kick()
 
     @set_ev_cls(ofp_event.EventOFPPortStatus, MAIN_DISPATCHER)
     def _port_status(self, ev) -> None:
@@ -164,12 +195,22 @@ class OverlaySwitch(app_manager.OSKenApp):
             elif msg.desc.port_no <= ofp.OFPP_MAX:
                 self.port_no[name] = msg.desc.port_no
             self._refresh()
+        self.purger.kick()  # not here: this thread must stay free to read the barrier reply
 
     @set_ev_cls(ofp_event.EventOFPFlowRemoved, MAIN_DISPATCHER)
     def _flow_removed(self, ev) -> None:
         msg = ev.msg
         with self.lock:
-            rec = self.flows.pop_cookie(msg.cookie) if self._ours(msg) else None  # O(1): no scan
+            if not self._ours(msg):
+                return
+            guard = self.guard_cookies.pop(msg.cookie, None)
+            if guard is not None:  # a guard flow went (its port left or changed): keep its count
+                kind, name = guard
+                total, per_port = GUARD[kind]
+                self.counters[total] += msg.packet_count
+                if name in self.local_decl:
+                    self.port_gone.setdefault(name, Counter())[per_port] += msg.packet_count
+            rec = self.flows.pop_cookie(msg.cookie)  # O(1): no scan
             if rec is None:
                 return
             if msg.cookie >> 48 == K_MARKER:
@@ -181,7 +222,8 @@ class OverlaySwitch(app_manager.OSKenApp):
                         self.macs.remove(mac)
                         self._del_flow(T_L2, 100, {"eth_dst": rec.match["eth_src"]})
 
-    @set_ev_cls([ofp_event.EventOFPFlowStatsReply, ofp_event.EventOFPBarrierReply], MAIN_DISPATCHER)
+    @set_ev_cls([ofp_event.EventOFPFlowStatsReply, ofp_event.EventOFPPortStatsReply, ofp_event.EventOFPBarrierReply],
+                MAIN_DISPATCHER)
     def _reply(self, ev) -> None:
         msg = ev.msg
         w = self.waiters.get(msg.xid)
@@ -240,6 +282,8 @@ class OverlaySwitch(app_manager.OSKenApp):
             owner = rp.root
         e = self.macs.get(f.src)
         mac = packets.mac_str(f.src)
+        me = self.node_id or "self"
+        was_here = e is not None and e.owner == me
         if e is None:
             e = MacEntry(port=in_port, owner=owner)
             e.port = self._port_for(e, in_port)  # counted against the port it will point to
@@ -253,8 +297,10 @@ class OverlaySwitch(app_manager.OSKenApp):
             e.owner, changed = owner, True  # a move (or first authoritative sighting)
         elif owner is None and e.owner is None and e.port != in_port:
             changed = True
-        elif owner is None and e.owner == (self.node_id or "self") and in_port not in self.local_ports:
+        elif owner is None and e.owner == me and in_port not in self.local_ports:
             e.owner, changed = None, True  # a local MAC now talks from a peer port: it moved
+        elif owner == me and e.port != in_port:
+            changed = True  # moved between two local ports (its old port may still be there, silent)
         else:
             changed = False
         if changed:
@@ -268,6 +314,12 @@ class OverlaySwitch(app_manager.OSKenApp):
             e.seen.add((in_port, vid))
             self._add_flow(T_TRAP, 100, {"in_port": in_port, "eth_src": mac, "vlan_vid": vid},
                            goto=T_FLOOD_IN, kind=K_MARKER, idle=self.settings.aging)
+        if changed and owner == me and not was_here and not f.dst[0] & 1:
+            # here from elsewhere (a migrated VM, a re-created container with a warm ARP cache) and
+            # its first frame is unicast, so no flood tells the other nodes: the old node would keep
+            # the MAC (a black hole while its port lingers). Announce it, as QEMU does after a migration.
+            self._resubmit(in_port, packets.rarp_announce(f.src))
+            self.counters["moves_announced"] += 1
         return changed
 
     def _port_for(self, e: MacEntry, fallback: int) -> int:
@@ -378,8 +430,14 @@ class OverlaySwitch(app_manager.OSKenApp):
                 LOG.error("%s", e)
         self._install_base()
         valid = self.local_ports | set(self.port_peer)
+        for port in [p for p in self.macs.refused if p not in valid]:
+            self.macs.forget_port(port)
+        locked = {self.port_no[n]: set(o.allowed_macs) for n, o in self.local_opts.items()
+                  if o.allowed_macs is not None and self.port_no.get(n) in self.local_ports}
         for mac, e in list(self.macs.items()):
-            stale = {k for k in e.seen if k[0] not in valid}
+            ms = packets.mac_str(mac)
+            # markers of a MAC a lock now forbids on that port would let its frames past the guard
+            stale = {k for k in e.seen if k[0] not in valid or (k[0] in locked and ms not in locked[k[0]])}
             for port, vid in stale:
                 self._del_flow(T_TRAP, 100, {"in_port": port, "eth_src": packets.mac_str(mac), "vlan_vid": vid})
             e.seen -= stale
@@ -413,22 +471,45 @@ class OverlaySwitch(app_manager.OSKenApp):
 
         locs = sorted(self.local_ports)
         peers = sorted(self.port_peer)
-        for p in locs:
-            if self.mtu:
-                for et in (0x0800, 0x86DD):
-                    add(T_TRAP, 300, {"in_port": p, "eth_type": et, "ip_proto": 6, "tcp_flags": (0x002, 0x002)},
-                        to_ctl=True, kind=K_SYN)
-            add(T_TRAP, 250, {"in_port": p, "eth_type": 0x0806, "arp_op": 1}, to_ctl=True, kind=K_ARP_REQ)
-            add(T_TRAP, 250, {"in_port": p, "eth_type": 0x86DD, "ip_proto": 58, "icmpv6_type": 135},
-                to_ctl=True, kind=K_NS)
+        names = {no: n for n, no in self.port_no.items()}
+        guards: dict[tuple, tuple[int, str]] = {}  # flow key -> (kind, port name)
+
+        def guard(prio: int, match: dict, kind: int, name: str) -> None:
+            add(T_TRAP, prio, match, kind=kind, notify=True)  # a drop; flow-removed keeps its count
+            guards[(T_TRAP, prio, _mkey(match))] = (kind, name)
+
         for p in locs + peers:
-            add(T_TRAP, 200, {"in_port": p, "eth_type": 0x0806}, to_ctl=True, goto=T_FLOOD_IN, kind=K_SNOOP)
-            for t in (135, 136):
-                if t == 135 and p in self.local_ports:
-                    continue
-                add(T_TRAP, 200, {"in_port": p, "eth_type": 0x86DD, "ip_proto": 58, "icmpv6_type": t},
-                    to_ctl=True, goto=T_FLOOD_IN, kind=K_SNOOP)
-            add(T_TRAP, 1, {"in_port": p}, to_ctl=True, goto=T_FLOOD_IN, kind=K_LEARN_MISS, max_len=128)
+            opts = self.local_opts.get(names.get(p, ""), PortOpts()) if p != OFPP_LOCAL else PortOpts(True)
+            if p in self.local_ports and not opts.dhcp_trusted:  # above everything: no trap may let these by
+                name = names[p]
+                guard(400, {"in_port": p, "eth_type": 0x0800, "ip_proto": 17, "udp_src": 67, "udp_dst": 68}, K_DHCP, name)
+                guard(400, {"in_port": p, "eth_type": 0x86DD, "ip_proto": 17, "udp_src": 547, "udp_dst": 546},
+                      K_DHCP, name)
+                guard(400, {"in_port": p, "eth_type": 0x86DD, "ip_proto": 58, "icmpv6_type": 134}, K_RA, name)
+            # a MAC-locked port: every flow of it names the allowed source; anything else falls to the drop
+            srcs: list[dict] = [{}]
+            if p in self.local_ports and opts.allowed_macs is not None:
+                srcs = [{"eth_src": m} for m in opts.allowed_macs]
+                guard(2, {"in_port": p}, K_SPOOF, names[p])  # 2: never the key of an open port's learning flow
+            for src in srcs:
+                if p in self.local_ports:
+                    if self.mtu:
+                        for et in (0x0800, 0x86DD):
+                            add(T_TRAP, 300, {"in_port": p, **src, "eth_type": et, "ip_proto": 6,
+                                              "tcp_flags": (0x002, 0x002)}, to_ctl=True, kind=K_SYN)
+                    add(T_TRAP, 250, {"in_port": p, **src, "eth_type": 0x0806, "arp_op": 1}, to_ctl=True,
+                        kind=K_ARP_REQ)
+                    add(T_TRAP, 250, {"in_port": p, **src, "eth_type": 0x86DD, "ip_proto": 58, "icmpv6_type": 135},
+                        to_ctl=True, kind=K_NS)
+                add(T_TRAP, 200, {"in_port": p, **src, "eth_type": 0x0806}, to_ctl=True, goto=T_FLOOD_IN,
+                    kind=K_SNOOP)
+                for t in (135, 136):
+                    if t == 135 and p in self.local_ports:
+                        continue
+                    add(T_TRAP, 200, {"in_port": p, **src, "eth_type": 0x86DD, "ip_proto": 58, "icmpv6_type": t},
+                        to_ctl=True, goto=T_FLOOD_IN, kind=K_SNOOP)
+                add(T_TRAP, 3 if src else 1, {"in_port": p, **src}, to_ctl=True, goto=T_FLOOD_IN, kind=K_LEARN_MISS,
+                    max_len=128)
         add(T_TRAP, 0, {}, kind=K_BASE)  # unknown ports: drop
         for p in peers:  # tagged frames that fail the tree check, untagged multicast from peers: drop
             add(T_FLOOD_IN, 50, {"in_port": p, "vlan_vid": (VID_PRESENT, VID_PRESENT)}, kind=K_BASE)
@@ -450,13 +531,19 @@ class OverlaySwitch(app_manager.OSKenApp):
         else:
             origin = (0, 0, [], 0)
         add(T_L2, 0, {}, flood=origin, kind=K_BASE)
+        changed = False
         for key in self.base_keys - set(want):
             r = self.flows.get(key)
             if r:
                 self._del_flow(r.table, r.priority, r.match)
+                changed = True
         for key, spec in want.items():
-            self._add_flow(**spec)
+            changed |= self._add_flow(**spec)
+            if key in guards:
+                self.guard_cookies[self.flows.get(key).cookie] = guards[key]
         self.base_keys = set(want)
+        if changed:
+            self.purger.due = True
 
     # ------------------------------------------------------------------ flow-mod helpers
     def _actions(self, spec: dict) -> tuple[list, str]:
@@ -500,24 +587,27 @@ class OverlaySwitch(app_manager.OSKenApp):
             text.append(f"goto:{spec['goto']}")
         return insts, " ".join(text) or "drop"
 
-    def _add_flow(self, table: int, priority: int, match: dict, *, kind: int, idle: int = 0, **spec: Any) -> None:
+    def _add_flow(self, table: int, priority: int, match: dict, *, kind: int, idle: int = 0, notify: bool = False,
+                  **spec: Any) -> bool:
+        """Install (or change) a flow; False if the switch has it already as asked."""
         dp = self.dp
         if dp is None:
-            return
+            return False
         ofp, parser = dp.ofproto, dp.ofproto_parser
         key = (table, priority, _mkey(match))
         insts, text = self._actions(spec)
         old = self.flows.get(key)
         if old is not None and old.actions == text and old.idle == idle:
-            return
+            return False
         cookie = old.cookie if old is not None else (kind << 48) | next(self.serial)
         cmd = ofp.OFPFC_MODIFY_STRICT if old is not None and old.idle == idle else ofp.OFPFC_ADD
-        flags = ofp.OFPFF_SEND_FLOW_REM if idle else 0
+        flags = ofp.OFPFF_SEND_FLOW_REM if idle or notify else 0
         dp.send_msg(parser.OFPFlowMod(dp, cookie=cookie, table_id=table, command=cmd, idle_timeout=idle,
                                       priority=priority, flags=flags, match=parser.OFPMatch(**match),
                                       instructions=insts))
         self.flows.put(key, FlowRec(cookie, table, priority, match, text, idle))
         self.counters["flows_installed"] += 1
+        return True
 
     def _del_flow(self, table: int, priority: int, match: dict) -> None:
         key = (table, priority, _mkey(match))
@@ -552,6 +642,8 @@ class OverlaySwitch(app_manager.OSKenApp):
                                         "local": no in self.local_ports} for n, no in self.port_no.items()})
         if op == "counters":
             return ch.ok(counters=self._counters())
+        if op == "ports":
+            return ch.ok(ports=self._ports())
         if op == "flows":
             with self.lock:
                 return ch.ok(flows=[{"cookie": r.cookie, "table": r.table, "priority": r.priority,
@@ -578,26 +670,46 @@ class OverlaySwitch(app_manager.OSKenApp):
                 self.peer_decl.pop(req.port, None)
             elif op == "add_local_port":
                 self.local_decl.add(req.port)
+                self.local_opts[req.port] = PortOpts(req.dhcp_trusted, None if req.allowed_macs is None
+                                                     else tuple(req.allowed_macs))
                 self.peer_decl.pop(req.port, None)
             elif op == "remove_local_port":
                 self.local_decl.discard(req.port)
+                self.local_opts.pop(req.port, None)
             elif op == "set_topology":
                 self.topology = [tuple(e) for e in req.edges]
             self._refresh()
             dp = self.dp
         if dp is not None:  # the change is in the switch when the agent hears "ok"
+            # (the flow-removed of a deleted guard flow comes before the barrier reply: counted by now)
             self._request(dp.ofproto_parser.OFPBarrierRequest(dp), timeout=2.0)
+            self.purger.run_if_due()
+        if op == "remove_local_port":
+            with self.lock:
+                if req.port not in self.local_decl:
+                    self.port_gone.pop(req.port, None)
         return ch.ok()
+
+    def _live_guards(self, body: list) -> Counter:
+        """(kind, port name) -> packets of the guard flows in a flow-stats reply that are still
+        installed (a removed one's count was added from its flow-removed: never twice)."""
+        live: Counter = Counter()
+        for s in body:
+            g = self.guard_cookies.get(s.cookie)
+            if g is not None:
+                live[g] += s.packet_count
+        return live
 
     def _counters(self) -> dict[str, int]:
         dp = self.dp
-        with self.lock:
+        body = [] if dp is None else (
+            self._request(dp.ofproto_parser.OFPFlowStatsRequest(dp, table_id=dp.ofproto.OFPTT_ALL)) or [])
+        with self.lock:  # read after the reply: a guard flow removed meanwhile is in the counters already
             c = dict(self.counters)
             c["flows_active"] = len(self.flows)
             c["macs_learned"] = len(self.macs)
-        if dp is None:
-            return c
-        body = self._request(dp.ofproto_parser.OFPFlowStatsRequest(dp, table_id=dp.ofproto.OFPTT_ALL)) or []
+            for (kind, _), n in self._live_guards(body).items():
+                c[GUARD[kind][0]] += n
         for s in body:
             if s.cookie >> 48 != K_BASE:
                 continue
@@ -610,8 +722,102 @@ class OverlaySwitch(app_manager.OSKenApp):
         return c
 
 
+    def _ports(self) -> dict[str, dict]:
+        """Per local port: learned MACs, OVS port stats, drops by reason (see switch_channel)."""
+        dp = self.dp
+        if dp is None:
+            return {}
+        ofp, parser = dp.ofproto, dp.ofproto_parser
+        stats = self._request(parser.OFPPortStatsRequest(dp, 0, ofp.OFPP_ANY)) or []
+        flows = self._request(parser.OFPFlowStatsRequest(dp, table_id=T_TRAP, cookie=GUARD_BIT,
+                                                         cookie_mask=GUARD_BIT)) or []
+        by_no = {s.port_no: s for s in stats}
+        with self.lock:
+            live = self._live_guards(flows)
+            names = {no: n for n, no in self.port_no.items()}
+            names[OFPP_LOCAL] = self.local_name or "LOCAL"
+            me = self.node_id or "self"
+            behind: dict[int, list[str]] = {}
+            for mac, e in self.macs.items():
+                if e.owner == me:
+                    behind.setdefault(e.port, []).append(packets.mac_str(mac))
+            out: dict[str, dict] = {}
+            for no in sorted(self.local_ports):
+                name = names[no]
+                opts = PortOpts(True) if no == OFPP_LOCAL else self.local_opts.get(name, PortOpts())
+                gone = self.port_gone.get(name, Counter())
+                drops = {per: gone[per] + live[(kind, name)] for kind, (_, per) in GUARD.items()}
+                drops["macs_refused"] = self.macs.refused[no]
+                st = by_no.get(no)
+                out[name] = {
+                    "ofport": no, "macs": sorted(behind.get(no, [])),
+                    "rx_frames": st.rx_packets if st else 0, "rx_bytes": st.rx_bytes if st else 0,
+                    "tx_frames": st.tx_packets if st else 0, "tx_bytes": st.tx_bytes if st else 0,
+                    "drops": drops, "dhcp_trusted": opts.dhcp_trusted,
+                    "allowed_macs": list(opts.allowed_macs) if opts.allowed_macs is not None else None,
+                }
+            return out
+
+
 def _mkey(match: dict) -> tuple:
     return tuple(sorted((k, v) for k, v in match.items()))
+
+
+class _Purger:
+    """Empties OVS's datapath flow cache after the base pipeline changed.
+
+    Why: ovs-vswitchd 3.1 (userspace datapath, here) does not revalidate cached datapath
+    flows whose key holds two VLAN headers -- our flood frames between nodes -- when the
+    OpenFlow tables change: a flood flow that gained a local port (a guest attached) or a
+    child (a link came up) kept delivering to the old set for as long as the frames kept
+    the cache entry alive (measured: IPv6 neighbour solicitations from a guest never
+    reached guests attached after the first ones). ``revalidator/purge`` drops the cache
+    (the next frames are translated afresh); it runs only on port and topology changes.
+    """
+
+    def __init__(self, app: "OverlaySwitch") -> None:
+        self.app, self.due = app, False
+        self._kick = threading.Event()
+        self._lock = threading.Lock()
+        self.runs = 0
+        rundir = app.settings.ovs_rundir
+        if rundir:
+            ctl = os.path.join(rundir, "ovs-vswitchd.ctl")  # a private instance; else the pid-named socket
+            self.argv = ["ovs-appctl", "-t", ctl if os.path.exists(ctl) else "ovs-vswitchd", "revalidator/purge"]
+            self.env = {**os.environ, "OVS_RUNDIR": rundir}
+            threading.Thread(target=self._loop, name="purger", daemon=True).start()
+        else:
+            self.argv = []
+
+    def kick(self) -> None:
+        """From the switch's event thread: purge soon, after a barrier, in the purger's thread."""
+        if self.due and self.argv:
+            self._kick.set()
+
+    def _loop(self) -> None:
+        while True:
+            self._kick.wait()
+            self._kick.clear()
+            dp = self.app.dp
+            if dp is not None:
+                self.app._request(dp.ofproto_parser.OFPBarrierRequest(dp), timeout=2.0)
+            self.run_if_due()
+
+    def run_if_due(self) -> None:
+        """After a barrier (the new flows are in): purge if the pipeline changed since the last one."""
+        with self._lock:
+            if not self.due or not self.argv:
+                return
+            self.due = False
+            try:
+                r = subprocess.run(self.argv, env=self.env, capture_output=True, text=True, timeout=5)
+                ok = r.returncode == 0
+            except (OSError, subprocess.TimeoutExpired) as e:
+                ok, r = False, e
+            self.runs += 1
+            if not ok:
+                self.app._warn_once("purge", "could not purge the datapath flow cache (%s): %s", " ".join(self.argv),
+                                    getattr(r, "stderr", r))
 
 
 class _ChannelServer:

@@ -77,14 +77,16 @@ class MacEntry:
 class MacTable:
     """Learned MACs, at most ``max_total`` and at most ``max_per_port`` per port.
 
-    A MAC over either cap is not learned (``add`` says False); an entry already in the
-    table may still move to a full port (moves are rare, and the total stays bounded).
+    A MAC over either cap is not learned (``add`` says False, the refusal is counted against
+    the port it would have pointed to: ``refused``); an entry already in the table may still
+    move to a full port (moves are rare, and the total stays bounded).
     """
 
     def __init__(self, max_total: int = 8192, max_per_port: int = 1024) -> None:
         self.max_total, self.max_per_port = max_total, max_per_port
         self._macs: dict[bytes, MacEntry] = {}
         self._per_port: Counter[int] = Counter()
+        self.refused: Counter[int] = Counter()  # port -> MACs refused there (kept across clear())
 
     def get(self, mac: bytes) -> MacEntry | None:
         return self._macs.get(mac)
@@ -108,6 +110,7 @@ class MacTable:
         if mac in self._macs:
             raise KeyError(f"{mac.hex()} is already learned")
         if not self.room(entry.port):
+            self.refused[entry.port] += 1
             return False
         self._macs[mac] = entry
         self._per_port[entry.port] += 1
@@ -129,6 +132,10 @@ class MacTable:
     def clear(self) -> None:
         self._macs.clear()
         self._per_port.clear()
+
+    def forget_port(self, port: int) -> None:
+        """The port is gone: its refusal count goes too (OVS may give its number to another)."""
+        self.refused.pop(port, None)
 
     def _release(self, port: int) -> None:
         self._per_port[port] -= 1

@@ -87,7 +87,7 @@ class SwitchController:
             [self.python, "-m", "ryu_apps.launch", "--channel", str(self.sock_path),
              "--ofp-socket", str(self.ofp_path), "--dpid", f"{self.dpid:#x}", "--aging", str(self.aging),
              "--mtu", str(self.mtu), "--max-macs", str(self.max_macs),
-             "--max-macs-per-port", str(self.max_macs_per_port)],
+             "--max-macs-per-port", str(self.max_macs_per_port), "--ovs-rundir", str(self.ovs.rundir)],
             netns=self.ovs.netns, log=self.log_path,
             die_with_parent=True,      # the app never outlives the agent (kill -9 included)
         )
@@ -244,8 +244,16 @@ class SwitchController:
         self._replay.pop(f"port:{port_name}", None)
         await self._call({"op": "remove_peer_port", "port": port_name})
 
-    async def add_local_port(self, port_name: str) -> None:
-        await self._set(f"port:{port_name}", {"op": "add_local_port", "port": port_name})
+    async def add_local_port(self, port_name: str, *, dhcp_trusted: bool = False,
+                             allowed_macs: list[str] | None = None) -> None:
+        """A host-facing (guest) port. Unless ``dhcp_trusted``, DHCP server messages and IPv6
+        router adverts from it are dropped in the datapath (one DHCP server per overlay: a
+        libvirt/Docker bridge behind every node would otherwise answer everyone's guests).
+        ``allowed_macs``: the only source MACs the port may send from (anti-spoofing); None = any.
+        Calling it again for the same port replaces its settings. The LOCAL port is always trusted."""
+        msg: dict[str, Any] = {"op": "add_local_port", "port": port_name, "dhcp_trusted": dhcp_trusted,
+                               "allowed_macs": list(allowed_macs) if allowed_macs is not None else None}
+        await self._set(f"port:{port_name}", msg)
 
     async def remove_local_port(self, port_name: str) -> None:
         self._replay.pop(f"port:{port_name}", None)
@@ -266,6 +274,13 @@ class SwitchController:
 
     async def macs(self) -> dict[str, dict[str, Any]]:
         return (await self._call({"op": "macs"}))["macs"]
+
+    async def ports(self) -> dict[str, dict[str, Any]]:
+        """Per local port (LOCAL under the bridge's name, and every guest port): ``ofport``,
+        ``macs`` (stations learned behind it), ``rx_frames``/``rx_bytes`` (into the switch from
+        the port) and ``tx_frames``/``tx_bytes`` (out of the switch to it) from OVS's port
+        stats, ``drops`` {dhcp, ra, spoof, macs_refused}, ``dhcp_trusted``, ``allowed_macs``."""
+        return (await self._call({"op": "ports"}))["ports"]
 
     async def status(self) -> dict[str, Any]:
         return await self._call({"op": "status"})

@@ -13,7 +13,11 @@ Requests (field ``op``):
 - ``set_mtu``      {mtu}                overlay MTU: TCP MSS is clamped to mtu-40 (IPv4) / mtu-60 (IPv6); 0 = off
 - ``add_peer_port``    {port, peer}     OVS port name -> peer node id (port may appear in OVS before or after)
 - ``remove_peer_port`` {port}
-- ``add_local_port``   {port}           a host-facing port besides the bridge's LOCAL port (always local)
+- ``add_local_port``   {port, dhcp_trusted=false, allowed_macs=null}
+                                        a host-facing (guest) port besides the bridge's LOCAL port (always
+                                        local and trusted); an untrusted port's DHCP server messages and
+                                        IPv6 router adverts are dropped in the datapath; with allowed_macs,
+                                        frames from any other source MAC are dropped (anti-spoofing)
 - ``remove_local_port`` {port}
 - ``set_topology`` {edges}              the overlay graph as [[node_a, node_b], ...] (undirected); optional:
                                         without it the app assumes its peers form a full mesh
@@ -21,6 +25,9 @@ Requests (field ``op``):
 - ``counters`` -> {counters: {name: int}}
 - ``flows``    -> {flows: [{table, priority, match}]}: what the app has installed
 - ``macs``     -> {macs: {mac: {port, owner}}}
+- ``ports``    -> {ports: {name: {ofport, macs, rx_frames, rx_bytes, tx_frames, tx_bytes,
+                                  drops: {dhcp, ra, spoof, macs_refused}, dhcp_trusted, allowed_macs}}}
+                  per local port (LOCAL under the bridge's name, and the guests' ports)
 """
 
 from __future__ import annotations
@@ -29,10 +36,12 @@ import json
 import re
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, TypeAdapter, ValidationError, field_validator
 
 NODE_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 PORT_RE = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")  # Linux interface names
+MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+MAX_ALLOWED_MACS = 64  # per port: each allowed MAC costs a handful of table-0 flows
 MAX_LINE = 1 << 20
 
 
@@ -45,6 +54,15 @@ def _node_id(v: str) -> str:
 def _port(v: str) -> str:
     if not PORT_RE.match(v):
         raise ValueError(f"bad port name {v!r}")
+    return v
+
+
+def _unicast_mac(v: str) -> str:
+    v = v.lower()
+    if not MAC_RE.match(v):
+        raise ValueError(f"bad MAC address {v!r}")
+    if int(v[:2], 16) & 1 or v == "00:00:00:00:00:00":
+        raise ValueError(f"{v} is not a station's (unicast) MAC address")
     return v
 
 
@@ -85,7 +103,14 @@ class RemovePeerPort(_Msg):
 class AddLocalPort(_Msg):
     op: Literal["add_local_port"] = "add_local_port"
     port: str
+    dhcp_trusted: StrictBool = False  # may answer DHCP / send router adverts (a guest running the DHCP server)
+    allowed_macs: list[str] | None = Field(default=None, min_length=1, max_length=MAX_ALLOWED_MACS)  # None: any
     _vp = field_validator("port")(classmethod(lambda cls, v: _port(v)))
+
+    @field_validator("allowed_macs")
+    @classmethod
+    def _macs(cls, v: list[str] | None) -> list[str] | None:
+        return None if v is None else sorted({_unicast_mac(m) for m in v})
 
 
 class RemoveLocalPort(_Msg):
@@ -107,7 +132,7 @@ class SetTopology(_Msg):
 
 
 class Query(_Msg):
-    op: Literal["status", "counters", "flows", "macs"]
+    op: Literal["status", "counters", "flows", "macs", "ports"]
 
 
 Request = Annotated[
@@ -133,7 +158,14 @@ COUNTERS = (
     "macs_refused",  # source MACs not learned: the MAC table was full (in total or behind that port)
     "neighbours_evicted",  # snooped IP -> MAC bindings dropped, oldest first, past the cap
     "datapaths_refused",  # OpenFlow connections closed: not the bridge the agent named
+    "dhcp_dropped",  # DHCPv4/v6 server messages from DHCP-untrusted local ports (datapath flow stats)
+    "ra_dropped",  # IPv6 router adverts from DHCP-untrusted local ports (datapath flow stats)
+    "spoof_dropped",  # frames from a MAC-locked port with a source MAC not allowed there (datapath flow stats)
+    "moves_announced",  # stations that turned up here from elsewhere (or unknown) with a unicast first
+                        # frame: the app flooded an announcement (RARP) from them so every node re-points
 )
+# Per-port drop reasons in the ``ports`` reply.
+PORT_DROPS = ("dhcp", "ra", "spoof", "macs_refused")
 # Added by the agent (SwitchController.counters) from OVS's controller status, not the app:
 # "packet_in_dropped": packet-ins OVS dropped at its per-port-fair rate limit (controller_rate_limit).
 
