@@ -159,7 +159,8 @@ def neighbour_advert(ns: Nd, answer_mac: bytes) -> bytes:
 
 # -- TCP MSS clamping ----------------------------------------------------------
 def clamp_mss(f: Frame, mss4: int, mss6: int) -> tuple[bytes, int] | None:
-    """If ``f`` is a TCP SYN with an MSS option above the limit: (new untagged frame, old mss).
+    """If ``f`` is a TCP SYN with an MSS option: (new untagged frame with the MSS at most the
+    limit, old mss); the caller tells a clamp from a pass by comparing the old MSS.
 
     The TCP checksum is recomputed in full: a SYN from a host with checksum
     offload may carry only a partial (pseudo-header) checksum. Any malformed
@@ -202,9 +203,9 @@ def clamp_mss(f: Frame, mss4: int, mss6: int) -> tuple[bytes, int] | None:
             return None
         if kind == 2 and b[i + 1] == 4 and i + 4 <= opt_end:
             old = struct.unpack_from("!H", b, i + 2)[0]
-            if old <= limit:
-                return None
-            struct.pack_into("!H", b, i + 2, limit)
+            # an MSS already within the limit is kept, but the checksum is still made whole: the
+            # frame goes on from the app, where a partial checksum would reach the peer as is
+            struct.pack_into("!H", b, i + 2, min(old, limit))
             struct.pack_into("!H", b, l4 + 16, 0)
             struct.pack_into("!H", b, l4 + 16, _csum(pseudo + bytes(b[l4:end])))
             return bytes(b[:end]), old

@@ -390,7 +390,8 @@ class OverlaySwitch(app_manager.OSKenApp):
         res = packets.clamp_mss(f, self.mtu - 40, self.mtu - 60) if self.mtu else None
         if res is not None:
             data = res[0]
-            self.counters["mss_clamped"] += 1
+            if res[1] > (self.mtu - 40 if f.ethertype == packets.ETH_IP else self.mtu - 60):
+                self.counters["mss_clamped"] += 1
         self._resubmit(in_port, data)
 
     def _packet_out(self, data: bytes, ports: list[int]) -> None:
