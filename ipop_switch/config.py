@@ -87,6 +87,51 @@ class IceConfig(_Strict):
         return _hostport(self.turn, 3478) if self.turn else None
 
 
+GUEST_NAME_RE = r"^[a-z0-9][a-z0-9_.-]{0,31}$"
+MAC_RE = r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$"
+
+
+class AttachConfig(_Strict):
+    """A guest plugged into the overlay's bridge: a network namespace or container (a veth
+    pair, one end inside), or an existing interface (a VM's TAP, a NIC, a veth into a Linux
+    bridge) added as it is."""
+    name: str = Field(pattern=GUEST_NAME_RE, description="guest name, unique in the overlay")
+    netns: str | None = Field(None, description="namespace name (ip netns) or path (/proc/PID/ns/net, /run/netns/x)")
+    pid: int | None = Field(None, ge=1, description="a process in the namespace (a container's PID)")
+    interface: str | None = Field(None, pattern=r"^[^/\s]{1,15}$", description="an existing interface to add as it is")
+    ifname: str = Field("eth0", pattern=r"^[^/\s]{1,15}$", description="the interface's name inside the namespace")
+    mac: str | None = Field(None, pattern=MAC_RE, description="the guest interface's MAC (default: random)")
+    mtu: int | None = Field(None, ge=576, le=9000, description="default: the overlay's MTU")
+    addresses: list[str] = Field(default_factory=list, description="static addresses inside the namespace, CIDR")
+    dhcp_server: bool = Field(False, description="DHCP server messages from this guest are let through (one per overlay)")
+    lock_mac: bool = Field(False, description="the guest may only send from its own MAC")
+
+    @field_validator("addresses")
+    @classmethod
+    def _cidrs(cls, v: list[str]) -> list[str]:
+        for a in v:
+            try:
+                ipaddress.ip_interface(a)
+            except ValueError:
+                raise ValueError(f"{a!r} is not an address with a prefix (e.g. 100.99.1.5/16)") from None
+            if "/" not in a:
+                raise ValueError(f"{a!r}: give the prefix too (e.g. 100.99.1.5/16)")
+        return v
+
+    @model_validator(mode="after")
+    def _one_place(self):
+        given = [k for k in ("netns", "pid", "interface") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of netns, pid and interface")
+        if self.interface is not None and (self.addresses or self.mac or self.mtu):
+            raise ValueError("an existing interface is added as it is: addresses, mac and mtu are for netns/pid guests")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return "interface" if self.interface is not None else "netns"
+
+
 class OverlayConfig(_Strict):
     name: str = Field(pattern=NAME_RE, description="overlay name: 1-10 lowercase letters/digits")
     kind: Literal["group", "social"] = "group"
@@ -96,6 +141,16 @@ class OverlayConfig(_Strict):
     max_peers: int = Field(32, ge=1, le=1024)
     xmpp: XmppConfig
     ice: IceConfig = IceConfig()
+    attach: list[AttachConfig] = Field(default_factory=list, description="guests plugged into the bridge at start")
+
+    @field_validator("attach")
+    @classmethod
+    def _unique_guests(cls, v: list[AttachConfig]) -> list[AttachConfig]:
+        names = [g.name for g in v]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"guest names repeat: {sorted(dup)}")
+        return v
 
     @field_validator("address")
     @classmethod

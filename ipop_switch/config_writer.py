@@ -36,10 +36,14 @@ def _value(v: Any) -> str:
     raise TypeError(f"cannot write {type(v).__name__} to a node config")
 
 
+def _is_table_list(v: Any) -> bool:
+    return isinstance(v, (list, tuple)) and bool(v) and all(isinstance(x, dict) for x in v)
+
+
 def _lines(table: dict, where: str, comments: dict[str, str]) -> list[str]:
     out = []
     for key, v in table.items():
-        if v is None or isinstance(v, dict):
+        if v is None or isinstance(v, dict) or _is_table_list(v):
             continue
         line = f"{key} = {_value(v)}"
         note = comments.get(f"{where}.{key}")
@@ -63,6 +67,8 @@ def render_config(doc: dict, *, header: str, comments: dict[str, str] | None = N
         for sub in _SUBTABLES:
             if ov.get(sub):
                 out += ["", f"[overlay.{sub}]", *_lines(ov[sub], f"overlay.{sub}", comments)]
+        for guest in ov.get("attach") or []:          # [[overlay.attach]]: after the subtables
+            out += ["", "[[overlay.attach]]", *_lines(guest, "overlay.attach", comments)]
     text = "\n".join(out) + "\n"
     try:
         Config.model_validate(tomllib.loads(text))

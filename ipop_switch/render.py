@@ -74,12 +74,37 @@ def render_status(st: dict, console: Console) -> None:
             console.print(t)
         else:
             console.print("  no peers yet")
+        if ov.get("guests"):
+            render_guests(ov["guests"], console)
         refused = {k: v for k, v in (ov.get("switch") or {}).items()
                    if k in ("macs_refused", "datapaths_refused", "packet_in_dropped", "bad_frames") and v}
         if refused:
             console.print("  switch app: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in sorted(refused.items())))
         for note in ov.get("notes", []):
             console.print(f"  note: {note}")
+
+
+def render_guests(guests: list[dict], console: Console) -> None:
+    """The overlay's guests: where they are, their port, MAC, what the switch saw behind the
+    port (MACs, traffic, drops), and anything wrong with them."""
+    t = Table(show_edge=False, title="guests", title_justify="left")
+    for col in ("guest", "attached", "port", "MAC", "MACs seen", "rx / tx", "drops"):
+        t.add_column(col)
+    for g in guests:
+        if g.get("error"):
+            t.add_row(g["name"], f"[red]not attached[/]: {g['error']}", "-", "-", "-", "-", "-")
+            continue
+        drops = ", ".join(f"{k} {v}" for k, v in sorted((g.get("drops") or {}).items()) if v) or "-"
+        rx_tx = (f"{_bytes(g.get('rx_bytes'))} / {_bytes(g.get('tx_bytes'))}"
+                 if g.get("rx_bytes") is not None else "-")
+        macs = g.get("macs")
+        t.add_row(g["name"], g.get("where", "?") + (" (DHCP server)" if g.get("dhcp_server") else ""),
+                  g.get("port", "-"), g.get("mac") or "-", str(len(macs)) if macs is not None else "-",
+                  rx_tx, drops)
+    console.print(t)
+    for g in guests:
+        for note in g.get("notes") or []:
+            console.print(f"  note: guest {g['name']}: {note}")
 
 
 def render_lab(st: dict, console: Console) -> None:

@@ -27,11 +27,24 @@ def answers(path: Path) -> bool:
 
 def query(path: Path, *, timeout: float = 5.0) -> dict:
     """Ask a running agent for its status (blocking; used by the CLI)."""
+    return _ask(path, REQUEST, timeout)
+
+
+def command(path: Path, cmd: dict, *, timeout: float = 70.0) -> dict:
+    """Send a command (``{"cmd": "attach", ...}``) to a running agent; its answer, or
+    IpopError with the agent's one-line error."""
+    answer = _ask(path, json.dumps(cmd).encode() + b"\n", timeout)
+    if not answer.get("ok"):
+        raise IpopError(answer.get("error") or "the agent refused the command")
+    return answer
+
+
+def _ask(path: Path, request: bytes, timeout: float) -> dict:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(timeout)
     try:
         s.connect(str(path))
-        s.sendall(REQUEST)
+        s.sendall(request)
         buf = b""
         while not buf.endswith(b"\n"):
             chunk = s.recv(65536)

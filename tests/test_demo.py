@@ -39,4 +39,8 @@ def test_lab_demo_end_to_end(tmp_path):
     pings = res["ping_ms"]
     assert len(pings) == 3 * 2, pings
     assert all(v4 is not None and v6 is not None and v4 > 0 and v6 > 0 for v4, v6 in pings.values()), pings
+    # two guests per node by default (switch mode): each reaches the first guest of both other nodes
+    gp = res["guest_ping_ms"]
+    assert len(gp) == 3 * 2 * 2, gp
+    assert all(v4 is not None and v6 is not None for v4, v6 in gp.values()), gp
     assert "demo OK" in r.stdout

@@ -25,8 +25,27 @@ class StatusCollector(Collector):
         sw = CounterMetricFamily("ipsw_switch_events", "the switch app's counters (packet-ins, MACs refused over "
                                  "the caps, foreign datapaths refused, packet-ins OVS dropped, ...)",
                                  labels=["overlay", "event"])
+        gfr = CounterMetricFamily("ipsw_guest_frames", "frames from (rx) and to (tx) a guest's port",
+                                  labels=["overlay", "guest", "direction"])
+        gby = CounterMetricFamily("ipsw_guest_bytes", "bytes from (rx) and to (tx) a guest's port",
+                                  labels=["overlay", "guest", "direction"])
+        gdr = CounterMetricFamily("ipsw_guest_drops", "frames of a guest dropped by reason (dhcp, ra, spoof, "
+                                  "macs_refused)", labels=["overlay", "guest", "reason"])
+        gmac = GaugeMetricFamily("ipsw_guest_macs", "stations learned behind a guest's port", labels=["overlay", "guest"])
         for ov in st.get("overlays", []):
             name = ov["name"]
+            for g in ov.get("guests", []):
+                if g.get("error"):
+                    continue
+                lbl = [name, g["name"]]
+                for d in ("rx", "tx"):
+                    if g.get(f"{d}_frames") is not None:
+                        gfr.add_metric(lbl + [d], g[f"{d}_frames"])
+                        gby.add_metric(lbl + [d], g[f"{d}_bytes"])
+                for reason, n in (g.get("drops") or {}).items():
+                    gdr.add_metric(lbl + [reason], n)
+                if g.get("macs") is not None:
+                    gmac.add_metric(lbl, len(g["macs"]))
             peers.add_metric([name], len(ov.get("peers", [])))
             for reason, n in ov.get("signaling", {}).get("drops", {}).items():
                 sig.add_metric([name, reason], n)
@@ -44,7 +63,7 @@ class StatusCollector(Collector):
                     by.add_metric(lbl + [d], p.get(f"{d}_bytes", 0))
                 for reason, n in (p.get("drops") or {}).items():
                     drops.add_metric(lbl + [reason], n)
-        yield from (peers, up, direct, rtt, fr, by, drops, sig, sw)
+        yield from (peers, up, direct, rtt, fr, by, drops, sig, sw, gfr, gby, gdr, gmac)
 
 
 def start_metrics(addr: str, snapshot: Callable[[], dict]):

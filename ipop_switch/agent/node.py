@@ -36,7 +36,7 @@ class Node:
         self.overlays: list = []
         self.pool = None
         self.notes: list[str] = []
-        self.status_server = StatusServer(cfg.status_socket, self._async_snapshot)
+        self.status_server = StatusServer(cfg.status_socket, self._async_snapshot, self._control)
         self._stop = asyncio.Event()
         self._metrics = None
         self._tasks: list[asyncio.Task] = []
@@ -150,6 +150,39 @@ class Node:
             self.ovs.stop()
         await self.status_server.stop()
         log.info("event=node_down")
+
+    # -- commands (ipop-switch attach / detach) ---------------------------------------------
+    async def _control(self, cmd: dict) -> dict:
+        from pydantic import ValidationError
+        from .guests import spec_of
+        op = cmd["cmd"]
+        if op not in ("attach", "detach"):
+            raise IpopError(f"unknown command {op!r} (attach, detach)")
+        ov = self._overlay(cmd.get("overlay"))
+        if ov.guests is None:
+            raise IpopError(f"overlay {ov.cfg.name} is not started yet")
+        if op == "attach":
+            try:
+                spec = spec_of(cmd.get("guest") or {})
+            except ValidationError as e:
+                err = e.errors()[0]
+                where = ".".join(str(x) for x in err["loc"])
+                raise IpopError(f"attach: {where + ': ' if where else ''}{err['msg'].removeprefix('Value error, ')}") from None
+            g = await ov.guests.attach(spec)
+        else:
+            g = await ov.guests.detach(str(cmd.get("name") or ""))
+        return {"ok": True, "overlay": ov.cfg.name, "guest": g.describe()}
+
+    def _overlay(self, name: str | None):
+        if name is None:
+            if len(self.overlays) == 1:
+                return self.overlays[0]
+            raise IpopError(f"this node has {len(self.overlays)} overlays: say which (--overlay: "
+                            f"{', '.join(o.cfg.name for o in self.overlays)})")
+        for ov in self.overlays:
+            if ov.cfg.name == name:
+                return ov
+        raise IpopError(f"no overlay {name!r} on this node ({', '.join(o.cfg.name for o in self.overlays)})")
 
     # -- status -------------------------------------------------------------------------
     async def _async_snapshot(self) -> dict:

@@ -20,12 +20,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..bridge.controller import SwitchController
+from ..bridge.guests import GuestPorts
 from ..bridge.overlay_bridge import OverlayBridge, stable_mac
 from ..config import OverlayConfig
 from ..errors import IpopError
 from ..identity.store import NodeIdentity
 from ..tunnel.messages import LinkSpec, TurnServer
 from ..tunnel.timers import Timers
+from .guests import OverlayGuests
 
 log = logging.getLogger("ipop_switch.agent")
 
@@ -89,8 +91,11 @@ class Overlay:
         self.signaling = None
         self.switch: SwitchController | None = None
         self.bridge: OverlayBridge | None = None
+        self.guests: OverlayGuests | None = None
         self.sig_state = "starting"
         self.switch_counters: dict[str, int] = {}  # the switch app's counters, as of the last status
+        self.switch_ports: dict[str, dict] = {}    # per local port: MACs, traffic, drops (last status)
+        self._ports_task: asyncio.Task | None = None
         self._counters_task: asyncio.Task | None = None
         self._tasks: list[asyncio.Task] = []
         self._lock = asyncio.Lock()
@@ -109,7 +114,10 @@ class Overlay:
         self.switch = SwitchController(self.node.ovs, self.cfg.bridge, mtu=self.cfg.mtu)
         await self.switch.start()
         await self.switch.set_node_id(self.node_id)
-        await self.switch.add_local_port(self.cfg.bridge)
+        await self.switch.add_local_port(self.cfg.bridge)     # LOCAL: the node itself (DHCP-trusted)
+        self.guests = OverlayGuests(GuestPorts(self.node.ovs, self.cfg.bridge, self.cfg.name, mtu=self.cfg.mtu,
+                                               netns=self.node.netns), self.switch, self.cfg.name)
+        await self.guests.attach_configured(self.cfg.attach)
         self.signaling = make_signaling(self.cfg, self.me)
         if not await self.signaling.start(wait_online=SIGNALING_START_TIMEOUT):
             err = self.signaling.status().get("last_error") or "no answer"
@@ -129,6 +137,8 @@ class Overlay:
                 await asyncio.wait_for(self.signaling.stop(), 5)
             except Exception as e:
                 log.warning("event=signaling_stop_failed error=%s", e)
+        if self.guests:
+            await self.guests.stop()          # our veths go; interfaces we do not own stay
         if self.switch:
             await self.switch.stop()
         if self.bridge:
@@ -147,6 +157,15 @@ class Overlay:
             self.switch_counters = await asyncio.wait_for(asyncio.shield(self._counters_task), timeout)
         except Exception as e:
             log.debug("event=switch_counters_failed overlay=%s error=%s", self.cfg.name, e)
+        if self.guests is None or not self.guests.ports.guests:
+            return
+        if self._ports_task is None or self._ports_task.done():
+            self._ports_task = asyncio.create_task(self.switch.ports())
+            self._ports_task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        try:
+            self.switch_ports = await asyncio.wait_for(asyncio.shield(self._ports_task), timeout)
+        except Exception as e:
+            log.debug("event=switch_ports_failed overlay=%s error=%s", self.cfg.name, e)
 
     async def _watch_switch(self, interval: float = 2.0) -> None:
         """The app is a child process: if it dies, restart it (flows already in OVS keep forwarding)."""
@@ -357,6 +376,7 @@ class Overlay:
             "signaling": {"state": self.sig_state, "server": f"{self.cfg.xmpp.server}:{self.cfg.xmpp.port}",
                           "drops": (sig.status().get("drops", {}) if sig else {})},
             "peers": peers,
+            "guests": self.guests.snapshot(self.switch_ports) if self.guests else [],
             "switch": self.switch_counters,
         }
 

@@ -188,10 +188,12 @@ def lab_exec(name: str, host: str, command: tuple[str, ...]) -> None:
 @click.option("--keep", is_flag=True, help="leave the lab up afterwards")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False),
               help="also write the demo's figures (first ping, links, pings, iperf3) as JSON to this file")
-def lab_demo(keep: bool, json_path: str | None, **kw) -> None:
+@click.option("--guests", default=2, show_default=True, type=click.IntRange(0, 20),
+              help="container namespaces plugged into every node's overlay bridge (switch mode)")
+def lab_demo(keep: bool, json_path: str | None, guests: int, **kw) -> None:
     """Bring a lab up, show what it is and how each NAT behaves, and tear it down."""
     from ..lab.demo import run_demo
-    result = run_demo(_spec(**kw), console=console, keep=keep)
+    result = run_demo(_spec(**kw), console=console, keep=keep, guests=guests)
     if json_path:
         Path(json_path).write_text(json.dumps(result, indent=1))
     if not result.get("ok"):
@@ -279,7 +281,8 @@ def deploy_vagrant(nodes: int, signal_ip: str, node_ips: str, out: str, group: s
 # -- commands defined in other modules: one import + add_command line each -------------
 # (keep this block at the end; each part owns its own cli module)
 from .identity import COMMANDS as _identity_commands  # noqa: E402
-for _c in _identity_commands:
+from .guests import COMMANDS as _guest_commands  # noqa: E402
+for _c in [*_identity_commands, *_guest_commands]:
     cli.add_command(_c)
 
 

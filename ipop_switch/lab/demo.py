@@ -4,6 +4,10 @@ Builds a lab (by default three sites behind ``none``, ``easy`` and ``hard`` NATs
 shows how each NAT behaves, runs a GroupVPN node on every host, waits for the
 links, then prints each node's status, a ping matrix over the overlay (IPv4 and
 IPv6) and one iperf3 figure, and tears everything down (also on Ctrl-C).
+
+With guests (``--guests N``, default 2) every node also gets N container namespaces
+plugged into its overlay bridge (switch mode, ``[[overlay.attach]]`` in its config), and
+the demo shows them reaching each other across the NATs.
 """
 
 from __future__ import annotations
@@ -38,7 +42,45 @@ def describe_mapping(mapped: list) -> str:
     return "new port per destination (endpoint-dependent)"
 
 
-def run_demo(spec: LabSpec, *, console: Console, keep: bool = False) -> dict:
+def guest_address(node: int, j: int, v6: bool = False) -> str:
+    """Guest ``j`` of node ``node`` (1-based): 100.99.(10+node).j/16, fd00:99::node:j/64."""
+    return f"fd00:99::{node:x}:{j:x}/64" if v6 else f"100.99.{10 + node}.{j}/16"
+
+
+def guest_tables(lab: Lab, host: str, node: int, n: int) -> list[dict]:
+    """``[[overlay.attach]]`` tables for ``n`` container namespaces of ``host`` (made here)."""
+    return [{"name": f"g{j}", "netns": lab.add_namespace(f"{host}g{j}"),
+             "mac": f"02:99:00:00:{node:02x}:{j:02x}",
+             "addresses": [guest_address(node, j), guest_address(node, j, True)]} for j in range(1, n + 1)]
+
+
+def guest_matrix(lab: Lab, hosts: list[str], n: int, console: Console, result: dict) -> bool:
+    """Every guest pings the first guest of every other node (IPv4 / IPv6)."""
+    m = Table(title=f"guests ({n} per node, container namespaces on each node's bridge): "
+                    "ping to every other node's first guest (ms; IPv4 / IPv6)")
+    m.add_column("from guest")
+    for i, h in enumerate(hosts, 1):
+        m.add_column(f"{h}g1 {guest_address(i, 1).split('/')[0]}")
+    ok = True
+    result["guest_ping_ms"] = {}
+    for i, a in enumerate(hosts, 1):
+        for j in range(1, n + 1):
+            row = []
+            for k, b in enumerate(hosts, 1):
+                if k == i:
+                    row.append("-")
+                    continue
+                dst = [guest_address(k, 1).split("/")[0], guest_address(k, 1, True).split("/")[0]]
+                r4, r6 = (ping(lab, f"{a}g{j}", d) for d in dst)
+                ok &= r4 is not None and r6 is not None
+                result["guest_ping_ms"][f"{a}g{j}->{b}g1"] = [r4, r6]
+                row.append(" / ".join(f"{r:.2f}" if r is not None else "[red]FAIL[/]" for r in (r4, r6)))
+            m.add_row(f"{a}g{j} {guest_address(i, j).split('/')[0]}", *row)
+    console.print(m)
+    return ok
+
+
+def run_demo(spec: LabSpec, *, console: Console, keep: bool = False, guests: int = 2) -> dict:
     t0 = time.monotonic()
     lab = Lab(spec)
     result: dict = {}
@@ -58,8 +100,8 @@ def run_demo(spec: LabSpec, *, console: Console, keep: bool = False) -> dict:
         console.print(t)
 
         group = LabGroup(lab, "demo")
-        for h in lab.hosts:
-            group.add(h)
+        for i, h in enumerate(lab.hosts, 1):
+            group.add(h, index=i, attach=guest_tables(lab, h, i, guests) if guests else None)
         start = time.monotonic()
         with console.status(f"starting {len(group.nodes)} GroupVPN nodes (ipop-switch up) and waiting for their links ..."):
             for h in group.nodes:
@@ -94,6 +136,8 @@ def run_demo(spec: LabSpec, *, console: Console, keep: bool = False) -> dict:
                 row.append(" / ".join(f"{r:.2f}" if r is not None else "[red]FAIL[/]" for r in (r4, r6)))
             m.add_row(a, *row)
         console.print(m)
+        if guests:
+            ok &= guest_matrix(lab, hosts, guests, console, result)
         a, b = hosts[0], hosts[1]
         with console.status(f"iperf3 {a} -> {b} over the overlay (5 s) ..."):
             mbit = iperf(lab, a, b, group.nodes[b].ip)

@@ -137,6 +137,10 @@ class Lab:
             return ns
         raise LabError(f"no host or namespace {name!r} in lab {self.spec.name}; hosts: {', '.join(self.hosts)}")
 
+    def add_namespace(self, what: str) -> str:
+        """A further namespace of the lab (a guest container of a host, say), removed with the lab."""
+        return self._ns.add(what)
+
     def add_account(self, user: str) -> str:
         """Register one more XMPP account (Prosody reads accounts from disk on login)."""
         pw = services.new_password()

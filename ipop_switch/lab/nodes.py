@@ -70,8 +70,9 @@ class LabGroup:
         self.cas = {ov: GroupCA.create(self.dir / f"ca-{ov}", ov, force=True) for ov in self.overlays}
         self.nodes: dict[str, LabNode] = {}
 
-    def add(self, host: str, *, index: int | None = None) -> LabNode:
-        """Identity, certificates (issued by each group CA and installed) and config for ``host``."""
+    def add(self, host: str, *, index: int | None = None, attach: list[dict] | None = None) -> LabNode:
+        """Identity, certificates (issued by each group CA and installed) and config for ``host``;
+        ``attach``: guests of the (first) overlay, as ``[[overlay.attach]]`` tables."""
         h = self.lab.host(host)
         index = index or len(self.nodes) + 1
         ndir = self.dir / "nodes" / host
@@ -93,6 +94,8 @@ class LabGroup:
                          "password": h.xmpp_password, "ca_file": self.lab.ca_cert},
                 "ice": ice,
             })
+        if attach:
+            overlays[0]["attach"] = attach
         cfg = ndir / "node.toml"
         write_config(cfg, {
             "node": {"identity_dir": ndir / "identity", "state_dir": ndir / "state", "metrics": "127.0.0.1:9465",
