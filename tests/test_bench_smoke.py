@@ -29,12 +29,14 @@ def test_bench_smoke(tmp_path):
     # peers not asked for are neither installed nor measured
     assert "installing" not in r.stdout, r.stdout
     res = json.loads(out.read_text())["results"]
-    assert set(res) == {"ipop-switch", "underlay"}, res
-    ours, under = res["ipop-switch"], res["underlay"]
+    assert set(res) == {"ipop-switch", "ipop-switch guest-to-guest", "underlay"}, res
+    ours, under, guests = res["ipop-switch"], res["underlay"], res["ipop-switch guest-to-guest"]
     print(f"\nbench smoke: ipop-switch TCP 1 stream {ours['tcp1_mbit']['median']:.0f} Mbit/s, 4 streams "
           f"{ours['tcp4_mbit']['median']:.0f}; underlay {under['tcp1_mbit']['median']:.0f}; relay "
           f"{ours['tcp1_relay_mbit']}, 1 % loss {ours['tcp1_loss1_mbit']}")
-    for r_ in (ours, under):
+    print(f"guest-to-guest: 1 stream {guests['tcp1_mbit']['median']:.0f}, 4 streams {guests['tcp4_mbit']['median']:.0f}")
+    assert guests["ping_ms"] and guests["ping_ms"] > 0, guests
+    for r_ in (ours, under, guests):
         assert r_["tcp1_mbit"]["median"] > 0 and r_["tcp4_mbit"]["median"] > 0, r_
     assert ours["tcp1_relay_mbit"] > 0 and ours["relay_path"] == "relay", ours
     assert ours["tcp1_loss1_mbit"] > 0, ours

@@ -81,6 +81,9 @@ def run_bench(*, systems: list[str], runs: int = 3, seconds: float = 10.0, conso
                 t0 = time.monotonic()
                 s.start()
                 started.append(s)
+                if getattr(s, "guests", None) is not None:      # ours, guest to guest too
+                    started.append(s.guests)
+                    results[s.guests.name] = Result(s.guests.name)
                 if name not in ("underlay",):
                     results[name].extra["setup_s"] = round(time.monotonic() - t0, 2)
         total = runs * 2 * len(started)
@@ -89,8 +92,9 @@ def run_bench(*, systems: list[str], runs: int = 3, seconds: float = 10.0, conso
             for streams in (1, 4):
                 for s in started:
                     done += 1
+                    ha, hb = getattr(s, "hosts", (a, b))
                     with console.status(f"[{done}/{total}] round {r + 1}: {s.name}, TCP {streams} stream(s), {seconds:.0f} s"):
-                        t = iperf3(lab, a, b, s.addr_b, streams=streams, seconds=seconds, pids_a=s.pids_a, pids_b=s.pids_b)
+                        t = iperf3(lab, ha, hb, s.addr_b, streams=streams, seconds=seconds, pids_a=s.pids_a, pids_b=s.pids_b)
                     res = results[s.name]
                     (res.tcp1 if streams == 1 else res.tcp4).append(t.mbit)
                     if s.pids_a or s.pids_b:
@@ -98,7 +102,9 @@ def run_bench(*, systems: list[str], runs: int = 3, seconds: float = 10.0, conso
         for s in started:
             res = results[s.name]
             with console.status(f"ping {s.name} ..."):
-                res.ping_ms = ping_rtt(lab, a, s.addr_b)
+                res.ping_ms = ping_rtt(lab, getattr(s, "hosts", (a, b))[0], s.addr_b)
+            if getattr(s, "light", False):
+                continue
             if s.pids_a:
                 res.rss_mb = round(rss_mb(s.pids_a), 1)
             with console.status(f"{s.name}: TCP during an unthrottled UDP flood ({seconds:.0f} s) ..."):
@@ -158,6 +164,12 @@ def print_table(report: dict, console: Console) -> None:
                   f"{r['cpu_per_s']:.2f}" if r["cpu_per_s"] is not None else "-",
                   f"{r['rss_mb']}" if r["rss_mb"] else "-", ", ".join(notes))
     console.print(t)
+    g = res.get("ipop-switch guest-to-guest")
+    if g and g["tcp1_mbit"] and res["ipop-switch"]["tcp1_mbit"]:
+        for key, label in (("tcp1_mbit", "1 stream"), ("tcp4_mbit", "4 streams")):
+            ratio = g[key]["median"] / res["ipop-switch"][key]["median"]
+            console.print(f"ipop-switch guest-to-guest / host-to-host, TCP {label}: [bold]{ratio:.2f}[/]")
+    peers = [n for n in peers if n != "ipop-switch guest-to-guest"]
     if "ipop-switch" in res and peers and res["ipop-switch"]["tcp1_mbit"]:
         for key, label in (("tcp1_mbit", "1 stream"), ("tcp4_mbit", "4 streams")):
             best = max(peers, key=lambda p: res[p][key]["median"] if res[p][key] else 0)

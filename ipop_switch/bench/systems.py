@@ -36,13 +36,35 @@ def node_pids(group: LabGroup, host: str) -> list[int]:
     return pids
 
 
+class GuestView(System):
+    """The same two ipop-switch nodes, measured between one guest (a container namespace on
+    each node's bridge, switch mode) and the other: the path gains a veth hop each end and
+    the guest's own stack, nothing else. Starts and stops nothing itself; CPU is charged
+    to the nodes' processes as for host-to-host."""
+
+    hosts: tuple[str, str] = ("", "")
+    light = True             # measured in the interleaved rounds only (no flood, no variants)
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+
 class IpopSwitch(System):
-    """Two ipop-switch nodes between the bench hosts."""
+    """Two ipop-switch nodes between the bench hosts, each with one guest (``guests``)."""
 
     def start(self) -> None:
         self.group = LabGroup(self.lab, "bench", net=96)
-        for h in (self.a, self.b):
-            self.group.add(h)
+        guests = []
+        for i, h in enumerate((self.a, self.b), 1):
+            ns = f"{h}bg"
+            self.lab.add_namespace(ns)
+            guests.append(ns)
+            self.group.add(h, index=i, attach=[{"name": "g1", "netns": self.lab.netns_of(ns),
+                                                "mac": f"02:96:00:00:{i:02x}:01",
+                                                "addresses": [f"100.96.{10 + i}.1/16"]}])
         t0 = time.monotonic()
         for h in (self.a, self.b):
             self.group.start(h)
@@ -55,6 +77,11 @@ class IpopSwitch(System):
             raise BenchError("ipop-switch status does not show the link up")
         self.pids_a = node_pids(self.group, self.a)
         self.pids_b = node_pids(self.group, self.b)
+        self.guests = GuestView(f"{self.name} guest-to-guest", self.lab, self.a, self.b, self.dir,
+                                addr_a="100.96.11.1", addr_b="100.96.12.1", pids_a=self.pids_a, pids_b=self.pids_b)
+        self.guests.hosts = tuple(guests)
+        if first_ping(self.lab, guests[0], self.guests.addr_b, timeout=SETUP_TIMEOUT) is None:
+            raise BenchError("ipop-switch: the guests do not reach each other")
 
     def stop(self) -> None:
         self.group.stop_all()
