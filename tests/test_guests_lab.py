@@ -256,3 +256,44 @@ def test_one_dhcp_server_per_overlay_rogue_bridge_offers_dropped(world):
         cli(lab, pub, "detach", "-c", str(group.nodes[pub].config), "dhcpd")
     # detaching an interface we do not own leaves it in place
     assert "lbrup" in links(lab, hard)
+
+
+def test_mdns_from_a_guest_reaches_every_other_guest_exactly_once(world, tmp_path):
+    lab, group = world
+    from pathlib import Path
+    from conftest import helper
+    from helpers.wait import wait_until
+    mcast = helper("switch_mcast")
+    receivers = {}
+    for host, j in (("pubh1", 2), ("easyh1", 1), ("easyh1", 3), ("hardh1", 1), ("hardh1", 3)):
+        out = tmp_path / f"{host}c{j}.json"
+        receivers[(host, j)] = (lab.popen(f"{host}c{j}", mcast + [
+            "recv", "--iface", "eth0", "--listen", "udp4", "224.0.0.251:5353", "--out", str(out),
+            "--duration", "6"]), out)
+    wait_until(lambda: all(Path(str(o) + ".ready").exists() for _, o in receivers.values()), 10, "receivers ready")
+    lab.exec("pubh1c1", mcast + ["send", "--iface", "eth0", "--send", "udp4", "224.0.0.251:5353",
+                                 "--count", "10", "--rate", "20", "--tag", "mdns"], timeout=20)
+    for key, (p, out) in receivers.items():
+        p.wait(timeout=20)
+        counts = json.loads(out.read_text())["udp4 224.0.0.251:5353"]
+        mine = {k: v for k, v in counts.items() if k.startswith("mdns-")}
+        assert len(mine) == 10 and set(mine.values()) == {1}, (key, counts)
+
+
+def test_iperf3_guest_to_guest_across_the_relayed_pair(world):
+    lab, group = world
+    easy = status_json(lab, group, "easyh1")["overlays"][0]["peers"]
+    hard_id = group.nodes["hardh1"].node_id
+    assert next(p for p in easy if p["node_id"] == hard_id)["path"] == "relay"   # easy <-> hard: TURN
+    server = lab.popen("hardh1c2", ["iperf3", "-s", "-1", "-B", guest_addr(3, 2)],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        until(lambda: lab.exec("hardh1c2", ["ss", "-ltnH"]).stdout.count(":5201") > 0, 10, "iperf3 server")
+        r = lab.exec("easyh1c2", ["iperf3", "-c", guest_addr(3, 2), "-t", "3", "-J", "--connect-timeout", "3000"],
+                     check=False, timeout=40)
+        mbit = json.loads(r.stdout)["end"]["sum_received"]["bits_per_second"] / 1e6
+        print(f"\niperf3 guest easyh1c2 -> hardh1c2 over the relayed link: {mbit:.0f} Mbit/s")
+        assert mbit > 10, r.stdout[-1000:]
+    finally:
+        server.kill()
+        server.wait(timeout=5)
