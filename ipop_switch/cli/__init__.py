@@ -268,13 +268,15 @@ def deploy() -> None:
 @click.option("--node-ips", required=True, help="comma list of the nodes' underlay addresses")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="output directory")
 @click.option("--group", default="demo", show_default=True)
-def deploy_vagrant(nodes: int, signal_ip: str, node_ips: str, out: str, group: str) -> None:
+@click.option("--guests", default=1, show_default=True, type=click.IntRange(0, 254),
+              help="network namespaces per node on its overlay bridge ([[overlay.attach]])")
+def deploy_vagrant(nodes: int, signal_ip: str, node_ips: str, out: str, group: str, guests: int) -> None:
     """Signaling host configs and, per node, identity + certificate + node.toml (used by vagrant/)."""
     from ..deploy import generate
     ips = [x for x in node_ips.split(",") if x]
     if len(ips) != nodes:
         raise IpopError(f"--node-ips: {len(ips)} addresses for {nodes} nodes")
-    summary = generate(Path(out), nodes=nodes, signal_ip=signal_ip, node_ips=ips, group=group)
+    summary = generate(Path(out), nodes=nodes, signal_ip=signal_ip, node_ips=ips, group=group, guests=guests)
     click.echo(json.dumps(summary, indent=1))
 
 
