@@ -33,7 +33,7 @@ from rich.table import Table
 
 from .. import proc
 from ..lab import Lab, LabSpec, SiteSpec
-from ..lab.nat import core_port_loss_ruleset
+from ..lab.nat import core_port_loss_ruleset, host_udp_drop_ruleset as drop_udp
 from ..lab.nodes import LabGroup
 from .systems import node_pids
 
@@ -239,16 +239,6 @@ class FaultLab:
             except OSError:
                 pass
         return out
-
-
-def drop_udp(table: str, peer_ip: str | None = None) -> str:
-    """An nftables table dropping UDP in and out of a host (to and from ``peer_ip`` only, if given)."""
-    out_m = f"ip daddr {peer_ip} " if peer_ip else ""
-    in_m = f"ip saddr {peer_ip} " if peer_ip else ""
-    return (f"table inet {table} {{\n"
-            f" chain out {{\n  type filter hook output priority filter; policy accept;\n  {out_m}meta l4proto udp drop\n }}\n"
-            f" chain in {{\n  type filter hook input priority filter; policy accept;\n  {in_m}meta l4proto udp drop\n }}\n"
-            "}\n")
 
 
 # -- the scenarios ----------------------------------------------------------------------------

@@ -43,6 +43,7 @@ from rich.table import Table
 from .. import proc
 from ..errors import IpopError
 from ..lab import Lab, LabSpec, SiteSpec
+from ..lab.nat import host_udp_drop_ruleset
 from ..lab.nodes import LabGroup
 from ..lab.probes import wait_links
 from .memory import breakdown
@@ -127,16 +128,6 @@ def cut_plan(duration: float, every: float = CUT_EVERY) -> list[float]:
         out.append(t)
         t += every
     return out
-
-
-def _cut_ruleset(table: str, peer_ip: str) -> str:
-    """Drop UDP to and from ``peer_ip`` in the host's own stack (its ICE sockets live there)."""
-    return (f"table inet {table} {{\n"
-            f" chain out {{ type filter hook output priority filter; policy accept; "
-            f"ip daddr {peer_ip} meta l4proto udp drop; }}\n"
-            f" chain in {{ type filter hook input priority filter; policy accept; "
-            f"ip saddr {peer_ip} meta l4proto udp drop; }}\n"
-            "}\n")
 
 
 def _sum_pct(a: float, b: float) -> float | None:
@@ -306,7 +297,7 @@ class Soak:
         ns, table = self.lab.netns_of(c.a), "soakcut"
         c.wall = time.time()
         start = time.monotonic()
-        proc.run(["nft", "-f", "-"], netns=ns, input=_cut_ruleset(table, self.lab.host(c.b).public_ip))
+        proc.run(["nft", "-f", "-"], netns=ns, input=host_udp_drop_ruleset(table, self.lab.host(c.b).public_ip))
         try:
             while time.monotonic() - start < CUT_SECONDS:
                 if c.down_after_s is None and not self._link_up(c.a, c.b):

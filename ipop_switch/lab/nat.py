@@ -110,3 +110,14 @@ def core_port_loss_ruleset(port: str, loss: float) -> str:
             + _chain("port_in", "input", [f'iifname "{port}" {lose}'])
             + _chain("port_out", "output", [f'oifname "{port}" {lose}'])
             + "}\n")
+
+
+def host_udp_drop_ruleset(table: str, peer_ip: str | None = None) -> str:
+    """A table dropping UDP in and out of a host's own stack (where its ICE sockets live), to
+    and from ``peer_ip`` only if given: a cut path, for tests and benches."""
+    out_m = f"ip daddr {peer_ip} " if peer_ip else ""
+    in_m = f"ip saddr {peer_ip} " if peer_ip else ""
+    return (f"table inet {table} {{\n"
+            f" chain out {{\n  type filter hook output priority filter; policy accept;\n  {out_m}meta l4proto udp drop\n }}\n"
+            f" chain in {{\n  type filter hook input priority filter; policy accept;\n  {in_m}meta l4proto udp drop\n }}\n"
+            "}\n")

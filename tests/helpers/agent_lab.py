@@ -15,6 +15,7 @@ from typing import Callable, TypeVar
 from helpers.wait import wait_until
 from ipop_switch import proc
 from ipop_switch.lab import Lab
+from ipop_switch.lab.nat import host_udp_drop_ruleset
 from ipop_switch.lab.nodes import LabGroup
 
 T = TypeVar("T")
@@ -157,9 +158,4 @@ def nft(lab: Lab, host: str, ruleset: str) -> None:
 
 def nft_drop_udp(table: str, peer_ip: str | None = None) -> str:
     """A table that drops UDP in and out of a host (to and from ``peer_ip`` only, if given)."""
-    out_m = f"ip daddr {peer_ip} " if peer_ip else ""
-    in_m = f"ip saddr {peer_ip} " if peer_ip else ""
-    return (f"table inet {table} {{\n"
-            f" chain out {{\n  type filter hook output priority filter; policy accept;\n  {out_m}meta l4proto udp drop\n }}\n"
-            f" chain in {{\n  type filter hook input priority filter; policy accept;\n  {in_m}meta l4proto udp drop\n }}\n"
-            "}\n")
+    return host_udp_drop_ruleset(table, peer_ip)
