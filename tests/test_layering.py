@@ -33,8 +33,9 @@ ALLOWED: dict[str, set[str]] = {
     "tunnel": set(),
     "bridge": set(),
     "ryu_apps": {"bridge.switch_channel"},     # the channel messages and nothing else of ours
+    "topology": {"ryu_apps.flood"},           # pure policy and link-state; the simulator runs the flood plan
     # the one place that joins the parts
-    "agent": {"config", "identity", "signaling", "tunnel", "bridge", "status_client"},
+    "agent": {"config", "identity", "signaling", "tunnel", "bridge", "status_client", "topology"},
     # above the agent: they talk to nodes only through status_client, the CLI or the config
     "lab": {"servers", "identity", "config_writer", "bridge", "status_client", "render"},
     "deploy": {"servers", "identity", "config_writer"},
