@@ -284,7 +284,8 @@ def deploy_vagrant(nodes: int, signal_ip: str, node_ips: str, out: str, group: s
 # (keep this block at the end; each part owns its own cli module)
 from .identity import COMMANDS as _identity_commands  # noqa: E402
 from .guests import COMMANDS as _guest_commands  # noqa: E402
-for _c in [*_identity_commands, *_guest_commands]:
+from .sim import COMMANDS as _sim_commands  # noqa: E402
+for _c in [*_identity_commands, *_guest_commands, *_sim_commands]:
     cli.add_command(_c)
 
 
