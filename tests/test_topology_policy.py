@@ -29,6 +29,8 @@ def up_all(pol: TopologyPolicy, d, now: float) -> None:
     ({"successors": 0}, "successors"),
     ({"long_links": -1}, "long_links"),
     ({"max_degree": 4}, "max_degree"),                    # not > 2 * successors
+    ({"max_degree": 8}, "ondemand_slots"),                # not > 2 * successors + ondemand_slots
+    ({"ondemand_slots": -1}, "ondemand_slots"),
     ({"all_to_all_max": 30, "max_degree": 24}, "max_degree"),
     ({"ondemand_threshold_bps": -1}, "ondemand_threshold_bps"),
     ({"ondemand_window": 0}, "ondemand_window"),
@@ -130,6 +132,25 @@ def test_draws_are_bounded_when_nothing_is_left():
     assert out == []
 
 
+def test_two_choices_even_out_the_long_links_per_node():
+    members = ids(2000, seed=15)
+    ring = Ring(members)
+
+    def in_degrees(two_choices: bool) -> list[int]:
+        rng = random.Random(1)
+        indeg = dict.fromkeys(members, 0)
+        for me in members:
+            for q in draw_targets(me, ring, 4, rng, exclude=ring.successors(me, 2),
+                                  load=indeg.__getitem__ if two_choices else None):
+                indeg[q] += 1
+        return sorted(indeg.values())
+
+    plain, even = in_degrees(False), in_degrees(True)
+    assert sum(plain) == sum(even) == 8000
+    assert even[-1] <= 0.7 * plain[-1] and even[-20] <= 0.7 * plain[-20]   # the top 1 % far lower
+    assert even[-200] < plain[-200]
+
+
 # -- all-to-all --------------------------------------------------------------------------
 def test_all_to_all_at_or_below_the_limit_structured_above():
     members = ids(9)
@@ -162,22 +183,24 @@ def test_growing_past_the_limit_drops_all_to_all_links_after_the_new_ones_are_up
 # -- degree cap and refusals -----------------------------------------------------------
 def test_incoming_requests_refused_at_the_degree_cap_ring_links_keep_a_reserve():
     members = ids(60, seed=3)
-    p = TopologyParams(max_degree=10, successors=2)
+    p = TopologyParams(max_degree=12, successors=2, ondemand_slots=3)
     pol = TopologyPolicy(members[0], p)
     others = iter(members[1:])
     accepted = sum(pol.accept_incoming(next(others), "long", 0.0) for _ in range(20))
-    assert accepted == 6 and pol.refusals == 14           # 10 - 2 * 2 reserved for the ring
-    assert pol.accept_incoming(next(others), "on-demand", 0.0) is False
-    assert pol.accept_incoming(next(others), "successor", 0.0) is True
-    assert pol.accept_incoming(next(others), "successor", 0.0) is True
-    assert pol.accept_incoming(next(others), "successor", 0.0) is True
-    assert pol.accept_incoming(next(others), "successor", 0.0) is True
-    assert pol.degree == 10
+    assert accepted == 5 and pol.refusals == 15           # 12 - 2 * 2 for the ring - 3 for on-demand
+    assert [pol.accept_incoming(next(others), "on-demand", 0.0) for _ in range(4)] == [True, True, True, False]
+    assert pol.accept_incoming(next(others), "long", 0.0) is False
+    for _ in range(4):
+        assert pol.accept_incoming(next(others), "successor", 0.0) is True
+    assert pol.degree == 12
     assert pol.accept_incoming(next(others), "successor", 0.0) is False  # never above max_degree
-    assert pol.degree == 10
+    assert pol.degree == 12
     known = next(iter(pol.roles()))
     assert pol.accept_incoming(known, "long", 0.0) is True             # an existing link: no new degree
-    assert pol.degree == 10
+    assert pol.degree == 12
+    # with on-demand off, long links may use those slots
+    off = TopologyPolicy(members[0], TopologyParams(max_degree=12, ondemand_threshold_bps=0, ondemand_slots=3))
+    assert sum(off.accept_incoming(m, "long", 0.0) for m in members[1:30]) == 8
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -397,7 +420,7 @@ def test_a_link_lives_while_either_end_wants_it():
 def test_at_the_degree_cap_a_new_successor_breaks_before_make():
     members = sorted(ids(40, seed=14), key=position)
     me = members[0]
-    p = TopologyParams(max_degree=8, successors=2, long_links=0)
+    p = TopologyParams(max_degree=8, successors=2, long_links=0, ondemand_slots=0)
     pol = TopologyPolicy(me, p)
     without = [m for m in members if m != members[1]]
     d = pol.decide(0.0, without)

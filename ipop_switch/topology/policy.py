@@ -60,6 +60,7 @@ class TopologyParams:
     successors: int = 2                # ring links opened clockwise
     long_links: int | None = None      # long links per node, both directions; None: floor(log2 N)
     max_degree: int = 24               # links per node, never exceeded
+    ondemand_slots: int = 4            # of those, kept free of long links for on-demand ones
     ondemand_threshold_bps: float = 1e6  # create an on-demand link above this rate; 0: off
     ondemand_window: float = 10.0      # s over which rates are measured; also "carrying traffic"
     ondemand_idle: float = 60.0        # remove an on-demand link after this long below threshold/4
@@ -81,6 +82,10 @@ class TopologyParams:
              f"max_degree ({self.max_degree}) must be >= all_to_all_max - 1 ({self.all_to_all_max - 1})")
         need(self.max_degree > 2 * self.successors,
              f"max_degree ({self.max_degree}) must be > 2 * successors ({2 * self.successors}): ring links first")
+        need(self.ondemand_slots >= 0, f"ondemand_slots must be >= 0 (got {self.ondemand_slots})")
+        need(self.max_degree > 2 * self.successors + self.ondemand_slots,
+             f"max_degree ({self.max_degree}) must be > 2 * successors + ondemand_slots "
+             f"({2 * self.successors + self.ondemand_slots})")
         need(self.ondemand_threshold_bps >= 0, "ondemand_threshold_bps must be >= 0 (0: off)")
         for name in ("ondemand_window", "ondemand_idle", "request_timeout", "cycle"):
             need(getattr(self, name) > 0, f"{name} must be > 0 s (got {getattr(self, name)})")
@@ -101,6 +106,17 @@ class TopologyParams:
 
     def structured(self, n: int) -> bool:
         return n > self.all_to_all_max
+
+    def cap(self, role: str, n: int) -> int:
+        """Links a node may have when it opens or accepts a link of ``role`` among n members:
+        ring links up to max_degree; on-demand ones leave room for the ring (2 * successors);
+        long ones also leave ``ondemand_slots`` (when on-demand is on)."""
+        if role in _RING_ROLES or not self.structured(n):
+            return self.max_degree
+        cap = self.max_degree - 2 * self.successors
+        if role != ON_DEMAND and self.ondemand_threshold_bps > 0:
+            cap -= self.ondemand_slots
+        return cap
 
 
 @dataclass
@@ -183,10 +199,7 @@ class TopologyPolicy:
             return True
         if peer == self.me:
             return False
-        cap = self.params.max_degree
-        if role not in _RING_ROLES:
-            cap -= 2 * self.params.successors
-        if len(self._links) >= cap:
+        if len(self._links) >= self.params.cap(role, max(self._n, self.params.all_to_all_max + 1)):
             self.refusals += 1
             return False
         self._links[peer] = _Link(mine=None, theirs=role, up=False, since=now)
@@ -326,12 +339,10 @@ class TopologyPolicy:
         # new links: ring first, then long draws, then on-demand; rate limit and degree cap
         while self._opened and now - self._opened[0] >= 60.0:
             self._opened.popleft()
-        ring_cap = p.max_degree
-        other_cap = p.max_degree - (2 * p.successors if p.structured(n) else 0)
+        ring_cap, long_cap = p.max_degree, p.cap(LONG, n)
 
         def can_open(role: str) -> bool:
-            cap = ring_cap if role in _RING_ROLES else other_cap
-            return len(links) < cap and len(self._opened) < p.max_new_links_per_min
+            return len(links) < p.cap(role, n) and len(self._opened) < p.max_new_links_per_min
 
         def do_open(q: str, role: str) -> None:
             links[q] = _Link(mine=role, theirs=None, up=False, since=now)
@@ -350,11 +361,11 @@ class TopologyPolicy:
         if draws > 0 and len(self._opened) >= p.max_new_links_per_min:
             waiting = True
         if draws > 0 and can_open(LONG):
-            room = min(draws, other_cap - len(links), p.max_new_links_per_min - len(self._opened))
+            room = min(draws, long_cap - len(links), p.max_new_links_per_min - len(self._opened))
             exclude = set(links) | set(wanted) | {q for q in self._backoff if self._backed_off(q, now)}
-            full = other_cap if p.structured(n) else p.max_degree
-            fits = (lambda q: degrees.get(q, 0) < full) if degrees else None
-            for q in draw_targets(self.me, ring, room, self._rng, exclude=exclude, acceptable=fits):
+            fits = (lambda q: degrees.get(q, 0) < long_cap) if degrees else None
+            load = (lambda q: degrees.get(q, 0)) if degrees else None
+            for q in draw_targets(self.me, ring, room, self._rng, exclude=exclude, acceptable=fits, load=load):
                 wanted[q] = LONG
                 do_open(q, LONG)
         if thr > 0:

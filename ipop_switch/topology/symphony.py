@@ -26,12 +26,18 @@ def harmonic_fraction(n: int, r: float) -> float:
 
 def draw_targets(me: str, ring: Ring, count: int, rng: random.Random,
                  exclude: Iterable[str] = (), max_draws: int | None = None,
-                 acceptable: Callable[[str], bool] | None = None) -> list[str]:
+                 acceptable: Callable[[str], bool] | None = None,
+                 load: Callable[[str], int] | None = None) -> list[str]:
     """Up to ``count`` distinct long-link targets for ``me``.
 
     Skips me, ``exclude`` (successors, peers already linked, peers that refused us) and
     targets ``acceptable`` rejects; every skip is a fresh draw, at most ``max_draws`` in
     all (default 8 per target), so a crowded ring gives fewer targets, never a loop.
+
+    With ``load`` (a member's known link count), the target is the less loaded of the
+    point's successor and the next member ("two choices"): a member's share of draws
+    grows with the gap before it on the ring, and this evens the long links per node out
+    (fewer refusals at the degree cap) while moving the distance by one member at most.
     """
     n = len(ring)
     if count <= 0 or n < 2:
@@ -43,9 +49,14 @@ def draw_targets(me: str, ring: Ring, count: int, rng: random.Random,
     draws = max_draws if max_draws is not None else 8 * count
     for _ in range(draws):
         x = harmonic_fraction(n, rng.random())
-        target = ring.successor_of_point(me_pos + int(x * RING_SIZE))
-        if target in skip or (acceptable is not None and not acceptable(target)):
+        first = ring.successor_of_point(me_pos + int(x * RING_SIZE))
+        candidates = [first]
+        if load is not None:
+            candidates += ring.successors(first, 1)
+        ok = [t for t in candidates if t not in skip and (acceptable is None or acceptable(t))]
+        if not ok:
             continue
+        target = min(ok, key=load) if load is not None and len(ok) > 1 else ok[0]
         out.append(target)
         skip.add(target)
         if len(out) == count:
