@@ -190,8 +190,9 @@ class TopologyPolicy:
     def accept_incoming(self, peer: str, role: str, now: float) -> bool:
         """A peer asks for a link (or says it wants an existing one). False: refused, at the cap.
 
-        Ring requests (successor, all-to-all) are accepted up to ``max_degree``; long and
-        on-demand ones only up to ``max_degree - 2 * successors``, so ring links always fit.
+        Ring requests (successor, all-to-all) are accepted up to ``max_degree``, on-demand
+        ones up to ``max_degree - 2 * successors`` (ring links always fit), long ones up to
+        that minus ``ondemand_slots`` (on-demand links fit too). See ``TopologyParams.cap``.
         """
         l = self._links.get(peer)
         if l is not None:
