@@ -22,6 +22,8 @@ from rich.table import Table
 @click.option("--max-degree", default=24, show_default=True, type=click.IntRange(3, 4094))
 @click.option("--successors", default=2, show_default=True, type=click.IntRange(1, 16))
 @click.option("--long-links", default=None, type=click.IntRange(0, 256), help="long links per node, both directions (default floor(log2 N))")
+@click.option("--ondemand-slots", default=4, show_default=True, type=click.IntRange(0, 4094),
+              help="links per node kept free of long links for on-demand ones")
 @click.option("--ondemand-threshold", default=1e6, show_default=True, type=click.FloatRange(0),
               help="bit/s that make an on-demand link (0: off)")
 @click.option("--pairs", default=2000, show_default=True, type=click.IntRange(1), help="sampled pairs for unicast hops")
@@ -30,7 +32,7 @@ from rich.table import Table
               help="nodes whose full flood plan (compute_plan) is timed and checked")
 @click.option("--max-rounds", default=60, show_default=True, type=click.IntRange(1))
 def sim(nodes: int, churn_pct: float, seed: int, json_path: str | None, all_to_all_max: int, max_degree: int,
-        successors: int, long_links: int | None, ondemand_threshold: float, pairs: int, roots: int,
+        successors: int, long_links: int | None, ondemand_slots: int, ondemand_threshold: float, pairs: int, roots: int,
         plan_samples: int, max_rounds: int) -> None:
     """Simulate N nodes running the real topology policy and flood plan; print the figures."""
     from ..errors import IpopError
@@ -39,7 +41,8 @@ def sim(nodes: int, churn_pct: float, seed: int, json_path: str | None, all_to_a
 
     try:
         params = TopologyParams(all_to_all_max=all_to_all_max, max_degree=max_degree, successors=successors,
-                                long_links=long_links, ondemand_threshold_bps=ondemand_threshold, seed=seed)
+                                long_links=long_links, ondemand_slots=ondemand_slots,
+                                ondemand_threshold_bps=ondemand_threshold, seed=seed)
     except ValueError as e:
         raise IpopError(str(e)) from None
     cfg = SimConfig(nodes=nodes, churn_pct=churn_pct, seed=seed, params=params, pairs=pairs,
@@ -106,8 +109,9 @@ def print_report(r: dict, console: Console) -> None:
                       f"{e['lsa_bytes_per_node_per_event']:.0f}")
     od = r.get("ondemand", {})
     if od.get("pairs"):
+        note = (f"in round(s) {od['up_in_rounds']}; removed {od['seconds_until_removed']} s after the traffic stopped"
+                if od["up"] else "none: the requesters were at their own caps")
         t.add_row("on-demand links (pairs 2+ hops apart)", f"{od['up']} of {od['pairs']} up",
-                  f"in round(s) {od['up_in_rounds']}; {od['refused']} refused at a degree cap; "
-                  f"removed {od['seconds_until_removed']} s after the traffic stopped")
+                  f"{note}; {od['refused']} refused at a target's cap")
     console.print(t)
 COMMANDS = [sim]
