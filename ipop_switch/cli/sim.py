@@ -110,7 +110,7 @@ def print_report(r: dict, console: Console) -> None:
     od = r.get("ondemand", {})
     if od.get("pairs"):
         note = (f"in round(s) {od['up_in_rounds']}; removed {od['seconds_until_removed']} s after the traffic stopped"
-                if od["up"] else "none: the requesters were at their own caps")
+                if od["up"] else "none came up (the requesters at their own caps or rate limits)")
         t.add_row("on-demand links (pairs 2+ hops apart)", f"{od['up']} of {od['pairs']} up",
                   f"{note}; {od['refused']} refused at a target's cap")
     console.print(t)
