@@ -176,6 +176,8 @@ class OvsConfig(_Strict):
     mode: Literal["private", "system"] = "private"
     rundir: Path | None = Field(None, description="private OVS run directory (default <state_dir>/ovs)")
     datapath: Literal["auto", "system", "netdev"] = "auto"
+    db_socket: Path = Field(Path("/var/run/openvswitch/db.sock"),
+                            description="mode = system: the running OVS's database socket")
 
 
 class NodeConfig(_Strict):

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from .. import proc
-from ..bridge.ovs import OvsError, OvsInstance, default_datapath, host_buffer_note
+from ..bridge.ovs import OvsInstance, default_datapath, host_buffer_note
 from ..tunnel import accel
 from ..config import Config
 from ..errors import IpopError
@@ -24,8 +24,6 @@ from .status import StatusServer
 
 log = logging.getLogger("ipop_switch.agent")
 
-SYSTEM_OVS_SOCK = Path("/var/run/openvswitch/db.sock")
-
 
 class Node:
     def __init__(self, cfg: Config, *, netns: str | None = None) -> None:
@@ -33,6 +31,7 @@ class Node:
         self.netns = netns
         self.started = time.monotonic()
         self.ovs: OvsInstance | None = None
+        self.switch_log_dir: Path | None = None  # where the switch apps' logs go (None: the OVS's run directory)
         self.overlays: list = []
         self.pool = None
         self.notes: list[str] = []
@@ -78,9 +77,13 @@ class Node:
     def _start_ovs(self) -> None:
         mode = self.cfg.ovs.mode
         if mode == "system":
-            if not SYSTEM_OVS_SOCK.exists():
-                raise OvsError(f"ovs.mode = system but no system OVS runs ({SYSTEM_OVS_SOCK} missing)")
-            raise OvsError("ovs.mode = system is not supported yet; use mode = private")
+            # the running OVS is used, never started or stopped; our logs stay out of its run directory
+            self.ovs = OvsInstance.attach(self.cfg.ovs.db_socket, netns=self.netns, datapath=self.cfg.ovs.datapath)
+            self.switch_log_dir = self.cfg.node.state_dir
+            note = host_buffer_note(self.ovs.datapath)
+            if note:
+                self.notes.append(note)
+            return
         datapath = default_datapath() if self.cfg.ovs.datapath == "auto" else self.cfg.ovs.datapath
         note = host_buffer_note(datapath)
         if note:
@@ -208,7 +211,8 @@ class Node:
                 "node_id": self.node_id,
                 "pid": os.getpid(),
                 "uptime_s": round(time.monotonic() - self.started, 1),
-                "ovs": f"private, datapath {self.ovs.datapath}" if self.ovs else None,
+                "ovs": (f"system (unix:{self.ovs.db_sock}), datapath {self.ovs.datapath}" if self.ovs and self.ovs.external
+                        else f"private, datapath {self.ovs.datapath}" if self.ovs else None),
                 "tunnel_loops": accel.name(),       # C, or Python and why (the workers import the same)
                 "notes": self.notes,
             },

@@ -22,6 +22,7 @@ from typing import Any
 from ..bridge.controller import SwitchController
 from ..bridge.guests import GuestPorts
 from ..bridge.overlay_bridge import OverlayBridge, stable_mac
+from ..bridge.port_watch import PortWatch
 from ..config import OverlayConfig
 from ..errors import IpopError
 from ..identity.store import NodeIdentity
@@ -92,6 +93,7 @@ class Overlay:
         self.switch: SwitchController | None = None
         self.bridge: OverlayBridge | None = None
         self.guests: OverlayGuests | None = None
+        self.port_watch: PortWatch | None = None      # the system's OVS: ports others plug in are guests
         self.sig_state = "starting"
         self.switch_counters: dict[str, int] = {}  # the switch app's counters, as of the last status
         self.switch_ports: dict[str, dict] = {}    # per local port: MACs, traffic, drops (last status)
@@ -111,13 +113,16 @@ class Overlay:
         self.bridge = OverlayBridge(self.node.ovs, self.cfg.bridge, netns=self.node.netns)
         self.bridge.create(mac=stable_mac(self.node_id, self.cfg.name), mtu=self.cfg.mtu,
                            address=self.cfg.address, address6=self.cfg.address6)
-        self.switch = SwitchController(self.node.ovs, self.cfg.bridge, mtu=self.cfg.mtu)
+        self.switch = SwitchController(self.node.ovs, self.cfg.bridge, mtu=self.cfg.mtu, log_dir=self.node.switch_log_dir)
         await self.switch.start()
         await self.switch.set_node_id(self.node_id)
         await self.switch.add_local_port(self.cfg.bridge)     # LOCAL: the node itself (DHCP-trusted)
         self.guests = OverlayGuests(GuestPorts(self.node.ovs, self.cfg.bridge, self.cfg.name, mtu=self.cfg.mtu,
                                                netns=self.node.netns), self.switch, self.cfg.name)
         await self.guests.attach_configured(self.cfg.attach)
+        if self.node.ovs.external:
+            self.port_watch = PortWatch(self.node.ovs, self._sync_ovs_ports)
+            self.port_watch.start()
         self.signaling = make_signaling(self.cfg, self.me)
         if not await self.signaling.start(wait_online=SIGNALING_START_TIMEOUT):
             err = self.signaling.status().get("last_error") or "no answer"
@@ -137,6 +142,8 @@ class Overlay:
                 await asyncio.wait_for(self.signaling.stop(), 5)
             except Exception as e:
                 log.warning("event=signaling_stop_failed error=%s", e)
+        if self.port_watch:
+            await self.port_watch.stop()
         if self.guests:
             await self.guests.stop()          # our veths go; interfaces we do not own stay
         if self.switch:
@@ -157,7 +164,7 @@ class Overlay:
             self.switch_counters = await asyncio.wait_for(asyncio.shield(self._counters_task), timeout)
         except Exception as e:
             log.debug("event=switch_counters_failed overlay=%s error=%s", self.cfg.name, e)
-        if self.guests is None or not self.guests.ports.guests:
+        if self.guests is None or not (self.guests.ports.guests or self.guests.ovs_ports):
             return
         if self._ports_task is None or self._ports_task.done():
             self._ports_task = asyncio.create_task(self.switch.ports())
@@ -166,6 +173,10 @@ class Overlay:
             self.switch_ports = await asyncio.wait_for(asyncio.shield(self._ports_task), timeout)
         except Exception as e:
             log.debug("event=switch_ports_failed overlay=%s error=%s", self.cfg.name, e)
+
+    async def _sync_ovs_ports(self) -> None:
+        """OVS says the ports changed: the bridge's foreign ports become (or stop being) guests."""
+        await self.guests.sync_ovs_ports(self.bridge.foreign_ports)
 
     async def _watch_switch(self, interval: float = 2.0) -> None:
         """The app is a child process: if it dies, restart it (flows already in OVS keep forwarding)."""

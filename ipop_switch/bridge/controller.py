@@ -53,10 +53,13 @@ class SwitchController:
         packet_in_rate: int = 1000,
         packet_in_burst: int = 250,
         python: str = sys.executable,
+        log_dir: Path | None = None,
     ) -> None:
         """``max_macs``/``max_macs_per_port``: the app's MAC table caps (a MAC over them is not
         learned, its frames are flooded); ``packet_in_rate`` (>= 100/s) and ``packet_in_burst``
-        (>= 25): OVS's per-port-fair limit on frames sent to the app."""
+        (>= 25): OVS's per-port-fair limit on frames sent to the app. The sockets live under
+        ``rundir`` (default the OVS's run directory: ovs-vswitchd connects to unix controllers only
+        there); ``log_dir``: where the app's log goes (default ``rundir``)."""
         self.ovs, self.bridge = ovs, bridge
         self.aging, self.mtu, self.python = aging, mtu, python
         self.max_macs, self.max_macs_per_port = max_macs, max_macs_per_port
@@ -69,7 +72,7 @@ class SwitchController:
         self.sock_path = sockdir / "app.sock"  # the agent's channel
         self.ofp_path = sockdir / "ofp.sock"  # OpenFlow: OVS connects here
         self.dpid: int | None = None
-        self.log_path = self.rundir / f"switch-{bridge}.log"
+        self.log_path = Path(log_dir or self.rundir) / f"switch-{bridge}.log"
         self._proc = None
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -206,6 +209,10 @@ class SwitchController:
                 pass
         if not keep_state:
             self._replay.clear()
+            try:
+                self.sock_dir.rmdir()    # empty now; in the system's OVS run directory it would linger
+            except OSError:
+                pass
 
     # ------------------------------------------------------------------ requests
     async def _call(self, msg: dict[str, Any], *, timeout: float = 10.0) -> dict[str, Any]:

@@ -42,21 +42,58 @@ def default_datapath() -> str:
 
 @dataclass
 class OvsInstance:
-    """One private OVS. ``start()`` then use, ``stop()`` removes every process and file."""
+    """One private OVS. ``start()`` then use, ``stop()`` removes every process and file.
+
+    ``OvsInstance.attach(db_socket)`` is the other kind: an OVS that already runs (the
+    system's), used through its database socket; we never start, stop or delete anything of
+    it but the bridges and ports we make."""
 
     rundir: Path
     netns: str | None = None
     datapath: str = field(default_factory=default_datapath)
     die_with_parent: bool = False      # the agent's OVS ends with the agent, even on kill -9
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict, repr=False)
+    external: bool = False             # not ours (attach()): stop() leaves it alone
+    db_socket: Path | None = None      # its database socket, when not <rundir>/db.sock
 
     def __post_init__(self) -> None:
         self.rundir = Path(self.rundir).absolute()
 
+    @classmethod
+    def attach(cls, db_socket: Path | str, *, netns: str | None = None, datapath: str = "auto",
+               timeout: float = 5.0) -> "OvsInstance":
+        """A running Open vSwitch (ovs.mode = system): checks that its database answers and picks
+        the datapath its bridges use (an ovs-vswitchd that does not follow shows at the first
+        change, which waits for it: a timeout). The run directory is the socket's (where OVS
+        keeps its pid files and control sockets)."""
+        proc.require("ovs-vsctl", "openvswitch-switch")
+        sock = Path(db_socket).absolute()
+        if not sock.exists():
+            raise OvsError(f"no Open vSwitch database socket at {sock}: is Open vSwitch running? "
+                           "(ovs.db_socket names another socket)")
+        if not sock.is_socket():
+            raise OvsError(f"{sock} is not a socket (ovs.db_socket must name ovsdb-server's unix socket)")
+        inst = cls(sock.parent, netns=netns, datapath="netdev", external=True, db_socket=sock)
+        try:
+            inst.vsctl("get", "Open_vSwitch", ".", "ovs_version", timeout=timeout)
+        except IpopError as e:
+            raise OvsError(f"Open vSwitch at unix:{sock} does not answer within {timeout:.0f}s "
+                           f"({str(e).split(': ', 1)[-1]})") from None
+        inst.datapath = inst._running_datapath() if datapath == "auto" else datapath
+        return inst
+
+    def _running_datapath(self) -> str:
+        """What the OVS's bridges use (``system`` for an empty datapath_type), else the default."""
+        out = self.vsctl("--format=json", "--columns=datapath_type", "list", "Bridge")
+        kinds = [row[0] or "system" for row in json.loads(out).get("data", []) if isinstance(row[0], str)]
+        if kinds:
+            return max(set(kinds), key=kinds.count)
+        return default_datapath()
+
     # -- paths -----------------------------------------------------------
     @property
     def db_sock(self) -> Path:
-        return self.rundir / "db.sock"
+        return self.db_socket or self.rundir / "db.sock"
 
     @property
     def db_path(self) -> Path:
@@ -64,10 +101,14 @@ class OvsInstance:
 
     def _env(self) -> dict[str, str]:
         d = str(self.rundir)
+        if self.external:   # the system's: its own config and database directories stay its own
+            return {"OVS_RUNDIR": d}
         return {"OVS_RUNDIR": d, "OVS_DBDIR": d, "OVS_LOGDIR": d, "OVS_SYSCONFDIR": d}
 
     # -- lifecycle ---------------------------------------------------------
     def start(self, *, timeout: float = 10.0) -> "OvsInstance":
+        if self.external:
+            raise OvsError("an attached (system) Open vSwitch is not ours to start")
         for b in ("ovsdb-server", "ovs-vswitchd", "ovsdb-tool", "ovs-vsctl"):
             proc.require(b, "openvswitch-switch")
         schema = next((p for p in SCHEMA_PATHS if os.path.exists(p)), None)
@@ -141,7 +182,10 @@ class OvsInstance:
         return any(p is not None and proc.alive(p) for p in pids)
 
     def stop(self) -> None:
-        """Stop both daemons (also ones started by another process) and remove the run directory."""
+        """Stop both daemons (also ones started by another process) and remove the run directory.
+        An attached (system) OVS is left as it is."""
+        if self.external:
+            return
         for name in ("ovs-vswitchd", "ovsdb-server"):
             popen = self.procs.pop(name, None)
             pid = popen.pid if popen else proc.read_pidfile(self.rundir / f"{name}.pid")
@@ -178,8 +222,9 @@ class OvsInstance:
         return proc.run(argv, env=self._env(), netns=self.netns).stdout
 
     def appctl(self, *args: str) -> str:
+        ctl = self.rundir / "ovs-vswitchd.ctl"   # ours; the system's is pid-named, found through OVS_RUNDIR
         return proc.run(
-            ["ovs-appctl", "-t", str(self.rundir / "ovs-vswitchd.ctl"), *args], env=self._env()
+            ["ovs-appctl", "-t", str(ctl) if ctl.exists() else "ovs-vswitchd", *args], env=self._env()
         ).stdout
 
     # -- bridges and ports -------------------------------------------------

@@ -70,9 +70,11 @@ class LabGroup:
         self.cas = {ov: GroupCA.create(self.dir / f"ca-{ov}", ov, force=True) for ov in self.overlays}
         self.nodes: dict[str, LabNode] = {}
 
-    def add(self, host: str, *, index: int | None = None, attach: list[dict] | None = None) -> LabNode:
+    def add(self, host: str, *, index: int | None = None, attach: list[dict] | None = None,
+            ovs: dict | None = None) -> LabNode:
         """Identity, certificates (issued by each group CA and installed) and config for ``host``;
-        ``attach``: guests of the (first) overlay, as ``[[overlay.attach]]`` tables."""
+        ``attach``: guests of the (first) overlay, as ``[[overlay.attach]]`` tables; ``ovs``: the
+        node's ``[ovs]`` table (default a private OVS; ``{"mode": "system", "db_socket": ...}``)."""
         h = self.lab.host(host)
         index = index or len(self.nodes) + 1
         ndir = self.dir / "nodes" / host
@@ -100,7 +102,7 @@ class LabGroup:
         write_config(cfg, {
             "node": {"identity_dir": ndir / "identity", "state_dir": ndir / "state", "metrics": "127.0.0.1:9465",
                      "worker_processes": self.extra.get("worker_processes", 1)},
-            "ovs": {"mode": "private"},
+            "ovs": ovs or {"mode": "private"},
             "overlay": overlays,
         }, header="written by the ipop-switch lab")
         node = LabNode(host, ndir, cfg, ident.node_id, *first, index=index)
