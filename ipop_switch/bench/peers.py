@@ -1,5 +1,6 @@
 """The systems we compare against, set up between two lab hosts: the underlay,
-wireguard-go (userspace WireGuard) and tinc 1.0 in switch mode (a TAP overlay).
+wireguard-go (userspace WireGuard) and tinc 1.0 in switch mode (a TAP overlay); the
+base class and helpers the other peers (``peer_*.py``: nebula, OpenVPN, n2n) share.
 
 Each system gives the two addresses to measure between and the pids whose CPU
 time is charged to it. Every system is checked to really carry its traffic in
@@ -21,6 +22,10 @@ from ..lab import Lab
 # so that all systems stay up side by side and runs can be interleaved
 WG_NET = "100.98.1"
 TINC_NET = "100.98.2"
+NEBULA_NET = "100.98.3"
+OPENVPN_NET = "100.98.4"
+N2N_NET = "100.98.5"
+UP_TIMEOUT = 20.0       # a peer's data path must answer a ping within this after its start
 
 
 class BenchError(IpopError):
@@ -30,6 +35,9 @@ class BenchError(IpopError):
 @dataclass
 class System:
     """A system under test between hosts a and b of a lab."""
+
+    # (binary, Debian package) it needs beside iperf3: without them the bench skips it
+    NEEDS = ()
 
     name: str
     lab: Lab
@@ -41,6 +49,7 @@ class System:
     pids_a: list[int] = field(default_factory=list)
     pids_b: list[int] = field(default_factory=list)
     _procs: list[subprocess.Popen] = field(default_factory=list, repr=False)
+    _counted: list[int] = field(default_factory=list, repr=False)
 
     def start(self) -> None:
         raise NotImplementedError
@@ -49,15 +58,38 @@ class System:
         for p in self._procs:
             proc.terminate(p.pid)
         self._procs.clear()
+        for port in self._counted:
+            for h in (self.a, self.b):
+                self.lab.exec(h, ["nft", "delete", "table", "inet", f"ipsw_bench{port}"], check=False)
+        self._counted.clear()
 
     def outer_udp_ok(self) -> bool | None:
         """True if the tunnel's packets travel in outer UDP (None: not a tunnel)."""
         return None
 
     def _spawn(self, host: str, argv: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
-        p = proc.spawn(argv, netns=self.lab.netns_of(host), log=log, env=env)
+        """A daemon in host's namespace, in the foreground; it ends with the bench (even on kill -9)."""
+        p = proc.spawn(argv, netns=self.lab.netns_of(host), log=log, env=env, die_with_parent=True)
         self._procs.append(p)
         return p
+
+    def _count(self, port: int) -> None:
+        """Count the bytes each host sends in outer UDP and TCP on ``port`` (nft counters)."""
+        for h in (self.a, self.b):
+            self.lab.exec(h, ["nft", "-f", "-"], input=_udp_counter_rules(port))
+        self._counted.append(port)
+
+    def _wait_ping(self, what: str, timeout: float = UP_TIMEOUT) -> None:
+        """Wait until b answers a's ping across the tunnel: control connections and handshakes
+        come first, the data path later. Names the log to read when it does not."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.lab.exec(self.a, ["ping", "-c", "1", "-W", "1", self.addr_b], check=False).returncode == 0:
+                return
+            for p in self._procs:
+                if p.poll() is not None:
+                    raise BenchError(f"{what} exited with {p.returncode} before its tunnel came up (logs in {self.dir})")
+        raise BenchError(f"{what} did not answer a ping within {timeout:.0f} s (logs in {self.dir})")
 
 
 class Underlay(System):
@@ -90,6 +122,7 @@ class WireguardGo(System):
     """wireguard-go (Debian package), ChaCha20-Poly1305, UDP port 51820."""
 
     PORT = 51820
+    NEEDS = (("wireguard-go", "wireguard-go"), ("wg", "wireguard-tools"))
 
     def start(self) -> None:
         proc.require("wireguard-go", "wireguard-go")
@@ -103,11 +136,11 @@ class WireguardGo(System):
             (self.dir / f"{h}.key").chmod(0o600)
             keys[h] = pub
         env = {"WG_PROCESS_FOREGROUND": "1", "WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD": "1"}
+        self._count(self.PORT)
         for idx, (h, peer) in enumerate(((self.a, self.b), (self.b, self.a)), start=1):
             ns = self.lab.netns_of(h)
             # the UAPI socket /var/run/wireguard/<if>.sock is shared by all namespaces: unique names
             dev = f"wg{self.lab.spec.name}{idx}"
-            self.lab.exec(h, ["nft", "-f", "-"], input=_udp_counter_rules(self.PORT))
             p = self._spawn(h, ["wireguard-go", "-f", dev], self.dir / f"{h}.log", env=env)
             proc.wait_for(lambda: proc.run(["ip", "-n", ns, "link", "show", dev], check=False).returncode == 0,
                           timeout=10, what=f"wireguard-go {dev} on {h}")
@@ -123,16 +156,12 @@ class WireguardGo(System):
         c = _counters(self.lab, self.a, self.PORT)
         return c["udp"] > 0 and c["tcp"] == 0
 
-    def stop(self) -> None:
-        super().stop()
-        for h in (self.a, self.b):
-            self.lab.exec(h, ["nft", "delete", "table", "inet", f"ipsw_bench{self.PORT}"], check=False)
-
 
 class TincSwitch(System):
     """tinc 1.0 in switch mode (a TAP overlay, like ours), AES-256-CBC + HMAC-SHA256, port 655."""
 
     PORT = 655
+    NEEDS = (("tincd", "tinc"),)
 
     def start(self) -> None:
         proc.require("tincd", "tinc")
@@ -159,25 +188,15 @@ class TincSwitch(System):
             other = self.b if h == self.a else self.a
             src = self.dir / other / "hosts" / names[other]
             (self.dir / h / "hosts" / names[other]).write_text(src.read_text())
+        self._count(self.PORT)
         for h in (self.a, self.b):
-            self.lab.exec(h, ["nft", "-f", "-"], input=_udp_counter_rules(self.PORT))
             p = self._spawn(h, ["tincd", "-c", str(self.dir / h), "-D", f"--pidfile={self.dir / h / 'tinc.pid'}"],
                             self.dir / f"{h}.log")
             (self.pids_a if h == self.a else self.pids_b).append(p.pid)
         self.addr_a, self.addr_b = f"{TINC_NET}.1", f"{TINC_NET}.2"
-        # tinc connects its meta connection first; wait for the data path to answer
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if self.lab.exec(self.a, ["ping", "-c", "1", "-W", "1", self.addr_b], check=False).returncode == 0:
-                return
-        raise BenchError("tinc did not come up within 20 s")
+        self._wait_ping("tinc")     # tinc connects its meta connection first
 
     def outer_udp_ok(self) -> bool:
         c = _counters(self.lab, self.a, self.PORT)
         # the meta connection is TCP and small; the data must dominate in UDP
         return c["udp"] > 10 * max(c["tcp"], 1)
-
-    def stop(self) -> None:
-        super().stop()
-        for h in (self.a, self.b):
-            self.lab.exec(h, ["nft", "delete", "table", "inet", f"ipsw_bench{self.PORT}"], check=False)

@@ -18,26 +18,42 @@ from rich.console import Console
 from rich.table import Table
 
 from .. import proc
+from ..errors import IpopError
 from ..lab import Lab, LabSpec
 from .measure import iperf3, ping_rtt, rss_mb, tcp_under_udp_flood
+from .peer_n2n import N2nEdge
+from .peer_nebula import Nebula
+from .peer_openvpn import OpenVpnTap
 from .peers import System, TincSwitch, Underlay, WireguardGo
 
-PEERS: dict[str, type[System]] = {"underlay": Underlay, "wireguard-go": WireguardGo, "tinc": TincSwitch}
-PACKAGES = {"wireguard-go": ("wireguard-go", "wireguard-go"), "wg": ("wg", "wireguard-tools"),
-            "tincd": ("tincd", "tinc"), "iperf3": ("iperf3", "iperf3")}
-NEEDS = {"wireguard-go": ("wireguard-go", "wg"), "tinc": ("tincd",)}    # system -> binaries beside iperf3
+PEERS: dict[str, type[System]] = {"underlay": Underlay, "wireguard-go": WireguardGo, "tinc": TincSwitch,
+                                  "nebula": Nebula, "openvpn": OpenVpnTap, "n2n": N2nEdge}
+NOT_PEERS = ("underlay", "ipop-switch", "ipop-switch guest-to-guest")   # not in the "best peer"
 
 
-def ensure_packages(console: Console, systems: list[str]) -> None:
+def ensure_packages(console: Console, systems: list[str], registry: dict[str, type[System]]) -> dict[str, str]:
     """Install the Debian packages of the systems to measure when missing (the bench runs as
-    root); a peer that is not measured is not installed."""
-    binaries = {"iperf3", *(b for s in systems for b in NEEDS.get(s, ()))}
-    missing = sorted({PACKAGES[b][1] for b in binaries if not shutil.which(PACKAGES[b][0])})
-    if not missing:
-        return
-    console.print(f"installing {', '.join(missing)} ...")
-    env = {"DEBIAN_FRONTEND": "noninteractive"}
-    proc.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing], env=env, timeout=600)
+    root); a peer that is not measured is not installed. Returns the systems to skip, with why:
+    a package that cannot be installed here skips its peer with a note, it fails nothing."""
+    needs = {s: tuple(registry[s].NEEDS) for s in systems if s in registry}
+    missing = sorted({pkg for s in needs for b, pkg in needs[s] if not shutil.which(b)})
+    if not shutil.which("iperf3"):
+        missing = ["iperf3", *missing]
+    if missing:
+        console.print(f"installing {', '.join(missing)} ...")
+        env = {"DEBIAN_FRONTEND": "noninteractive"}
+        for pkg in missing:        # one by one: a package this system lacks must not stop the others
+            r = proc.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", pkg], env=env,
+                         timeout=600, check=False)
+            if r.returncode != 0:
+                console.print(f"[yellow]could not install {pkg}: {(r.stderr or r.stdout).strip().splitlines()[-1:]}[/]")
+    proc.require("iperf3", "iperf3")
+    skip = {}
+    for s, bins in needs.items():
+        absent = [f"{b} (package {pkg})" for b, pkg in bins if not shutil.which(b)]
+        if absent:
+            skip[s] = f"not installed: {', '.join(absent)}"
+    return skip
 
 
 @dataclass
@@ -62,11 +78,14 @@ def run_bench(*, systems: list[str], runs: int = 3, seconds: float = 10.0, conso
               extra_systems: dict[str, type[System]] | None = None,
               variants: tuple[str, ...] = ("relay", "loss1")) -> dict:
     proc.require_root()
-    ensure_packages(console, systems)
     registry = {**PEERS, **(extra_systems or {})}
     unknown = [s for s in systems if s not in registry]
     if unknown:
         raise proc.IpopError(f"unknown system(s) {unknown}; known: {', '.join(registry)}")
+    skipped = ensure_packages(console, systems, registry)
+    for name, why in skipped.items():
+        console.print(f"[yellow]skipping {name}: {why}[/]")
+    systems = [s for s in systems if s not in skipped]
     workdir = Path(tempfile.mkdtemp(prefix="ipsw-bench-"))
     lab = Lab(LabSpec.from_flags(name=f"bench{int(time.time()) % 10000}", sites=2, nat="none"))
     started: list[System] = []
@@ -79,7 +98,17 @@ def run_bench(*, systems: list[str], runs: int = 3, seconds: float = 10.0, conso
             with console.status(f"starting {name} ..."):
                 s = registry[name](name, lab, a, b, workdir / name)
                 t0 = time.monotonic()
-                s.start()
+                try:
+                    s.start()
+                except IpopError as e:
+                    if name in ("underlay", "ipop-switch"):
+                        raise
+                    # a peer that does not come up here is a note, not the end of the run
+                    s.stop()
+                    skipped[name] = f"did not start: {e}"
+                    console.print(f"[yellow]skipping {name}: {e}[/]")
+                    del results[name]
+                    continue
                 started.append(s)
                 if getattr(s, "guests", None) is not None:      # ours, guest to guest too
                     started.append(s.guests)
@@ -137,12 +166,12 @@ def run_bench(*, systems: list[str], runs: int = 3, seconds: float = 10.0, conso
         with console.status("tearing the lab down ..."):
             lab.down()
         shutil.rmtree(workdir, ignore_errors=True)
-    return {"runs": runs, "seconds": seconds, "results": {n: r.summary() for n, r in results.items()}}
+    summary = {n: r.summary() for n, r in results.items()}
+    return {"runs": runs, "seconds": seconds, "results": summary, "skipped": skipped, "vs_best_peer": ratios(summary)}
 
 
 def print_table(report: dict, console: Console) -> None:
     res = report["results"]
-    peers = [n for n in res if n not in ("underlay", "ipop-switch")]
     t = Table(title=f"TCP throughput (Mbit/s, {report['runs']} runs of {report['seconds']:.0f} s: median [min-max]), "
                     "ping RTT, CPU (cores busy, both ends)")
     for col in ("system", "TCP 1 stream", "TCP 4 streams", "ping ms", "CPU", "RSS MB", "notes"):
@@ -169,10 +198,39 @@ def print_table(report: dict, console: Console) -> None:
         for key, label in (("tcp1_mbit", "1 stream"), ("tcp4_mbit", "4 streams")):
             ratio = g[key]["median"] / res["ipop-switch"][key]["median"]
             console.print(f"ipop-switch guest-to-guest / host-to-host, TCP {label}: [bold]{ratio:.2f}[/]")
-    peers = [n for n in peers if n != "ipop-switch guest-to-guest"]
-    if "ipop-switch" in res and peers and res["ipop-switch"]["tcp1_mbit"]:
-        for key, label in (("tcp1_mbit", "1 stream"), ("tcp4_mbit", "4 streams")):
-            best = max(peers, key=lambda p: res[p][key]["median"] if res[p][key] else 0)
-            if res[best][key] and res[best][key]["median"]:
-                ratio = res["ipop-switch"][key]["median"] / res[best][key]["median"]
-                console.print(f"ipop-switch / best peer ({best}), TCP {label}: [bold]{ratio:.2f}x[/]")
+    for name, why in report.get("skipped", {}).items():
+        console.print(f"[yellow]{name} skipped: {why}[/]")
+    for line in ratio_lines(res):
+        console.print(line)
+
+
+def ratios(res: dict) -> dict:
+    """ipop-switch against the best of all measured peers (highest median throughput, lowest
+    RTT) and against each peer: {metric: {"best": name, "ratio": x, "each": {peer: x}}}.
+    Empty without ipop-switch or without a peer."""
+    ours = res.get("ipop-switch")
+    peers = [n for n in res if n not in NOT_PEERS]
+    out: dict = {}
+    if not ours or not peers:
+        return out
+    for key in ("tcp1_mbit", "tcp4_mbit"):
+        have = [p for p in peers if res[p][key] and res[p][key]["median"]]
+        if ours[key] and have:
+            each = {p: round(ours[key]["median"] / res[p][key]["median"], 2) for p in have}
+            best = max(have, key=lambda p: res[p][key]["median"])
+            out[key] = {"best": best, "ratio": each[best], "each": each}
+    have = [p for p in peers if res[p]["ping_ms"]]
+    if ours["ping_ms"] and have:
+        each = {p: round(ours["ping_ms"] / res[p]["ping_ms"], 2) for p in have}
+        best = min(have, key=lambda p: res[p]["ping_ms"])
+        out["ping_ms"] = {"best": best, "ratio": each[best], "each": each}
+    return out
+
+
+def ratio_lines(res: dict) -> list[str]:
+    labels = {"tcp1_mbit": "TCP 1 stream", "tcp4_mbit": "TCP 4 streams", "ping_ms": "ping RTT (lower is better)"}
+    lines = []
+    for key, r in ratios(res).items():
+        each = ", ".join(f"{p} {x:.2f}x" for p, x in r["each"].items())
+        lines.append(f"ipop-switch / best peer ({r['best']}), {labels[key]}: [bold]{r['ratio']:.2f}x[/]  (each: {each})")
+    return lines
