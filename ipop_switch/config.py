@@ -7,6 +7,7 @@ account, ICE servers, trust material and bridge.
 from __future__ import annotations
 
 import ipaddress
+import re
 import tomllib
 from pathlib import Path
 from typing import Literal
@@ -132,6 +133,112 @@ class AttachConfig(_Strict):
         return "interface" if self.interface is not None else "netns"
 
 
+DNS_LABEL_RE = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+DNS_LISTEN_WORDS = ("overlay", "overlay6", "loopback")
+
+
+def dns_loopback(overlay: str) -> str:
+    """The 127/8 address an overlay's DNS responder listens on by default: derived from the
+    overlay's name (stable across restarts and config reordering, different per overlay);
+    never 127.0.0.53/54, which systemd-resolved uses. Linux answers all of 127/8 on lo, so
+    nothing has to be configured to bind it."""
+    import hashlib
+    h = hashlib.sha256(f"ipsw-dns/{overlay}".encode()).digest()
+    return f"127.53.{h[0]}.{h[1] % 254 + 1}"
+
+
+def split_hostport(v: str, default_port: int) -> tuple[str, int]:
+    """'1.2.3.4', '1.2.3.4:53', '[fd00::1]:53' or 'fd00::1' -> (address, port); ValueError if
+    the address is not an IP literal or the port is bad."""
+    host, port = v, default_port
+    if v.startswith("["):
+        host, sep, rest = v[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(f"bad address {v!r} (use [v6]:port)")
+        if rest:
+            port = _hostport("x" + rest, default_port)[1]
+    elif v.count(":") == 1:
+        host, port = _hostport(v, default_port)
+    ipaddress.ip_address(host)      # raises ValueError naming the text
+    return host, port
+
+
+class DnsConfig(_Strict):
+    """The overlay's DNS responder (docs/naming.md): answers <node>.<overlay>.<suffix> and
+    <guest>.<node>.<overlay>.<suffix> with overlay addresses. Off unless enabled."""
+    enable: bool = False
+    suffix: str = Field("ipsw.internal", description="zone suffix: names are <node>.<overlay>.<suffix> "
+                        "(.internal is reserved by ICANN for private use)")
+    name: str | None = Field(None, pattern=DNS_LABEL_RE,
+                             description="this node's name in the zone (default: its certificate's common name)")
+    port: int = Field(53, ge=1, le=65535, description="UDP port on every listen address")
+    listen: list[str] = Field(default_factory=lambda: ["overlay", "loopback"],
+                              description="'overlay' (the IPv4 overlay address), 'overlay6', 'loopback' "
+                                          "(127.53.x.y derived from the overlay name) or IP literals")
+    loopback: str | None = Field(None, description="the 127/8 address 'loopback' means (default: derived)")
+    forward: list[str] = Field(default_factory=list, description="upstream resolvers ('ip[:port]') for names "
+                               "outside the zone; empty: such queries are REFUSED")
+    ttl: int = Field(60, ge=0, le=86400, description="TTL of answers, seconds")
+
+    @field_validator("suffix")
+    @classmethod
+    def _suffix(cls, v: str) -> str:
+        v = v.strip(".").lower()
+        labels = v.split(".")
+        if not v or len(v) > 200 or not all(re.match(DNS_LABEL_RE, x) for x in labels):
+            raise ValueError(f"{v!r} is not a domain name (labels of a-z, 0-9 and '-', e.g. ipsw.internal)")
+        return v
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("give at least one address ('overlay', 'overlay6', 'loopback' or an IP)")
+        for x in v:
+            if x not in DNS_LISTEN_WORDS:
+                try:
+                    ipaddress.ip_address(x)
+                except ValueError:
+                    raise ValueError(f"{x!r}: not 'overlay', 'overlay6', 'loopback' or an IP address") from None
+        return v
+
+    @field_validator("loopback")
+    @classmethod
+    def _loopback(cls, v: str | None) -> str | None:
+        if v is not None and not (ipaddress.ip_address(v).version == 4 and ipaddress.ip_address(v).is_loopback):
+            raise ValueError(f"{v!r} is not a 127/8 address")
+        return v
+
+    @field_validator("forward")
+    @classmethod
+    def _forward(cls, v: list[str]) -> list[str]:
+        for x in v:
+            try:
+                split_hostport(x, 53)
+            except ValueError as e:
+                raise ValueError(f"forward {x!r}: {e}") from None
+        return v
+
+    def forward_addrs(self) -> list[tuple[str, int]]:
+        return [split_hostport(x, 53) for x in self.forward]
+
+
+class TopologyConfig(_Strict):
+    """Which links a node keeps (docs/topology.md): all-to-all up to ``all_to_all_max``
+    members, a Symphony ring with long and on-demand links above."""
+    all_to_all_max: int = Field(8, ge=1, le=4096, description="up to this many members (me included): all-to-all")
+    successors: int = Field(2, ge=1, le=8, description="ring links opened clockwise")
+    long_links: int | None = Field(None, ge=0, le=64, description="long links per node (default floor(log2 N))")
+    max_degree: int = Field(24, ge=2, le=1024, description="links per node, never exceeded (also capped by max_peers)")
+    ondemand_slots: int = Field(4, ge=0, le=64, description="of max_degree, kept free of long links for on-demand ones")
+    ondemand_threshold_bps: float = Field(1e6, ge=0, description="bytes/s towards a member that earn a direct link; 0: off")
+    ondemand_window: float = Field(10.0, gt=0, le=3600, description="s over which that rate is measured")
+    ondemand_idle: float = Field(60.0, gt=0, le=86400, description="s below a quarter of the threshold before an on-demand link goes")
+    max_new_links_per_min: int = Field(10, ge=1, le=1000)
+    min_link_age: float = Field(30.0, ge=0, le=86400, description="an idle link not replaced is released only this old")
+    cycle: float = Field(10.0, gt=0, le=3600, description="s between two looks at the links (and after every change)")
+
+
 class OverlayConfig(_Strict):
     name: str = Field(pattern=NAME_RE, description="overlay name: 1-10 lowercase letters/digits")
     kind: Literal["group", "social"] = "group"
@@ -142,6 +249,8 @@ class OverlayConfig(_Strict):
     xmpp: XmppConfig
     ice: IceConfig = IceConfig()
     attach: list[AttachConfig] = Field(default_factory=list, description="guests plugged into the bridge at start")
+    dns: DnsConfig = DnsConfig()
+    topology: TopologyConfig = TopologyConfig()
 
     @field_validator("attach")
     @classmethod
@@ -198,6 +307,23 @@ class Config(_Strict):
         names = [o.name for o in self.overlay]
         if len(set(names)) != len(names):
             raise ValueError(f"overlay names repeat: {names}")
+        return self
+
+    @model_validator(mode="after")
+    def _dns_addresses(self):
+        """Two overlays' responders may not share an address and port."""
+        seen: dict[tuple[str, int], str] = {}
+        for o in self.overlay:
+            if not o.dns.enable:
+                continue
+            for x in o.dns.listen:
+                addr = (o.dns.loopback or dns_loopback(o.name)) if x == "loopback" else x
+                if x in ("overlay", "overlay6"):
+                    continue      # each overlay has its own addresses
+                if (addr, o.dns.port) in seen:
+                    raise ValueError(f"overlay {o.name}: dns listens on {addr}:{o.dns.port} like overlay "
+                                     f"{seen[(addr, o.dns.port)]}: set [overlay.dns] loopback or port")
+                seen[(addr, o.dns.port)] = o.name
         return self
 
     @property

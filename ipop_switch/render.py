@@ -80,6 +80,14 @@ def render_status(st: dict, console: Console) -> None:
                    if k in ("macs_refused", "datapaths_refused", "packet_in_dropped", "bad_frames") and v}
         if refused:
             console.print("  switch app: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in sorted(refused.items())))
+        dns = ov.get("dns")
+        if dns:
+            ddrops = ", ".join(f"{k} {v}" for k, v in sorted((dns.get("drops") or {}).items()) if v) or "none"
+            console.print(f"  dns: {dns.get('zone')} on {', '.join(dns.get('listen') or [])}, {dns.get('names')} names, "
+                          f"{dns.get('queries', 0)} queries ({dns.get('answers', 0)} answered, "
+                          f"{dns.get('nxdomain', 0)} NXDOMAIN, {dns.get('refused', 0)} refused, "
+                          f"{dns.get('forwarded', 0)} forwarded), dropped: {ddrops}"
+                          + (f"; names claimed twice: {', '.join(dns['conflicts'])}" if dns.get("conflicts") else ""))
         for note in ov.get("notes", []):
             console.print(f"  note: {note}")
 

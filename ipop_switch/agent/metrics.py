@@ -32,8 +32,18 @@ class StatusCollector(Collector):
         gdr = CounterMetricFamily("ipsw_guest_drops", "frames of a guest dropped by reason (dhcp, ra, spoof, "
                                   "macs_refused)", labels=["overlay", "guest", "reason"])
         gmac = GaugeMetricFamily("ipsw_guest_macs", "stations learned behind a guest's port", labels=["overlay", "guest"])
+        dq = CounterMetricFamily("ipsw_dns_queries", "DNS queries answered by kind (answers, nodata, nxdomain, "
+                                 "refused, forwarded)", labels=["overlay", "kind"])
+        dd = CounterMetricFamily("ipsw_dns_drops", "DNS datagrams dropped by reason (malformed, not_query, too_large, "
+                                 "forward_busy, forward_failed)", labels=["overlay", "reason"])
         for ov in st.get("overlays", []):
             name = ov["name"]
+            dns = ov.get("dns") or {}
+            for kind in ("answers", "nodata", "nxdomain", "refused", "forwarded"):
+                if kind in dns:
+                    dq.add_metric([name, kind], dns[kind])
+            for reason, n in (dns.get("drops") or {}).items():
+                dd.add_metric([name, reason], n)
             for g in ov.get("guests", []):
                 if g.get("error"):
                     continue
@@ -63,7 +73,7 @@ class StatusCollector(Collector):
                     by.add_metric(lbl + [d], p.get(f"{d}_bytes", 0))
                 for reason, n in (p.get("drops") or {}).items():
                     drops.add_metric(lbl + [reason], n)
-        yield from (peers, up, direct, rtt, fr, by, drops, sig, sw, gfr, gby, gdr, gmac)
+        yield from (peers, up, direct, rtt, fr, by, drops, sig, sw, gfr, gby, gdr, gmac, dq, dd)
 
 
 def start_metrics(addr: str, snapshot: Callable[[], dict]):
