@@ -22,6 +22,7 @@ from helpers.link_harness import Mesh
 from helpers.wait import listening, wait_until
 from ipop_switch import proc
 from ipop_switch.lab import Lab, LabSpec, SiteSpec
+from ipop_switch.tunnel.timers import Timers
 
 pytestmark = pytest.mark.lab
 
@@ -258,21 +259,35 @@ def test_rekey_under_iperf3_keeps_tcp(world):
         srv.wait(5)
 
 
+OUTAGE_RULES = ("table ip outage {\n chain block {\n  type filter hook forward priority -5; policy accept;\n"
+                "  meta l4proto udp drop\n }\n}\n")
+
+
+def _ping_stream(lab, host: str, addr: str) -> subprocess.Popen:
+    """20 pings a second over the overlay until terminated: the link is in use."""
+    return lab.popen(host, ["ping", "-n", "-q", "-i", "0.05", addr],
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def test_nft_outage_20s_easy_hard_recovers(world):
+    """A link in use (a ping stream) loses its path for 20 s: the cut is seen within the
+    5 s budget of a link in use, and the link comes back once the path does."""
     lab, mesh, lt, links = world
     lp = links[("e2h1", "h1h1")]
     lt.run(mesh.wait_up(lp, SETUP_TIMEOUT), SETUP_TIMEOUT + 5)
     since = (len(lp.a.events), len(lp.b.events))
     router = lab.netns_of("e2r")
-    rules = "table ip outage {\n chain block {\n  type filter hook forward priority -5; policy accept;\n  meta l4proto udp drop\n }\n}\n"
-    proc.run(["nft", "-f", "-"], netns=router, input=rules)
-    t_block = time.monotonic()
+    stream = _ping_stream(lab, lp.a.host, lp.addr_b)
     try:
+        proc.run(["nft", "-f", "-"], netns=router, input=OUTAGE_RULES)
+        t_block = time.monotonic()
         down = lt.run(lp.a.wait_event(lambda e: e.get("ev") == "down" and e.get("link_id") == lp.link_id,
                                       10, "down", since[0]), 15)
         detect = down["t"] - t_block
         time.sleep(max(0.0, 20.0 - (time.monotonic() - t_block)))   # the outage lasts 20 s: a duration, not a wait
     finally:
+        stream.terminate()
+        stream.wait(5)
         proc.run(["nft", "delete", "table", "ip", "outage"], netns=router, check=False)
     t_open = time.monotonic()
     ea, eb = lt.run(mesh.wait_up(lp, 20, since=since), 25)
@@ -282,6 +297,69 @@ def test_nft_outage_20s_easy_hard_recovers(world):
     assert recover < 15.0
     ping = lt.run(mesh.ping("e2h1", lp.addr_b, count=3), 20)
     assert ping.returncode == 0, ping.stdout
+
+
+def _wire_capture(lab, host: str, stats: dict, path: Path) -> subprocess.Popen:
+    """tcpdump of the link's datagrams on ``host``'s wire (to and from the selected pair's remote
+    address): tunnel packets, ICE consent checks, TURN refreshes, anything the link sends."""
+    ip, port = stats["remote"].split()[1].rsplit(":", 1)
+    return lab.popen(host, ["tcpdump", "-U", "-n", "-i", "eth0", "-w", str(path), f"udp and host {ip} and port {port}"],
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+IDLE_WINDOW = 20.0
+
+
+@pytest.mark.slow
+def test_idle_link_stays_up_quietly_and_a_cut_in_use_is_seen_within_5s(world):
+    """Idle costs nothing (issue 16): with nothing flowing for 20 s (> 2 x keepalive) a direct
+    link stays up on the same attempt and puts only a few datagrams on the wire (before: a
+    ping and a pong a second each way, plus ICE consent checks: about 90); then, in use (a
+    ping stream), a cut path is still seen within 5 s."""
+    lab, mesh, lt, links = world
+    lp = links[("o2h1", "e1h1")]
+    lt.run(mesh.wait_up(lp, SETUP_TIMEOUT), SETUP_TIMEOUT + 5)
+    a0, b0 = _stats(lt, lp.a, lp.link_id), _stats(lt, lp.b, lp.link_id)
+    assert a0["path"] == "direct", a0
+    pcap = Path(lab.dir) / "idle.pcap"
+    cap = _wire_capture(lab, lp.a.host, a0, pcap)
+    try:
+        wait_until(lambda: pcap.exists() and pcap.stat().st_size >= 24, 10, "the capture running")
+        t0 = time.monotonic()
+        time.sleep(IDLE_WINDOW)             # the idle window is what is measured: a duration, not a wait
+        a1, b1 = _stats(lt, lp.a, lp.link_id), _stats(lt, lp.b, lp.link_id)
+        elapsed = time.monotonic() - t0
+    finally:
+        cap.terminate()
+        cap.wait(5)
+    on_wire = pcap_packets(pcap)
+    pings = (a1["pings"] - a0["pings"]) + (b1["pings"] - b0["pings"])
+    print(f"\nidle {elapsed:.1f}s: {on_wire} datagrams on the wire, {pings} pings, "
+          f"handshakes {a0['handshakes']}->{a1['handshakes']}, rtt {a1['rtt_ms']} ms")
+    for before, after in ((a0, a1), (b0, b1)):
+        assert after["state"] == "up" and after["attempt"] == before["attempt"], (before, after)
+        # nothing flowed but the odd frame the kernel sends on its own (IPv6 ND/MLD on the TAP)
+        assert after["tx_packets"] - before["tx_packets"] <= 3, (before, after)
+    assert pings <= 2 * (IDLE_WINDOW // Timers().idle_keepalive + 1), pings
+    assert on_wire <= 12, on_wire          # pings and pongs (a rekey adds 3)
+
+    since = (len(lp.a.events), len(lp.b.events))
+    router = lab.netns_of("e1r")
+    stream = _ping_stream(lab, lp.a.host, lp.addr_b)
+    try:
+        wait_until(lambda: _stats(lt, lp.a, lp.link_id)["tx_packets"] > a1["tx_packets"] + 20, 10, "the ping stream flowing")
+        proc.run(["nft", "-f", "-"], netns=router, input=OUTAGE_RULES)
+        t_cut = time.monotonic()
+        down = lt.run(lp.a.wait_event(lambda e: e.get("ev") == "down" and e.get("link_id") == lp.link_id,
+                                      10, "down", since[0]), 15)
+        detect = down["t"] - t_cut
+    finally:
+        stream.terminate()
+        stream.wait(5)
+        proc.run(["nft", "delete", "table", "ip", "outage"], netns=router, check=False)
+    print(f"cut while in use: dead path seen after {detect:.1f}s ({down.get('reason')})")
+    assert detect < 5.0, down
+    lt.run(mesh.wait_up(lp, 20, since=since), 25)          # back for the tests after this one
 
 
 def test_worker_process_sigkill_recovers(world):

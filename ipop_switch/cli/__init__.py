@@ -214,9 +214,11 @@ def lab_demo(keep: bool, json_path: str | None, guests: int, **kw) -> None:
 @click.option("--only", default=None, help="with --faults: comma list of scenario name parts (e.g. 'loss,turn')")
 @click.option("--soak", "soak_minutes", type=click.FloatRange(1, 24 * 60), default=None,
               help="instead: 8 nodes for this many minutes (traffic, rekeys, cuts); RSS, fds, flows sampled")
+@click.option("--idle", "idle_links", type=click.IntRange(1, 64), default=None, is_flag=False, flag_value=32,
+              help="instead: CPU of one idle node with this many links (default 32), per process")
 def bench(runs: int, seconds: float, systems: str | None, json_path: str | None, memory: bool,
           fuzz_minutes: float | None, update: bool, faults: bool, only: str | None,
-          soak_minutes: float | None) -> None:
+          soak_minutes: float | None, idle_links: int | None) -> None:
     """Measure ipop-switch beside the underlay, wireguard-go and tinc, in one lab, interleaved."""
     if fuzz_minutes is not None:        # no lab, no root: a local build and one process
         from ..bench.fuzz import print_report, run_fuzz
@@ -240,6 +242,9 @@ def bench(runs: int, seconds: float, systems: str | None, json_path: str | None,
         report = run_soak(soak_minutes, console=console)
         print_soak(report, console)
         failed = not report["ok"]
+    elif idle_links is not None:
+        from ..bench.idle import run_idle
+        report = run_idle(links=idle_links, console=console)
     elif memory:
         from ..bench.memory import run_memory
         report = {"memory": run_memory(console=console)}

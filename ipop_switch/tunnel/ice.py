@@ -1,8 +1,9 @@
 """ICE for one link attempt, around aioice: gathering with an interface filter, a relay-last
 check order, the selected pair as a send function, and TURN channel refreshes.
 
-aioice does the RFC 8445 work (checks, nomination, role conflicts), RFC 7675 consent
-and TURN allocation refreshes. What we add:
+aioice does the RFC 8445 work (checks, nomination, role conflicts) and TURN allocation
+refreshes (its RFC 7675 consent checks are stopped once a pair is selected: the link's own
+authenticated keepalives replace them). What we add:
 - gathering leaves out the overlay's own interfaces and other VPNs (``exclude``);
 - the controlling side delays checks on pairs that involve a relay by ``relay_delay``,
   because aioice nominates aggressively (the first pair that answers wins) and a relay
@@ -373,6 +374,15 @@ class IceSession:
         if pair is None:
             raise ConnectionError("ICE completed without a nominated pair")
         return make_path(pair.protocol, pair.remote_candidate, pair.remote_addr)
+
+    def stop_consent(self) -> None:
+        """End aioice's RFC 7675 consent checks (a STUN request each ~5 s, both ways, on every
+        link): the link's authenticated pings and dead-path detection do that job, and an idle
+        link must not pay for it (docs/tunnel.md, "Keepalives")."""
+        task = self.conn._query_consent_task
+        if task is not None and not task.done():
+            task.cancel()
+        self.conn._query_consent_task = None
 
     def local_addresses(self) -> set[str]:
         return {c.host for c in self.conn.local_candidates if c.type == "host"}

@@ -55,6 +55,11 @@ class Keys:
         """The initiator waits for a response."""
         return self._initiator is not None
 
+    @property
+    def next_retry(self) -> float:
+        """When ``tick`` sends the next initiation (while handshaking)."""
+        return self._hs_sent + self.timers.handshake_retry
+
     def set_prologue(self, ufrag_controlling: str, ufrag_controlled: str) -> None:
         """Bind this attempt's handshakes to the link and its ICE credentials."""
         self.prologue = hs.prologue_for(self.link_id, ufrag_controlling, ufrag_controlled)

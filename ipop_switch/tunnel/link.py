@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import random
 import time
 from typing import Callable
 
@@ -36,7 +37,8 @@ from .messages import LinkSpec
 from .session import Session
 from .stats import Stats
 from .tap import Tap
-from .timers import Timers, jitter
+from .timers import DEAD, PING, Timers, jitter, keepalive_due
+from .wheel import Timer, wheel
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +99,15 @@ class LinkWorker:
         self.poll_addresses = True
         self._closing: set[asyncio.Future] = set()   # ICE sessions of ended attempts, closing
         self._addr_changed = False
+        self._addrs: set[str] = set()
+        self._last_addr = 0.0
+        # while up: the link's one entry on the process's timer wheel, and the future _check
+        # ends the attempt with (docs/tunnel.md, "Keepalives and timers")
+        self._timer: Timer | None = None
+        self._up_done: asyncio.Future | None = None
+        self._last_ping = 0.0
+        # idle pings of the many links of a node spread out, always below idle_keepalive
+        self._idle_every = self.timers.idle_keepalive * (0.85 + 0.15 * random.random())
 
     # -- lifecycle -------------------------------------------------------------
     def start(self) -> None:
@@ -189,15 +200,17 @@ class LinkWorker:
             self.stats.drops["signal_unexpected"] += 1
 
     def addresses_changed(self) -> None:
-        """The host's addresses changed (netwatch): an up link compares its own at the next tick
-        and restarts ICE if one it uses is gone."""
+        """The host's addresses changed (netwatch): an up link compares its own at once and
+        restarts ICE if one it uses is gone."""
         self._addr_changed = True
+        self._check_soon()
 
     def rekey_now(self) -> bool:
         """Start a rekey at once (initiator only): used by tests and operators."""
         if not self.spec.controlling or self.state != State.UP or self.keys.handshaking:  # type: ignore[union-attr]
             return False
         self.keys.start()  # type: ignore[union-attr]
+        self._check_soon()                  # the initiation goes out from the next look
         return True
 
     # -- the supervisor -------------------------------------------------------------
@@ -324,6 +337,7 @@ class LinkWorker:
             raise AttemptEnded("peer sent no usable candidates")
         self.state = State.CHECKING
         path = await self._bounded(ice.connect(), self.timers.checks_timeout, "ICE checks")
+        ice.stop_consent()                  # the link's keepalives are the consent (docs/tunnel.md §5)
         self._use_path(path)
 
     def _use_path(self, path: Path) -> None:
@@ -340,45 +354,119 @@ class LinkWorker:
             raise AttemptEnded(f"{what}: {e}") from None
 
     async def _up(self) -> None:
-        """UP until the path dies: pings, dead-peer detection, rekeys, TURN refreshes, upgrades."""
-        t, keys = self.timers, self.keys
-        assert keys is not None
+        """UP until the path dies. Nothing ticks: ``_check`` runs on the process's timer wheel
+        at the link's next deadline (keepalive, dead path, rekey, handshake retry, expiry of
+        the replaced session, TURN channel refresh, upgrade probe, address poll), and sooner
+        when a send starts waiting for an answer (``Stats.kick``) or an event moves a deadline."""
+        st = self.stats
         self.state = State.UP
         self.up_since = time.monotonic()
-        self.stats.last_rx = max(self.stats.last_rx, self.up_since)
+        st.last_rx = max(st.last_rx, self.up_since)
+        st.tx_wait = 0.0
+        self._last_ping = 0.0
         self._emit({"kind": "up", "link_id": self.spec.link_id, "peer_id": self.spec.peer_id,
                     "tap": self.spec.tap, "attempt": self.attempt, **self.path.describe()})  # type: ignore[union-attr]
-        last_ping = last_addr = 0.0
-        self._last_probe = time.monotonic()   # the first direct probe one interval after up
-        addrs = self.ice.local_addresses() if self.ice else set()
-        tick = min(0.25, t.keepalive / 2)
-        while True:
-            now = time.monotonic()
-            age = now - self.stats.last_rx
-            if age > t.dead_after:
-                raise AttemptEnded(f"dead path: nothing authenticated for {age:.1f}s")
-            if now - last_ping >= t.keepalive:
-                last_ping = now
-                self.dp.send_control(bytes([codec.CTRL_PING]) + time.monotonic_ns().to_bytes(8, "big"))  # type: ignore[union-attr]
-            cur = self.dp.current  # type: ignore[union-attr]
-            if cur is not None and now - cur.created > t.reject_after:
+        self._last_probe = self._last_addr = time.monotonic()   # the first direct probe one interval after up
+        self._addrs = self.ice.local_addresses() if self.ice else set()
+        self._up_done = done = asyncio.get_running_loop().create_future()
+        st.check_within = self.timers.keepalive
+        st.kick = self._kick
+        try:
+            self._check()
+            await done
+        finally:
+            self._up_done = None
+            st.kick = None
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+
+    def _arm(self, at: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = wheel().call_at(at, self._check)
+        self.stats.check_at = at
+
+    def _kick(self, now: float) -> None:
+        """A send started waiting for an answer: look again within ``keepalive``."""
+        if self._up_done is not None:
+            self._arm(now + self.timers.keepalive)
+
+    def _check_soon(self) -> None:
+        """Something moved a deadline (a new session, an address change): look at once."""
+        if self._up_done is not None:
+            self._arm(time.monotonic())
+
+    def _check(self) -> None:
+        """One look at an up link (from the wheel): act on what is due, arm the next look."""
+        self._timer = None
+        done = self._up_done
+        if done is None or done.done():
+            return
+        try:
+            at = self._due(time.monotonic())
+        except AttemptEnded as e:
+            done.set_exception(e)
+            return
+        except Exception as e:                  # as the old loop: an error ends the attempt, not us
+            done.set_exception(AttemptEnded(f"{type(e).__name__}: {e}"))
+            return
+        self._arm(at)
+
+    def _due(self, now: float) -> float:
+        """Do what is due at ``now``; returns when the link must be looked at next."""
+        t, keys, dp, st = self.timers, self.keys, self.dp, self.stats
+        assert keys is not None and dp is not None
+        at: list[float] = []
+        cur = dp.current
+        if cur is not None:
+            if now - cur.created >= t.reject_after:
                 raise AttemptEnded("session expired without a rekey")
-            if self.spec.controlling:
-                if not keys.handshaking and cur is not None and now - cur.created > t.rekey_after:
-                    keys.start()
-                keys.tick(self.dp.send)  # type: ignore[union-attr]
-                self._maybe_probe(now)
-            self.dp.table.expire(now)  # type: ignore[union-attr]
-            if self.path and self.path.turn_inner is not None and now - self._channel_refreshed > TURN_CHANNEL_REFRESH:
+            at.append(cur.created + t.reject_after)
+        if self.spec.controlling:
+            if not keys.handshaking and cur is not None and now - cur.created >= t.rekey_after:
+                keys.start()
+            keys.tick(dp.send)
+            if keys.handshaking:
+                at.append(keys.next_retry)
+            elif cur is not None:
+                at.append(cur.created + t.rekey_after)
+            self._maybe_probe(now)
+            if self.path is not None and self.path.kind == "relay" and self._probe_task is None:
+                at.append(self._last_probe + self._probe_every)
+        dp.table.expire(now)
+        if dp.table.previous is not None:
+            at.append(dp.table.previous_until)
+        if self.path and self.path.turn_inner is not None:
+            if now - self._channel_refreshed >= TURN_CHANNEL_REFRESH:
                 self._channel_refreshed = now
                 self._spawn(self._refresh_channel(self.path))
-            if self._addr_changed or (self.poll_addresses and now - last_addr >= t.addr_poll):
-                last_addr, self._addr_changed = now, False
-                cur_addrs = set(host_addresses(list(DEFAULT_EXCLUDE) + list(self.spec.exclude_interfaces)
-                                               + [self.spec.tap], False))
-                if addrs and not addrs <= cur_addrs:
-                    raise AttemptEnded("local addresses changed: ICE restart")
-            await asyncio.sleep(tick)
+            at.append(self._channel_refreshed + TURN_CHANNEL_REFRESH)
+        if self._addr_changed or (self.poll_addresses and now - self._last_addr >= t.addr_poll):
+            self._last_addr, self._addr_changed = now, False
+            cur_addrs = set(host_addresses(list(DEFAULT_EXCLUDE) + list(self.spec.exclude_interfaces)
+                                           + [self.spec.tap], False))
+            if self._addrs and not self._addrs <= cur_addrs:
+                raise AttemptEnded("local addresses changed: ICE restart")
+        if self.poll_addresses:                  # only where the process has no netlink watch
+            at.append(self._last_addr + t.addr_poll)
+        due = keepalive_due(now, last_rx=st.last_rx, last_tx=st.last_tx, last_data_tx=st.last_data_tx,
+                            tx_wait=st.tx_wait, last_ping=self._last_ping, t=t, idle_every=self._idle_every)
+        if due.action == DEAD:
+            raise AttemptEnded(due.why)
+        if due.action == PING:
+            self._ping(now)
+        at.append(due.at)
+        return min(at)
+
+    def _ping(self, now: float) -> None:
+        """A ping (answered by a pong: liveness, RTT); it waits for an answer like data does."""
+        self._last_ping = now
+        st = self.stats
+        if self.dp.send_control(bytes([codec.CTRL_PING]) + time.monotonic_ns().to_bytes(8, "big")):  # type: ignore[union-attr]
+            st.pings += 1
+        if st.tx_wait <= st.last_rx:
+            st.tx_wait = now
 
     async def _refresh_channel(self, path: Path) -> None:
         try:
@@ -438,6 +526,7 @@ class LinkWorker:
         finally:
             self._probe_task = self._probe_answer = None
             self._probe_every = jitter(self.timers.upgrade_interval)
+            self._check_soon()
 
     async def _probe_controlled(self, offer: dict) -> None:
         attempt = self.attempt
@@ -457,6 +546,7 @@ class LinkWorker:
         if n == 0:
             raise AttemptEnded("peer sent no direct candidates")
         path = await self._bounded(probe.connect(), self.timers.checks_timeout, "probe checks")
+        probe.stop_consent()
         if path.kind != "direct":
             raise AttemptEnded(f"probe selected a {path.kind} pair")
         if attempt != self.attempt or self.state != State.UP or self.ice is None:
@@ -510,6 +600,7 @@ class LinkWorker:
                 return
             if self._from_peer(addr) and keys.on_response(data, addr):
                 self.dp.send_control(codec.CTRL_KEEPALIVE)    # confirms the session at the responder  # type: ignore[union-attr]
+                self._check_soon()
         else:
             self.stats.drops["handshake_unexpected"] += 1
 
@@ -524,6 +615,7 @@ class LinkWorker:
         """Responder: the initiator used the new session, so switch sending to it."""
         if self.keys is not None and self.keys.on_confirm(s):
             self._confirmed.set()
+            self._check_soon()
 
     # -- control messages --------------------------------------------------------------
     def _on_control(self, s: Session, plain: bytes) -> None:

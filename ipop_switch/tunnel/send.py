@@ -108,6 +108,7 @@ class Sender:
     # -- TAP -> UDP ------------------------------------------------------------
     def tap_readable(self) -> None:
         fd, st, vnet = self.tap_fd, self.stats, self.vnet
+        sent = st.tx_packets
         buf, view = self._rbuf, self._rview
         for _ in range(TAP_BURST):
             try:
@@ -160,7 +161,8 @@ class Sender:
             st.tx_frames += 1
             st.tx_packets += 1
             st.tx_bytes += len(frame)
-        st.last_tx = time.monotonic()
+        if st.tx_packets != sent:
+            st.data_sent(time.monotonic())
 
     def _send_super(self, s: Session, frame: memoryview, gtype: int, gso_size: int, cs: int,
                     fo: int = -1) -> None:
