@@ -24,10 +24,11 @@ import secrets
 
 from .. import proc
 from ..lab.services import XMPP_ADDR as SUPERNODE_ADDR     # the lab core's public address
-from .peers import N2N_NET, System, _counters
+from .peers import N2N_NET, UP_TIMEOUT, System, _counters
 
 SUPERNODE_PORT = 7654
 MTU = 1400
+DIRECT = "Operational peers list size=1"    # an edge's log line once it sends to the other directly
 
 
 class N2nEdge(System):
@@ -58,7 +59,12 @@ class N2nEdge(System):
             p = self._spawn(h, argv, d / f"{h}.log", env=env)
             (self.pids_a if h == self.a else self.pids_b).append(p.pid)
         self.addr_a, self.addr_b = f"{N2N_NET}.1", f"{N2N_NET}.2"
-        self._wait_ping("n2n")       # edges register with the supernode, then with each other
+        self._wait_ping("n2n")
+        # the first packets go through the supernode until the edges have registered with each
+        # other (about a second): measure from then on
+        logs = [d / f"{h}.log" for h in (self.a, self.b)]
+        proc.wait_for(lambda: all(DIRECT in f.read_text(errors="replace") for f in logs),
+                      timeout=UP_TIMEOUT, what=f"the n2n edges to register with each other (logs in {d})")
 
     def outer_udp_ok(self) -> bool:
         direct = _counters(self.lab, self.a, self.PORT)

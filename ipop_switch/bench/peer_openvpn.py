@@ -45,17 +45,18 @@ class OpenVpnTap(System):
             out = proc.run(["openssl", "x509", "-fingerprint", "-sha256", "-noout", "-in", str(d / f"{h}.crt")]).stdout
             fingerprint[h] = out.strip().split("=", 1)[1]
         self._count(self.PORT)
-        for idx, (h, peer, role) in enumerate(((self.a, self.b, "--tls-server"), (self.b, self.a, "--tls-client")), 1):
+        roles = ((self.a, self.b, ["--tls-server", "--dh", "none"]), (self.b, self.a, ["--tls-client"]))
+        for idx, (h, peer, role) in enumerate(roles, 1):
             argv = ["openvpn", "--dev", "ovpntap", "--dev-type", "tap", "--proto", "udp4",
                     "--local", self.lab.host(h).public_ip, "--lport", str(self.PORT),
                     "--remote", self.lab.host(peer).public_ip, "--rport", str(self.PORT),
                     "--ifconfig", f"{OPENVPN_NET}.{idx}", "255.255.255.0",
-                    role, "--cert", str(d / f"{h}.crt"), "--key", str(d / f"{h}.key"),
-                    "--peer-fingerprint", fingerprint[peer], "--dh", "none",
+                    *role, "--cert", str(d / f"{h}.crt"), "--key", str(d / f"{h}.key"),
+                    "--peer-fingerprint", fingerprint[peer],
                     "--data-ciphers", CIPHER, "--disable-dco", "--fast-io",
                     "--sndbuf", str(SOCKET_BUF), "--rcvbuf", str(SOCKET_BUF), "--txqueuelen", "1000",
                     "--tun-mtu", "1500", "--mssfix", "1492", "mtu",
-                    "--ping", "10", "--verb", "3"]
+                    "--verb", "3"]
             p = self._spawn(h, argv, d / f"{h}.log")
             (self.pids_a if h == self.a else self.pids_b).append(p.pid)
         self.addr_a, self.addr_b = f"{OPENVPN_NET}.1", f"{OPENVPN_NET}.2"
