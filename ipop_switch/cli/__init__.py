@@ -203,7 +203,8 @@ def lab_demo(keep: bool, json_path: str | None, guests: int, **kw) -> None:
 @cli.command()
 @click.option("--runs", default=3, show_default=True, type=click.IntRange(1, 20), help="rounds (each system measured once per round)")
 @click.option("--seconds", default=10.0, show_default=True, type=click.FloatRange(1, 120), help="length of each iperf3 run")
-@click.option("--systems", default=None, help="comma list (default: all available)")
+@click.option("--systems", default=None,
+              help="comma list of underlay, wireguard-go, tinc, nebula, openvpn, n2n, ipop-switch (default: all)")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="also write the results as JSON to this file ('-': stdout)")
 @click.option("--memory", is_flag=True, help="instead: memory of one node with 1, 8, 16 and 32 peers (33 nodes, minutes)")
 @click.option("--fuzz", "fuzz_minutes", type=click.FloatRange(0.01, 24 * 60), default=None,
@@ -219,7 +220,8 @@ def lab_demo(keep: bool, json_path: str | None, guests: int, **kw) -> None:
 def bench(runs: int, seconds: float, systems: str | None, json_path: str | None, memory: bool,
           fuzz_minutes: float | None, update: bool, faults: bool, only: str | None,
           soak_minutes: float | None, idle_links: int | None) -> None:
-    """Measure ipop-switch beside the underlay, wireguard-go and tinc, in one lab, interleaved."""
+    """Measure ipop-switch beside the underlay, wireguard-go, tinc, nebula, OpenVPN and n2n, in one lab,
+    interleaved; a peer that is not installed is skipped with a note."""
     if fuzz_minutes is not None:        # no lab, no root: a local build and one process
         from ..bench.fuzz import print_report, run_fuzz
         report = run_fuzz(fuzz_minutes, update=update, console=console)
