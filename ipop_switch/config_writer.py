@@ -19,7 +19,7 @@ from .config import Config, ConfigError
 
 # the order tables appear in; keys of a table keep the order they are given in
 _TABLES = ("node", "ovs")
-_SUBTABLES = ("xmpp", "ice")
+_SUBTABLES = ("xmpp", "ice", "dns", "topology")
 
 
 def _value(v: Any) -> str:

@@ -51,7 +51,7 @@ def render_status(st: dict, console: Console) -> None:
                       f"address {ov.get('address')}{' ' + ov['address6'] if ov.get('address6') else ''}; "
                       f"signaling {sig.get('state', '?')} ({sig.get('server', '')}), dropped messages: {drops}")
         t = Table(show_edge=False)
-        for col in ("peer", "name", "state", "path (local->remote candidate)", "remote address", "RTT",
+        for col in ("peer", "name", "role", "state", "path (local->remote candidate)", "remote address", "RTT",
                     "tx / rx", "drops", "handshake", "uptime"):
             t.add_column(col)
         for p in ov.get("peers", []):
@@ -65,7 +65,7 @@ def render_status(st: dict, console: Console) -> None:
             name = subject.split("CN=", 1)[1].split(",")[0] if "CN=" in subject else subject or "-"
             remote = (p.get("remote_addr") or "-").split()[-1]
             t.add_row(
-                p["node_id"][:12], name, f"[{color}]{state}[/]", path, remote,
+                p["node_id"][:12], name, p.get("role") or "-", f"[{color}]{state}[/]", path, remote,
                 f"{p['rtt_ms']:.2f} ms" if p.get("rtt_ms") is not None else "-",
                 f"{_bytes(p.get('tx_bytes'))} / {_bytes(p.get('rx_bytes'))}",
                 drops, _ago(p.get("last_handshake_s")), _dur(p.get("uptime_s")),
@@ -74,6 +74,15 @@ def render_status(st: dict, console: Console) -> None:
             console.print(t)
         else:
             console.print("  no peers yet")
+        topo = ov.get("topology")
+        if topo:
+            roles = ", ".join(f"{r} {n}" for r, n in sorted((topo.get("roles") or {}).items())) or "none"
+            far = topo.get("unreachable") or []
+            console.print(f"  topology: {topo.get('mode')}, {topo.get('members')} members, {topo.get('degree')} links "
+                          f"(max {topo.get('max_degree')}: {roles}); graph {topo.get('edges')} links, "
+                          f"{topo.get('reachable')} members reachable in at most {topo.get('max_hops')} hops"
+                          + (f", [red]{len(far)} unreachable[/]" if far else "")
+                          + (f"; refused {topo['refused_requests']} requests" if topo.get("refused_requests") else ""))
         if ov.get("guests"):
             render_guests(ov["guests"], console)
         refused = {k: v for k, v in (ov.get("switch") or {}).items()

@@ -645,6 +645,8 @@ class OverlaySwitch(app_manager.OSKenApp):
             return ch.ok(counters=self._counters())
         if op == "ports":
             return ch.ok(ports=self._ports())
+        if op == "owner_bytes":
+            return ch.ok(owners=self._owner_bytes())
         if op == "flows":
             with self.lock:
                 return ch.ok(flows=[{"cookie": r.cookie, "table": r.table, "priority": r.priority,
@@ -722,6 +724,30 @@ class OverlaySwitch(app_manager.OSKenApp):
                 c["flood_dropped"] += s.packet_count
         return c
 
+
+    def _owner_bytes(self) -> dict[str, int]:
+        """Bytes forwarded by the unicast pointer flows (table 3), summed per owner node of the
+        destination MAC: this node's traffic towards each member, transit included (frames it
+        forwards for others on their way there). The agent's on-demand links use it. Counts
+        restart when a flow is re-pointed (the agent takes a drop as a restart)."""
+        dp = self.dp
+        if dp is None:
+            return {}
+        kind_mask = 0x1F << 48
+        body = self._request(dp.ofproto_parser.OFPFlowStatsRequest(
+            dp, table_id=T_L2, cookie=K_POINTER << 48, cookie_mask=kind_mask)) or []
+        out: Counter = Counter()
+        with self.lock:
+            me = self.node_id
+            for s in body:
+                rec = self.flows.by_cookie(s.cookie)
+                if rec is None:
+                    continue
+                mac = rec.match.get("eth_dst")
+                e = self.macs.get(packets.mac_bytes(mac)) if isinstance(mac, str) else None
+                if e is not None and e.owner is not None and e.owner != me:
+                    out[e.owner] += s.byte_count
+        return dict(out)
 
     def _ports(self) -> dict[str, dict]:
         """Per local port: learned MACs, OVS port stats, drops by reason (see switch_channel)."""

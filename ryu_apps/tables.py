@@ -57,6 +57,10 @@ class FlowTable:
             self._by_cookie.pop(rec.cookie, None)
         return rec
 
+    def by_cookie(self, cookie: int) -> FlowRec | None:
+        key = self._by_cookie.get(cookie)
+        return None if key is None else self._by_key.get(key)
+
     def pop_cookie(self, cookie: int) -> FlowRec | None:
         """The flow a flow-removed message names, removed; None if already gone."""
         key = self._by_cookie.pop(cookie, None)

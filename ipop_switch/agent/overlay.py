@@ -1,11 +1,14 @@
 """One overlay on this node: its bridge and switch app, its signaling session, and
-the links to its peers (GroupVPN: all-to-all up to ``max_peers``).
+the links to its peers.
 
-Link supervision: a verified peer gets a link (a worker in the pool); the worker runs
-ICE, the handshake and its own retries, and tells us when its TAP carries traffic
-(port added to the bridge and announced to the switch app) and when it stops
-(port removed). Each node tells the others which links it has up (a signed
-``topology`` message), so the switch app floods over the real overlay graph.
+Which members get a link is the topology's decision (``agent/topology.py``: all-to-all
+up to ``topology.all_to_all_max`` members, a Symphony ring with on-demand links above).
+Link supervision: a link is a worker in the pool; the worker runs ICE, the handshake and
+its own retries, and tells us when its TAP carries traffic (port added to the bridge and
+announced to the switch app) and when it stops (port removed). Each node tells every
+member which links it has up (a signed link-state advertisement), so the switch app
+floods and forwards over the real overlay graph, through other members where two are
+not linked.
 """
 
 from __future__ import annotations
@@ -27,13 +30,15 @@ from ..config import OverlayConfig
 from ..errors import IpopError
 from ..identity.store import NodeIdentity
 from ..tunnel.messages import LinkSpec, TurnServer
+from ..topology import TopologyParams
 from ..tunnel.timers import Timers
+from .dns import dns_caps, start_dns
 from .guests import OverlayGuests
+from .topology import MESSAGE_TYPES as TOPOLOGY_TYPES, Hooks, OverlayTopology
 
 log = logging.getLogger("ipop_switch.agent")
 
 LINK_TYPES = ("link_offer", "link_answer", "link_close", "link_restart", "link_probe", "link_probe_answer")
-TOPOLOGY = "topology"
 SIGNALING_START_TIMEOUT = 15.0
 LINK_TIMERS_ENV = "IPSW_LINK_TIMERS"
 
@@ -87,8 +92,9 @@ class Overlay:
         self.index = index
         self.links: dict[str, PeerLink] = {}          # by peer node id
         self.by_link_id: dict[str, PeerLink] = {}
-        self.neighbours: dict[str, set[str]] = {}      # what each node says it is linked to
-        self.topology_seq = 0
+        self.topology: OverlayTopology | None = None
+        self.traffic_bytes: dict[str, int] = {}        # the switch app's bytes per member, last read
+        self.drops: dict[str, int] = {}                # link messages dropped here, by reason
         self.signaling = None
         self.switch: SwitchController | None = None
         self.bridge: OverlayBridge | None = None
@@ -101,6 +107,7 @@ class Overlay:
         self._counters_task: asyncio.Task | None = None
         self._tasks: list[asyncio.Task] = []
         self._lock = asyncio.Lock()
+        self.dns = None                               # the overlay's DNS responder ([overlay.dns], agent/dns.py)
 
     # -- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
@@ -124,17 +131,28 @@ class Overlay:
             self.port_watch = PortWatch(self.node.ovs, self._sync_ovs_ports)
             self.port_watch.start()
         self.signaling = make_signaling(self.cfg, self.me)
+        self.topology = OverlayTopology(self.node_id, topology_params(self.cfg), Hooks(
+            members=lambda: self.signaling.peers().keys(), send=self.signaling.send,
+            open_link=self._open_member, close_link=self._close_member,
+            up_links=self._my_neighbours, set_topology=self.switch.set_topology))
         if not await self.signaling.start(wait_online=SIGNALING_START_TIMEOUT):
             err = self.signaling.status().get("last_error") or "no answer"
             raise IpopError(f"overlay {self.cfg.name}: cannot reach the XMPP server "
                             f"{self.cfg.xmpp.server}:{self.cfg.xmpp.port} within {SIGNALING_START_TIMEOUT:.0f}s ({err})")
         self._tasks.append(asyncio.create_task(self._signaling_loop(), name=f"sig-{self.cfg.name}"))
         self._tasks.append(asyncio.create_task(self._watch_switch(), name=f"switch-{self.cfg.name}"))
+        self._tasks.append(asyncio.create_task(self._watch_traffic(), name=f"traffic-{self.cfg.name}"))
+        self.topology.start()
+        self.dns = await start_dns(self)
         log.info("event=overlay_up overlay=%s bridge=%s address=%s", self.cfg.name, self.cfg.bridge, self.cfg.address)
 
     async def stop(self) -> None:
+        if self.dns:
+            await self.dns.stop()
         for t in self._tasks:
             t.cancel()
+        if self.topology:
+            await self.topology.stop()
         for link in list(self.links.values()):
             await self._close_link(link, "shutdown", notify=True)
         if self.signaling:
@@ -201,14 +219,13 @@ class Overlay:
                     link = self.links.get(e.node_id)
                     if link:
                         await self._close_link(link, f"peer left: {e.reason}", notify=False)
-                    self.neighbours.pop(e.node_id, None)
-                    await self._push_topology()
+                    self.topology.member_left(e.node_id)
                 elif isinstance(e, ev.PeerMessage):
                     await self._peer_message(e.node_id, e.type, e.payload)
                 elif isinstance(e, ev.SessionState):
                     self.sig_state = "online" if e.online else f"offline ({e.detail})" if e.detail else "offline"
                     if e.online:
-                        await self._announce_topology()
+                        self.topology.poke()
                 elif isinstance(e, ev.SendFailed):
                     log.info("event=send_failed overlay=%s peer=%s type=%s reason=%s", self.cfg.name, e.node_id, e.type, e.reason)
             except asyncio.CancelledError:
@@ -220,10 +237,21 @@ class Overlay:
         link = self.links.get(peer.node_id)
         if link and changed and link.tunnel_public != peer.tunnel_public:
             await self._close_link(link, "peer certificate changed", notify=False)
-            link = None
-        if link is None:
-            await self._open_link(peer)
-        await self._announce_topology(to=peer.node_id)
+            if self.topology.knows(peer.node_id):       # still wanted: a new link with the new keys
+                await self._open_link(peer)
+        self.topology.member_appeared(peer.node_id)
+
+    async def _open_member(self, node_id: str) -> bool:
+        """The topology's hook: a link to this member (True: there is one now)."""
+        if node_id in self.links:
+            return True
+        peer = self.signaling.peer(node_id)
+        return peer is not None and await self._open_link(peer) is not None
+
+    async def _close_member(self, node_id: str, reason: str) -> None:
+        link = self.links.get(node_id)
+        if link is not None:
+            await self._close_link(link, reason, notify=True)
 
     async def _open_link(self, peer) -> PeerLink | None:
         if peer.node_id in self.links:
@@ -264,26 +292,32 @@ class Overlay:
         except Exception as e:
             log.warning("event=link_close_failed link=%s error=%s", link.link_id, e)
         log.info("event=link_closed overlay=%s peer=%s reason=%s", self.cfg.name, link.node_id, reason)
+        if self.topology is not None:
+            self.topology.link_closed(link.node_id)
 
     async def _peer_message(self, node_id: str, type_: str, payload: dict) -> None:
-        if type_ == TOPOLOGY:
-            nb = payload.get("neighbours")
-            if isinstance(nb, list) and all(isinstance(x, str) and len(x) == 32 for x in nb) and len(nb) <= 4096:
-                self.neighbours[node_id] = set(nb)
-                await self._push_switch_topology()
+        if type_ in TOPOLOGY_TYPES:
+            await self.topology.on_message(node_id, type_, payload)
             return
         if type_ not in LINK_TYPES:
             log.info("event=unknown_message overlay=%s peer=%s type=%s", self.cfg.name, node_id, type_)
+            self._drop("unknown_type")
             return
         link = self.links.get(node_id)
         if link is None:
-            peer = self.signaling.peer(node_id)
-            if peer is None or type_ == "link_close":
+            if type_ == "link_close":
                 return
-            link = await self._open_link(peer)
-            if link is None:
+            # a link the topology agreed to (the peer's worker may speak before our accept
+            # arrived there); anything else is a stale attempt: the peer is told to drop it
+            if not self.topology.knows(node_id) or not await self._open_member(node_id):
+                self._drop("link_unwanted")
+                await self.topology.drop_stale(node_id)
                 return
+            link = self.links[node_id]
         await self.node.pool.deliver(link.link_id, type_, payload)
+
+    def _drop(self, reason: str) -> None:
+        self.drops[reason] = self.drops.get(reason, 0) + 1
 
     # -- pool events (dispatched by the node by link id) ----------------------------------------
     async def on_pool_event(self, e) -> None:
@@ -302,7 +336,7 @@ class Overlay:
             link.ups += 1
             log.info("event=link_up overlay=%s peer=%s path=%s local=%s remote=%s", self.cfg.name, link.node_id,
                      link.path, link.local, link.remote)
-            await self._push_topology()
+            self.topology.link_up(link.node_id)
         elif e.kind == "path":      # a relayed link moved to a direct path (make before break)
             link.path, link.local, link.remote = d.get("path"), d.get("local"), d.get("remote")
             log.info("event=link_path overlay=%s peer=%s path=%s local=%s remote=%s", self.cfg.name, link.node_id,
@@ -313,7 +347,7 @@ class Overlay:
             link.up_since = None
             link.last_reason = d.get("reason", e.kind)
             log.info("event=link_down overlay=%s peer=%s reason=%s", self.cfg.name, link.node_id, link.last_reason)
-            await self._push_topology()
+            self.topology.link_down(link.node_id)
         elif e.kind == "error":
             log.warning("event=link_error overlay=%s peer=%s error=%s", self.cfg.name, link.node_id, d.get("error"))
 
@@ -338,37 +372,35 @@ class Overlay:
     def _my_neighbours(self) -> list[str]:
         return sorted(n for n, l in self.links.items() if l.state == "up")
 
-    async def _announce_topology(self, to: str | None = None) -> None:
-        payload = {"neighbours": self._my_neighbours(), "seq": self.topology_seq}
-        targets = [to] if to else [n for n in self.links]
-        for t in targets:
+    async def _watch_traffic(self) -> None:
+        """Bytes to each member (the switch app's unicast counters, by the owner of the
+        destination MAC) feed the topology's on-demand links. Only in a structured overlay
+        with on-demand links on: an all-to-all one has a link to everyone already."""
+        params = self.topology.params
+        if params.ondemand_threshold_bps <= 0:
+            return
+        last: dict[str, int] = {}
+        while True:
+            await asyncio.sleep(min(2.0, params.ondemand_window / 4))
+            if not params.structured(len(self.topology.members())):
+                last = {}
+                continue
             try:
-                await self.signaling.send(t, TOPOLOGY, payload)
+                now = await self.switch.owner_bytes()
             except Exception as e:
-                log.debug("event=topology_send_failed peer=%s error=%s", t, e)
-
-    async def _push_topology(self) -> None:
-        self.topology_seq += 1
-        await self._announce_topology()
-        await self._push_switch_topology()
-
-    async def _push_switch_topology(self) -> None:
-        """Edges both ends agree on (an edge one end says is down is left out), plus our own up links."""
-        mine = set(self._my_neighbours())
-        edges = {tuple(sorted((self.node_id, n))) for n in mine}
-        for a, nbs in self.neighbours.items():
-            for b in nbs:
-                if b == self.node_id:
-                    continue
-                if a in self.neighbours.get(b, set()):
-                    edges.add(tuple(sorted((a, b))))
-        await self.switch.set_topology(sorted(edges))
+                log.debug("event=owner_bytes_failed overlay=%s error=%s", self.cfg.name, e)
+                continue
+            delta = {o: n - last.get(o, 0) if n >= last.get(o, 0) else n for o, n in now.items()}
+            last = now
+            self.traffic_bytes = now
+            self.topology.traffic(delta)
 
     # -- status -----------------------------------------------------------------------------
     def snapshot(self) -> dict:
         now = time.monotonic()
         sig = self.signaling
         peers = []
+        roles = self.topology.policy.roles() if self.topology else {}
         for link in sorted(self.links.values(), key=lambda l: l.node_id):
             s = link.stats
             peers.append({
@@ -380,6 +412,7 @@ class Overlay:
                 "last_handshake_s": s.get("last_handshake_s"),
                 "uptime_s": round(now - link.up_since, 1) if link.up_since else None,
                 "port": link.tap if link.port else None, "ups": link.ups, "last_reason": link.last_reason,
+                "role": roles.get(link.node_id),
             })
         return {
             "name": self.cfg.name, "kind": self.cfg.kind, "bridge": self.cfg.bridge,
@@ -389,7 +422,23 @@ class Overlay:
             "peers": peers,
             "guests": self.guests.snapshot(self.switch_ports) if self.guests else [],
             "switch": self.switch_counters,
+            "topology": self.topology.snapshot() if self.topology else None,
+            "drops": dict(self.drops),
+            "dns": self.dns.status() if self.dns else None,
         }
+
+
+def topology_params(cfg: OverlayConfig) -> TopologyParams:
+    """The policy's parameters from ``[overlay.topology]``; a bad combination is one clear error."""
+    t = cfg.topology
+    try:
+        return TopologyParams(all_to_all_max=t.all_to_all_max, successors=t.successors, long_links=t.long_links,
+                              max_degree=min(t.max_degree, cfg.max_peers), ondemand_slots=t.ondemand_slots,
+                              ondemand_threshold_bps=t.ondemand_threshold_bps, ondemand_window=t.ondemand_window,
+                              ondemand_idle=t.ondemand_idle, max_new_links_per_min=t.max_new_links_per_min,
+                              min_link_age=t.min_link_age, cycle=t.cycle)
+    except ValueError as e:
+        raise IpopError(f"overlay {cfg.name}: [overlay.topology] {e} (max_peers {cfg.max_peers} caps max_degree)") from None
 
 
 def make_signaling(cfg: OverlayConfig, me):
@@ -397,5 +446,6 @@ def make_signaling(cfg: OverlayConfig, me):
     from ..signaling.config import SignalingConfig
     from ..signaling.session import SignalingSession
     scfg = SignalingConfig(jid=cfg.xmpp.jid, password=cfg.xmpp.secret(), server=cfg.xmpp.server,
-                           port=cfg.xmpp.port, ca_file=cfg.xmpp.ca_file, room=cfg.xmpp.room)
+                           port=cfg.xmpp.port, ca_file=cfg.xmpp.ca_file, room=cfg.xmpp.room,
+                           capabilities=dns_caps(cfg))
     return SignalingSession(me, scfg)

@@ -141,7 +141,8 @@ def run_idle(*, links: int = 32, seconds: float = 30.0, console: Console) -> dic
     try:
         with console.status(f"building a lab of {total} hosts ..."):
             lab.up()
-        group = LabGroup(lab, "idle", net=94, extra={"no_turn": True})
+        group = LabGroup(lab, "idle", net=94, extra={"no_turn": True,  # all-to-all: the cost of N links at one node
+                                                  "topology": {"all_to_all_max": 33, "max_degree": 32}})
         hosts = list(lab.hosts)
         first = hosts[0]
         for h in hosts:

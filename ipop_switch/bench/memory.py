@@ -60,7 +60,8 @@ def run_memory(*, console: Console, steps: tuple[int, ...] = (1, 8, 16, 32)) -> 
     try:
         with console.status(f"building a lab of {total} hosts ..."):
             lab.up()
-        group = LabGroup(lab, "mem", net=95, extra={"no_turn": True, "worker_processes": 1})
+        group = LabGroup(lab, "mem", net=95, extra={"no_turn": True, "worker_processes": 1,  # all-to-all: RSS per link
+                                                 "topology": {"all_to_all_max": 33, "max_degree": 32}})
         hosts = list(lab.hosts)
         first = hosts[0]
         for h in hosts:

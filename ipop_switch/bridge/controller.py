@@ -289,6 +289,11 @@ class SwitchController:
         stats, ``drops`` {dhcp, ra, spoof, macs_refused}, ``dhcp_trusted``, ``allowed_macs``."""
         return (await self._call({"op": "ports"}))["ports"]
 
+    async def owner_bytes(self) -> dict[str, int]:
+        """Bytes forwarded towards each other node (by the owner of the destination MAC;
+        transit included): what the topology's on-demand links are decided on."""
+        return (await self._call({"op": "owner_bytes"}))["owners"]
+
     async def status(self) -> dict[str, Any]:
         return await self._call({"op": "status"})
 

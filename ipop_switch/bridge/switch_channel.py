@@ -28,6 +28,8 @@ Requests (field ``op``):
 - ``ports``    -> {ports: {name: {ofport, macs, rx_frames, rx_bytes, tx_frames, tx_bytes,
                                   drops: {dhcp, ra, spoof, macs_refused}, dhcp_trusted, allowed_macs}}}
                   per local port (LOCAL under the bridge's name, and the guests' ports)
+- ``owner_bytes`` -> {owners: {node_id: bytes}}: bytes the unicast flows forwarded towards MACs
+                  owned by each other node (transit included), since those flows were installed
 """
 
 from __future__ import annotations
@@ -132,7 +134,7 @@ class SetTopology(_Msg):
 
 
 class Query(_Msg):
-    op: Literal["status", "counters", "flows", "macs", "ports"]
+    op: Literal["status", "counters", "flows", "macs", "ports", "owner_bytes"]
 
 
 Request = Annotated[

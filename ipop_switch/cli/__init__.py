@@ -217,9 +217,11 @@ def lab_demo(keep: bool, json_path: str | None, guests: int, **kw) -> None:
               help="instead: 8 nodes for this many minutes (traffic, rekeys, cuts); RSS, fds, flows sampled")
 @click.option("--idle", "idle_links", type=click.IntRange(1, 64), default=None, is_flag=False, flag_value=32,
               help="instead: CPU of one idle node with this many links (default 32), per process")
+@click.option("--scale", "scale_nodes", type=click.IntRange(9, 64), default=None, is_flag=False, flag_value=32,
+              help="instead: this many real nodes (default 32) in the structured overlay: convergence, idle CPU, RSS, on-demand")
 def bench(runs: int, seconds: float, systems: str | None, json_path: str | None, memory: bool,
           fuzz_minutes: float | None, update: bool, faults: bool, only: str | None,
-          soak_minutes: float | None, idle_links: int | None) -> None:
+          soak_minutes: float | None, idle_links: int | None, scale_nodes: int | None) -> None:
     """Measure ipop-switch beside the underlay, wireguard-go, tinc, nebula, OpenVPN and n2n, in one lab,
     interleaved; a peer that is not installed is skipped with a note."""
     if fuzz_minutes is not None:        # no lab, no root: a local build and one process
@@ -244,6 +246,9 @@ def bench(runs: int, seconds: float, systems: str | None, json_path: str | None,
         report = run_soak(soak_minutes, console=console)
         print_soak(report, console)
         failed = not report["ok"]
+    elif scale_nodes is not None:
+        from ..bench.scale import run_scale
+        report = run_scale(nodes=scale_nodes, console=console)
     elif idle_links is not None:
         from ..bench.idle import run_idle
         report = run_idle(links=idle_links, console=console)

@@ -96,6 +96,8 @@ class LabGroup:
                          "password": h.xmpp_password, "ca_file": self.lab.ca_cert},
                 "ice": ice,
             })
+            if self.extra.get("topology"):
+                overlays[-1]["topology"] = dict(self.extra["topology"])
         if attach:
             overlays[0]["attach"] = attach
         cfg = ndir / "node.toml"
