@@ -20,13 +20,14 @@ from ..tunnel import accel
 from ..config import Config
 from ..errors import IpopError
 from ..netwatch import AddressWatch
+from .reload import Reloader
 from .status import StatusServer
 
 log = logging.getLogger("ipop_switch.agent")
 
 
 class Node:
-    def __init__(self, cfg: Config, *, netns: str | None = None) -> None:
+    def __init__(self, cfg: Config, *, netns: str | None = None, config_path: Path | str | None = None) -> None:
         self.cfg = cfg
         self.netns = netns
         self.started = time.monotonic()
@@ -41,6 +42,7 @@ class Node:
         self._tasks: list[asyncio.Task] = []
         self.node_id = "?"
         self.watch = AddressWatch()     # the host's address changes, for signaling (links watch their own)
+        self.reloader = Reloader(self, config_path)     # SIGHUP: apply what can change live (agent/reload.py)
 
     # -- lifecycle --------------------------------------------------------------------
     async def run(self) -> None:
@@ -48,6 +50,7 @@ class Node:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reloader.request)
         try:
             await self.start()
             log.info("event=node_up node=%s overlays=%s", self.node_id, ",".join(o.cfg.name for o in self.overlays))

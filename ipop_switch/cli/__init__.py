@@ -51,16 +51,15 @@ DEFAULT_CONFIG = "/etc/ipop-switch/node.toml"
 def up(config_path: str, pidfile: str | None) -> None:
     """Run the node: OVS, the OpenFlow app, signaling, links; until SIGTERM or Ctrl-C."""
     import asyncio
-    import logging
 
+    from ..agent.logs import setup_logging
     from ..agent.node import Node
     from ..config import load_config
     from ..proc import require_root
 
     cfg = load_config(config_path)
     require_root()
-    logging.basicConfig(level=cfg.node.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    setup_logging(cfg.node.log_level)      # one line per event; journald's timestamps under systemd
     if pidfile:
         Path(pidfile).write_text(f"{os.getpid()}\n")
     try:
@@ -69,7 +68,7 @@ def up(config_path: str, pidfile: str | None) -> None:
     except ImportError:
         runner = asyncio.run
     try:
-        runner(Node(cfg).run())
+        runner(Node(cfg, config_path=config_path).run())
     finally:
         if pidfile:
             Path(pidfile).unlink(missing_ok=True)
@@ -297,7 +296,9 @@ def deploy_vagrant(nodes: int, signal_ip: str, node_ips: str, out: str, group: s
 from .identity import COMMANDS as _identity_commands  # noqa: E402
 from .guests import COMMANDS as _guest_commands  # noqa: E402
 from .sim import COMMANDS as _sim_commands  # noqa: E402
-for _c in [*_identity_commands, *_guest_commands, *_sim_commands]:
+from .dns import COMMANDS as _dns_commands  # noqa: E402
+from .service import COMMANDS as _service_commands  # noqa: E402
+for _c in [*_identity_commands, *_guest_commands, *_sim_commands, *_dns_commands, *_service_commands]:
     cli.add_command(_c)
 
 
