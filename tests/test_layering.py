@@ -35,8 +35,10 @@ ALLOWED: dict[str, set[str]] = {
     "ryu_apps": {"bridge.switch_channel"},     # the channel messages and nothing else of ours
     "topology": {"ryu_apps.flood"},           # pure policy and link-state; the simulator runs the flood plan
     "naming": set(),                          # the name table and DNS responder: pure, fed by the agent
+    "social": set(),                          # SocialVPN state: pins, address book, friend list; pure
     # the one place that joins the parts
-    "agent": {"config", "identity", "signaling", "tunnel", "bridge", "status_client", "topology", "naming"},
+    "agent": {"config", "identity", "signaling", "tunnel", "bridge", "status_client", "topology", "naming",
+              "social"},
     # above the agent: they talk to nodes only through status_client, the CLI or the config
     "lab": {"servers", "identity", "config_writer", "bridge", "status_client", "render"},
     "deploy": {"servers", "identity", "config_writer"},
