@@ -172,7 +172,7 @@ def run_bench(*, systems: list[str], runs: int = 3, seconds: float = 10.0, conso
 
 def print_table(report: dict, console: Console) -> None:
     res = report["results"]
-    t = Table(title=f"TCP throughput (Mbit/s, {report['runs']} runs of {report['seconds']:.0f} s: median [min-max]), "
+    t = Table(title=f"TCP throughput (Mbit/s, {report['runs']} runs of {report['seconds']:.0f} s: median \\[min-max]), "
                     "ping RTT, CPU (cores busy, both ends)")
     for col in ("system", "TCP 1 stream", "TCP 4 streams", "ping ms", "CPU", "RSS MB", "notes"):
         t.add_column(col)
