@@ -22,7 +22,8 @@ LIVE_OVERLAY_FIELDS = {"attach"}
 
 
 def plan(old: Config, new: Config) -> tuple[list[str], list[str]]:
-    """(what applies live, what needs a restart), as dotted config names; pure."""
+    """(what applies live, what needs a restart) as config names without spaces
+    (``node.log_level``, ``overlay[demo].attach``, ``overlay[x]:added``); pure."""
     live, restart = [], []
     for f in _node_fields(old, new):
         (live if f in LIVE_NODE_FIELDS else restart).append(f"node.{f}")
@@ -30,12 +31,12 @@ def plan(old: Config, new: Config) -> tuple[list[str], list[str]]:
         restart.append("ovs")
     olds = {o.name: o for o in old.overlay}
     news = {o.name: o for o in new.overlay}
-    restart += [f"overlay {n} added" for n in news if n not in olds]
-    restart += [f"overlay {n} removed" for n in olds if n not in news]
+    restart += [f"overlay[{n}]:added" for n in news if n not in olds]
+    restart += [f"overlay[{n}]:removed" for n in olds if n not in news]
     for name in [n for n in news if n in olds]:
         for f in OverlayConfig.model_fields:
             if getattr(olds[name], f) != getattr(news[name], f):
-                (live if f in LIVE_OVERLAY_FIELDS else restart).append(f"overlay {name}.{f}")
+                (live if f in LIVE_OVERLAY_FIELDS else restart).append(f"overlay[{name}].{f}")
     return live, restart
 
 
@@ -82,8 +83,7 @@ class Reloader:
             log.info("event=config_reloaded path=%s applied=%s restart_needed=%s errors=%d", self.path,
                      ",".join(live) or "-", ",".join(restart) or "-", len(errors))
             if restart:
-                log.warning("event=restart_needed changed=\"%s\" (not applied until 'systemctl restart ipop-switch')",
-                            ", ".join(restart))
+                log.warning("event=restart_needed changed=%s (not applied until the agent restarts)", ",".join(restart))
             return {"ok": not errors, "applied": live, "restart_needed": restart, "errors": errors}
 
     async def _guests(self, ov, ncfg: OverlayConfig) -> list[str]:
@@ -91,6 +91,8 @@ class Reloader:
         changed, or one that failed before); the overlay's config then holds the new list."""
         from .guests import spec_of
         if ov.guests is None:
+            log.error("event=reload_attach_failed overlay=%s error=\"the overlay is still starting: send SIGHUP "
+                      "again once it is up\"", ov.cfg.name)
             return [f"overlay {ov.cfg.name} is not started"]
         old = {g.name: g for g in ov.cfg.attach}
         new = {g.name: g for g in ncfg.attach}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections import Counter
 from typing import Callable
 
@@ -59,9 +60,14 @@ class DnsResponder:
         """Bind every listen address; the first that fails closes the others and raises one line."""
         loop = asyncio.get_running_loop()
         for host, port in self.listen:
+            # bound here, not by the loop: uvloop's error for a taken address has no errno
+            sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
             try:
-                t, _ = await loop.create_datagram_endpoint(lambda: _Protocol(self), local_addr=(host, port))
+                sock.setblocking(False)
+                sock.bind((host, port))
+                t, _ = await loop.create_datagram_endpoint(lambda: _Protocol(self), sock=sock)
             except OSError as e:
+                sock.close()
                 await self.stop()
                 hint = " (another DNS server there? set [overlay.dns] port or listen)" if e.errno == 98 else ""
                 raise IpopError(f"dns: cannot listen on {_fmt(host, port)}: {e.strerror or e}{hint}") from None
