@@ -27,6 +27,7 @@ ALLOWED: dict[str, set[str]] = {
     "servers": set(),                 # signaling servers' configs and CA (lab and deploy)
     "status_client": set(),           # the agent's status socket, seen from outside
     "render": set(),                  # status documents as tables
+    "progress": set(),                # stage lines on long steps (rich only)
     # the parts
     "identity": set(),
     "signaling": {"identity"},
@@ -40,9 +41,9 @@ ALLOWED: dict[str, set[str]] = {
     "agent": {"config", "identity", "signaling", "tunnel", "bridge", "status_client", "topology", "naming",
               "social"},
     # above the agent: they talk to nodes only through status_client, the CLI or the config
-    "lab": {"servers", "identity", "config_writer", "bridge", "status_client", "render"},
+    "lab": {"servers", "identity", "config_writer", "bridge", "status_client", "render", "progress"},
     "deploy": {"servers", "identity", "config_writer"},
-    "bench": {"lab", "status_client", "render"},
+    "bench": {"lab", "status_client", "render", "progress"},
     "cli": {"*"},
     # test helpers: anything of the package, no test module
     "tests.helpers": {"*"},

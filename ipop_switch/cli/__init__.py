@@ -129,13 +129,18 @@ def lab_options(f):
 
 @lab.command("up")
 @lab_options
-def lab_up(**kw) -> None:
+@click.option("--json", "as_json", is_flag=True, help="print the lab's status as JSON (no stage lines)")
+def lab_up(as_json: bool, **kw) -> None:
     """Build the lab and start its services; it stays up until 'lab down'."""
     from ..lab import Lab
+    from ..progress import spinner
     from ..render import render_lab
     t0 = time.monotonic()
-    with console.status("building the lab ..."):
+    with spinner(Console(quiet=True) if as_json else console, "building the lab ..."):
         lab_ = Lab(_spec(**kw), tied=False).up()
+    if as_json:
+        click.echo(json.dumps({**lab_.status(), "up_s": round(time.monotonic() - t0, 1)}, indent=1))
+        return
     console.print(f"lab [bold]{lab_.spec.name}[/] up in {time.monotonic() - t0:.1f}s")
     render_lab(lab_.status(), console)
 
@@ -144,16 +149,25 @@ def lab_up(**kw) -> None:
 @click.option("--name", default="lab", show_default=True)
 @click.option("--all", "all_", is_flag=True, help="every lab on this machine")
 @click.option("--orphans", is_flag=True, help="the labs of test runs, demos and benches that were killed")
-def lab_down(name: str, all_: bool, orphans: bool) -> None:
+@click.option("--json", "as_json", is_flag=True, help="print what was removed as JSON (no stage lines)")
+def lab_down(name: str, all_: bool, orphans: bool, as_json: bool) -> None:
     """Remove everything a lab made (also after a crash)."""
     from ..lab import destroy_lab, list_labs, orphaned_labs
+    from ..progress import spinner
     from ..proc import require_root
     require_root()
     names = list_labs() if all_ else orphaned_labs() if orphans else [name]
-    for n in names:
-        removed = destroy_lab(n)
-        click.echo(f"lab {n}: removed {len([r for r in removed if r.startswith('netns')])} namespaces, "
-                   f"{len([r for r in removed if r.startswith('pid')])} processes")
+    out = {}
+    with spinner(Console(quiet=True) if as_json else console, f"removing {len(names)} lab(s) ..."):
+        for n in names:
+            removed = destroy_lab(n)
+            out[n] = {"namespaces": len([r for r in removed if r.startswith("netns")]),
+                      "processes": len([r for r in removed if r.startswith("pid")])}
+            if not as_json:
+                console.print(f"lab {n}: removed {out[n]['namespaces']} namespaces, {out[n]['processes']} processes",
+                              highlight=False)
+    if as_json:
+        click.echo(json.dumps(out, indent=1))
 
 
 @lab.command("status")
@@ -224,42 +238,45 @@ def bench(runs: int, seconds: float, systems: str | None, json_path: str | None,
     """Measure ipop-switch beside the underlay, wireguard-go, tinc, nebula, OpenVPN and n2n, in one lab,
     interleaved; a peer that is not installed is skipped with a note."""
     if fuzz_minutes is not None:        # no lab, no root: a local build and one process
+        out = console if json_path != "-" else Console(stderr=True)
         from ..bench.fuzz import print_report, run_fuzz
-        report = run_fuzz(fuzz_minutes, update=update, console=console)
-        print_report(report, console)
+        report = run_fuzz(fuzz_minutes, update=update, console=out)
+        print_report(report, out)
         if json_path == "-":
             click.echo(json.dumps(report, indent=1))
         elif json_path:
             Path(json_path).write_text(json.dumps(report, indent=1))
         sys.exit(1 if report["crashes"] else 0)
+    from ..progress import json_console
     from ..proc import require_root
     require_root()
+    out = json_console(console, json_path == "-")     # '--json -': tables and stage lines on stderr
     failed = False
     if faults:
         from ..bench.faults import print_faults, run_faults
-        report = run_faults(console=console, only=only.split(",") if only else None)
-        print_faults(report, console)
+        report = run_faults(console=out, only=only.split(",") if only else None)
+        print_faults(report, out)
         failed = not report["ok"]
     elif soak_minutes is not None:
         from ..bench.soak import print_soak, run_soak
-        report = run_soak(soak_minutes, console=console)
-        print_soak(report, console)
+        report = run_soak(soak_minutes, console=out)
+        print_soak(report, out)
         failed = not report["ok"]
     elif scale_nodes is not None:
         from ..bench.scale import run_scale
-        report = run_scale(nodes=scale_nodes, console=console)
+        report = run_scale(nodes=scale_nodes, console=out)
     elif idle_links is not None:
         from ..bench.idle import run_idle
-        report = run_idle(links=idle_links, console=console)
+        report = run_idle(links=idle_links, console=out)
     elif memory:
         from ..bench.memory import run_memory
-        report = {"memory": run_memory(console=console)}
+        report = {"memory": run_memory(console=out)}
     else:
         from ..bench.run import PEERS, print_table, run_bench
         from ..bench import systems as extra
         names = systems.split(",") if systems else [*PEERS, *extra.available()]
-        report = run_bench(systems=names, runs=runs, seconds=seconds, console=console, extra_systems=extra.available())
-        print_table(report, console)
+        report = run_bench(systems=names, runs=runs, seconds=seconds, console=out, extra_systems=extra.available())
+        print_table(report, out)
     if json_path == "-":
         click.echo(json.dumps(report, indent=1))
     elif json_path:

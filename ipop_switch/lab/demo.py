@@ -19,6 +19,7 @@ import time
 from rich.console import Console
 from rich.table import Table
 
+from ..progress import Stages, stage
 from ..render import render_lab, render_status
 from . import services
 from .lab import Lab
@@ -65,6 +66,7 @@ def guest_matrix(lab: Lab, hosts: list[str], n: int, console: Console, result: d
     result["guest_ping_ms"] = {}
     for i, a in enumerate(hosts, 1):
         for j in range(1, n + 1):
+            stage(f"{a}g{j}")
             row = []
             for k, b in enumerate(hosts, 1):
                 if k == i:
@@ -85,25 +87,29 @@ def run_demo(spec: LabSpec, *, console: Console, keep: bool = False, guests: int
     lab = Lab(spec)
     result: dict = {}
     group: LabGroup | None = None
+    # stage lines on a terminal: build, NATs, nodes, pings, (guests), iperf3, (teardown)
+    stages = Stages(console, total=5 + bool(guests) + (not keep))
     try:
-        with console.status("building the lab (namespaces, NAT routers, Prosody, coturn) ..."):
+        with stages("building the lab (namespaces, NAT routers, Prosody, coturn) ..."):
             lab.up()
         console.print(f"[bold]lab {spec.name} up in {time.monotonic() - t0:.1f}s[/]")
         render_lab(lab.status(), console)
         t = Table(title="NAT behaviour seen from each host (STUN from local port 40000)")
         for col in ("host", "NAT", "mapped via 198.18.0.2", "mapped via 198.18.0.3", "mapping"):
             t.add_column(col)
-        for name, h in lab.hosts.items():
-            m = nat_probe(lab, name)["mapped"]
-            fmt = lambda a: f"{a[0]}:{a[1]}" if a else "-"
-            t.add_row(name, h.nat, fmt(m[0]), fmt(m[1]), describe_mapping(m))
+        with stages("STUN from every host: how each NAT maps ...") as update:
+            for i, (name, h) in enumerate(lab.hosts.items(), 1):
+                update(f"{i}/{len(lab.hosts)} {name}")
+                m = nat_probe(lab, name)["mapped"]
+                fmt = lambda a: f"{a[0]}:{a[1]}" if a else "-"
+                t.add_row(name, h.nat, fmt(m[0]), fmt(m[1]), describe_mapping(m))
         console.print(t)
 
         group = LabGroup(lab, "demo")
         for i, h in enumerate(lab.hosts, 1):
             group.add(h, index=i, attach=guest_tables(lab, h, i, guests) if guests else None)
         start = time.monotonic()
-        with console.status(f"starting {len(group.nodes)} GroupVPN nodes (ipop-switch up) and waiting for their links ..."):
+        with stages(f"starting {len(group.nodes)} GroupVPN nodes (ipop-switch up) and waiting for their links ..."):
             for h in group.nodes:
                 group.start(h)
             hosts = list(group.nodes)
@@ -124,22 +130,25 @@ def run_demo(spec: LabSpec, *, console: Console, keep: bool = False, guests: int
             m.add_column(f"{h} {group.nodes[h].ip}")
         ok = True
         result["ping_ms"] = {}
-        for a in hosts:
-            row = []
-            for b in hosts:
-                if a == b:
-                    row.append("-")
-                    continue
-                r4, r6 = ping(lab, a, group.nodes[b].ip), ping(lab, a, group.nodes[b].ip6)
-                ok &= r4 is not None and r6 is not None
-                result["ping_ms"][f"{a}->{b}"] = [r4, r6]
-                row.append(" / ".join(f"{r:.2f}" if r is not None else "[red]FAIL[/]" for r in (r4, r6)))
-            m.add_row(a, *row)
+        with stages("pinging every pair over the overlay, IPv4 and IPv6 ...") as update:
+            for a in hosts:
+                row = []
+                for b in hosts:
+                    if a == b:
+                        row.append("-")
+                        continue
+                    update(f"{a} -> {b}")
+                    r4, r6 = ping(lab, a, group.nodes[b].ip), ping(lab, a, group.nodes[b].ip6)
+                    ok &= r4 is not None and r6 is not None
+                    result["ping_ms"][f"{a}->{b}"] = [r4, r6]
+                    row.append(" / ".join(f"{r:.2f}" if r is not None else "[red]FAIL[/]" for r in (r4, r6)))
+                m.add_row(a, *row)
         console.print(m)
         if guests:
-            ok &= guest_matrix(lab, hosts, guests, console, result)
+            with stages(f"guests: {guests} per node, pinging each other across the overlay ..."):
+                ok &= guest_matrix(lab, hosts, guests, console, result)
         a, b = hosts[0], hosts[1]
-        with console.status(f"iperf3 {a} -> {b} over the overlay (5 s) ..."):
+        with stages(f"iperf3 {a} -> {b} over the overlay (5 s) ..."):
             mbit = iperf(lab, a, b, group.nodes[b].ip)
         result["iperf_mbit"] = round(mbit, 1) if mbit else None
         console.print(f"iperf3 TCP {a} -> {b} over the overlay: " + (f"[bold]{mbit:.0f} Mbit/s[/]" if mbit else "[red]failed[/]"))
@@ -149,7 +158,7 @@ def run_demo(spec: LabSpec, *, console: Console, keep: bool = False, guests: int
         if keep:
             console.print(f"lab left up: 'ipop-switch lab down --name {spec.name}' removes it")
         else:
-            with console.status("stopping the nodes and tearing the lab down ..."):
+            with stages("stopping the nodes and tearing the lab down ..."):
                 if group:
                     group.stop_all()
                 lab.down()

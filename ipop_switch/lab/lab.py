@@ -23,6 +23,7 @@ from pathlib import Path
 
 from .. import proc
 from ..errors import IpopError
+from ..progress import stage
 from . import nat, services
 from .netns import NS_PREFIX, Namespaces, ip as _ip, list_namespaces, ns_name, sysctl as _sysctl
 from .spec import LabSpec, SiteSpec
@@ -98,8 +99,10 @@ class Lab:
         self.dir.mkdir(parents=True, exist_ok=True)
         self._save()  # so that a crash half-way is still cleaned up by down
         try:
+            stage("core router")
             self._build_core()
             for i, site in enumerate(self.spec.sites, start=1):
+                stage(f"site {i}/{len(self.spec.sites)} {site.name} ({site.nat})")
                 self._build_site(i, site)
             self._start_services()
             self._save()
@@ -307,12 +310,15 @@ class Lab:
         services.make_lab_ca(self.dir / "ca")
         pros = services.Prosody(self.dir / "prosody", self.core_ns, self.dir / "ca")
         pros.write_config()
+        stage(f"XMPP accounts for {len(self.hosts)} hosts")
         for h in self.hosts.values():
             pros.register(h.xmpp_user, h.xmpp_password)
         self.turn_password = services.new_password()
         self._save()
+        stage("starting Prosody")
         self.pids["prosody"] = pros.start(tied=self.tied)
         self._save()
+        stage("starting coturn")
         turn = services.Coturn(self.dir / "coturn", self.core_ns, TURN_USER, self.turn_password)
         self.pids["coturn"] = turn.start(tied=self.tied)
         self._save()
@@ -382,6 +388,7 @@ def destroy_lab(name: str, *, state_root: Path = STATE_ROOT) -> list[str]:
     prefix = ns_name(name, "")
     namespaces = [ns for ns in list_namespaces() if ns.startswith(prefix)]
     # 1. daemons named in pid files under the lab's state (Prosody, coturn, OVS, agents)
+    stage(f"{name}: stopping daemons")
     for pidfile in ldir.rglob("*.pid") if ldir.exists() else []:
         pid = proc.read_pidfile(pidfile)
         if pid and proc.alive(pid) and _runs_a_lab_daemon(pid):
@@ -394,7 +401,8 @@ def destroy_lab(name: str, *, state_root: Path = STATE_ROOT) -> list[str]:
             proc.terminate(pid, grace=1.0)
             removed.append(f"pid {pid} in {ns}")
     # 3. the namespaces: deleting one removes its interfaces and peers of its veths
-    for ns in namespaces:
+    for i, ns in enumerate(namespaces, 1):
+        stage(f"{name}: namespace {i}/{len(namespaces)}")
         proc.run(["ip", "netns", "del", ns], check=False)
         removed.append(f"netns {ns}")
     if ldir.exists():
