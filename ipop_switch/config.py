@@ -106,6 +106,8 @@ class AttachConfig(_Strict):
     addresses: list[str] = Field(default_factory=list, description="static addresses inside the namespace, CIDR")
     dhcp_server: bool = Field(False, description="DHCP server messages from this guest are let through (one per overlay)")
     lock_mac: bool = Field(False, description="the guest may only send from its own MAC")
+    moved: bool = Field(False, description="the guest moved here from another node with its MAC (a migrated VM, "
+                        "a re-created container): its MAC still known elsewhere is not a conflict")
 
     @field_validator("addresses")
     @classmethod

@@ -26,7 +26,7 @@ def spec_of(cfg: AttachConfig | dict) -> GuestSpec:
     c = cfg if isinstance(cfg, AttachConfig) else AttachConfig.model_validate(cfg)
     return GuestSpec(name=c.name, netns=c.netns, pid=c.pid, interface=c.interface, ifname=c.ifname,
                      mac=c.mac, mtu=c.mtu, addresses=tuple(c.addresses), dhcp_server=c.dhcp_server,
-                     lock_mac=c.lock_mac)
+                     lock_mac=c.lock_mac, moved=c.moved)
 
 
 class OverlayGuests:
@@ -40,7 +40,9 @@ class OverlayGuests:
 
     async def attach(self, spec: GuestSpec) -> Guest:
         async with self._lock:
-            in_use = await self._macs_in_use() if spec.mac else {}
+            # a guest that moved here is still known at its old place until it speaks from here
+            # (then every node re-points to it): only this node's own guests conflict
+            in_use = await self._macs_in_use() if spec.mac and not spec.moved else {}
             guest = await asyncio.to_thread(self.ports.attach, spec, macs_in_use=in_use)
             try:
                 await self._tell_switch(guest)

@@ -50,6 +50,7 @@ class GuestSpec:
     addresses: tuple[str, ...] = ()
     dhcp_server: bool = False
     lock_mac: bool = False
+    moved: bool = False             # came from another node: its MAC seen elsewhere is not a conflict
 
     @property
     def kind(self) -> str:
@@ -129,7 +130,8 @@ class GuestPorts:
             owner = (macs_in_use or {}).get(mac) or next(
                 (f"guest {g.spec.name}" for g in self.guests.values() if g.mac == mac), None)
             if owner:
-                raise GuestError(f"guest {spec.name}: MAC {mac} is already in use on overlay {self.overlay} ({owner})")
+                raise GuestError(f"guest {spec.name}: MAC {mac} is already in use on overlay {self.overlay} ({owner}); "
+                                 f"if the guest moved here from another node, attach it with --moved (moved = true)")
         guest = self._attach_netns(spec, mac) if spec.kind == "netns" else self._attach_interface(spec)
         self.guests[spec.name] = guest
         return guest

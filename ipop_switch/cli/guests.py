@@ -39,13 +39,16 @@ def _send(config_path: str, sock: str | None, cmd: dict) -> dict:
 @click.option("--address", "addresses", multiple=True, help="a static address inside the namespace, CIDR (repeatable)")
 @click.option("--dhcp-server", is_flag=True, help="this guest is the overlay's DHCP server (others' offers are dropped)")
 @click.option("--lock-mac", is_flag=True, help="the guest may only send from its own MAC")
+@click.option("--moved", is_flag=True, help="the guest moved here from another node with its MAC (a migrated VM, "
+              "a re-created container): its MAC still known there is not a conflict")
 @_json
 def attach(config_path, sock, overlay, name, netns, pid, interface, ifname, mac, mtu, addresses,
-           dhcp_server, lock_mac, as_json) -> None:
+           dhcp_server, lock_mac, moved, as_json) -> None:
     """Plug a guest into the overlay's bridge: a namespace or container (a veth pair, one end
     inside) or an existing interface."""
     guest = {"name": name, "netns": netns, "pid": pid, "interface": interface, "ifname": ifname, "mac": mac,
-             "mtu": mtu, "addresses": list(addresses), "dhcp_server": dhcp_server, "lock_mac": lock_mac}
+             "mtu": mtu, "addresses": list(addresses), "dhcp_server": dhcp_server, "lock_mac": lock_mac,
+             "moved": moved or None}
     ans = _send(config_path, sock, {"cmd": "attach", "overlay": overlay,
                                     "guest": {k: v for k, v in guest.items() if v is not None}})
     if as_json:
