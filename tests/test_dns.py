@@ -266,3 +266,29 @@ def test_two_overlays_on_one_loopback_are_refused():
     two = {**one, "name": "other", "address": "100.98.0.1/16"}
     with pytest.raises(Exception, match="127.53.1.1:53"):
         Config.model_validate({"overlay": [one, two]})
+
+
+# -- status and metrics ------------------------------------------------------------------
+def test_status_line_and_metrics_show_the_responder():
+    from io import StringIO
+
+    from rich.console import Console
+
+    from ipop_switch.agent.metrics import StatusCollector
+    from ipop_switch.render import render_status
+    r = responder()
+    ask(r, f"alpha.{ZONE}")
+    ask(r, f"nobody.{ZONE}")
+    r.respond(b"junk")
+    st = {"node": {"node_id": "ab" * 16}, "overlays": [{
+        "name": "demo", "bridge": "ipswdemo", "address": "100.99.0.1/16", "signaling": {}, "peers": [],
+        "dns": r.status()}]}
+    c = Console(file=StringIO(), width=250)
+    render_status(st, c)
+    line = next(l for l in c.file.getvalue().splitlines() if "dns:" in l)
+    for want in (ZONE, "1 answered", "1 NXDOMAIN", "dropped: malformed 1", "names claimed twice: alpha"):
+        assert want in line, (want, line)
+    fams = {f.name: f for f in StatusCollector(lambda: st).collect()}
+    q = {s.labels["kind"]: s.value for s in fams["ipsw_dns_queries"].samples if s.name.endswith("_total")}
+    d = {s.labels["reason"]: s.value for s in fams["ipsw_dns_drops"].samples if s.name.endswith("_total")}
+    assert q["answers"] == 1 and q["nxdomain"] == 1 and d == {"malformed": 1}

@@ -127,6 +127,13 @@ def test_unknown_names_other_domains_and_malformed_queries(world):
     st = g.status(host)["overlays"][0]["dns"]
     assert st["drops"].get("malformed", 0) == before + 1, st
     assert st["zone"] == ZONE and st["names"] >= 2 * len(HOSTS) and st["nxdomain"] >= 2 and st["refused"] >= 1
+    # 'ipop-switch dns --check' asks the running responder, and prints the resolved commands
+    r = lab.exec(host, [sys.executable, "-m", "ipop_switch.cli", "dns", "-c", str(g.nodes[host].config), "--check",
+                        "--json"], check=False, timeout=30)
+    assert r.returncode == 0, r.stderr
+    adv = json.loads(r.stdout)[0]
+    assert adv["check"]["ok"] and adv["zone"] == ZONE, adv
+    assert adv["resolved"] == [f"resolvectl dns ipsw{OVERLAY} {ip}", f"resolvectl domain ipsw{OVERLAY} '~{ZONE}'"]
     # the status table shows it, as a user reads it
     r = lab.exec(host, [sys.executable, "-m", "ipop_switch.cli", "status", "-c", str(g.nodes[host].config)],
                  check=False, timeout=30)
