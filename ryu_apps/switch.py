@@ -47,6 +47,7 @@ from os_ken.ofproto import ofproto_v1_3
 from ipop_switch.bridge import switch_channel as ch
 
 from . import flood, packets
+from .social_nat import SocialNat
 from .tables import FlowRec, FlowTable, MacEntry, MacTable
 
 LOG = logging.getLogger("ryu_apps.switch")
@@ -56,6 +57,7 @@ T_TRAP, T_FLOOD_IN, T_FLOOD, T_L2 = 0, 1, 2, 3
 K_BASE, K_LEARN_MISS, K_SNOOP, K_ARP_REQ, K_NS, K_SYN, K_MARKER, K_POINTER = range(1, 9)
 # guard drops share kind bit 4 (no other kind has it): one masked flow-stats request finds them all
 K_DHCP, K_RA, K_SPOOF = 16, 17, 18
+SOCIAL_KINDS = (9, 10, 11)  # SocialVPN flows (social_nat.py): translated in, dropped in, out to a friend
 GUARD_BIT = 16 << 48
 GUARD = {K_DHCP: ("dhcp_dropped", "dhcp"), K_RA: ("ra_dropped", "ra"), K_SPOOF: ("spoof_dropped", "spoof")}
 OFPP_LOCAL = ofproto_v1_3.OFPP_LOCAL
@@ -120,6 +122,8 @@ class OverlaySwitch(app_manager.OSKenApp):
         self.waiters: dict[int, tuple[threading.Event, list]] = {}
         self.ready = threading.Event()
         self.purger = _Purger(self)
+        self.social = SocialNat()  # friend ports and address translation (SocialVPN); idle otherwise
+        self.social_gone = {k: 0 for k in ("social_translated", "social_dropped")}  # removed flows' counts
         if self.settings.channel:
             self._server = _ChannelServer(self.settings.channel, self)
             threading.Thread(target=self._server.serve, name="channel", daemon=True).start()
@@ -210,6 +214,8 @@ class OverlaySwitch(app_manager.OSKenApp):
                 self.counters[total] += msg.packet_count
                 if name in self.local_decl:
                     self.port_gone.setdefault(name, Counter())[per_port] += msg.packet_count
+            if msg.cookie >> 48 in SOCIAL_KINDS[:2]:  # a friend port went: keep its count
+                self.social.count([msg], self.social_gone, SOCIAL_KINDS)
             rec = self.flows.pop_cookie(msg.cookie)  # O(1): no scan
             if rec is None:
                 return
@@ -368,6 +374,10 @@ class OverlaySwitch(app_manager.OSKenApp):
 
     def _arp_request(self, in_port: int, f: packets.Frame, data: bytes, *, suppress: bool) -> None:
         a = packets.parse_arp(f)
+        if a is not None and a.op == 1 and (mac := self.social.arp_answer(a.tpa)) is not None:
+            self._packet_out(packets.arp_reply(a, mac), [in_port])  # a friend's address in our view
+            self.counters["social_arp"] += 1
+            return
         if suppress and a is not None and a.op == 1 and a.spa != a.tpa and a.spa != "0.0.0.0":
             mac = self._known(a.tpa, a.sha)
             if mac is not None:
@@ -532,6 +542,7 @@ class OverlaySwitch(app_manager.OSKenApp):
         else:
             origin = (0, 0, [], 0)
         add(T_L2, 0, {}, flood=origin, kind=K_BASE)
+        self.social.flows(self.port_no, OFPP_LOCAL, add, SOCIAL_KINDS)  # friend ports (SocialVPN), if any
         changed = False
         for key in self.base_keys - set(want):
             r = self.flows.get(key)
@@ -560,6 +571,9 @@ class OverlaySwitch(app_manager.OSKenApp):
         for _ in range(spec.get("pop", 0)):
             acts.append(parser.OFPActionPopVlan())
             text.append("pop")
+        for field, value in spec.get("set", ()):
+            acts.append(parser.OFPActionSetField(**{field: value}))
+            text.append(f"set:{field}={value}")
         for p in spec.get("out", []):
             acts.append(parser.OFPActionOutput(p))
             text.append(f"out:{p}")
@@ -640,7 +654,8 @@ class OverlaySwitch(app_manager.OSKenApp):
                              dpid=self.dp.id if self.dp else None, node_id=self.node_id,
                              limits={"max_macs": self.macs.max_total, "max_macs_per_port": self.macs.max_per_port},
                              ports={n: {"ofport": no, "peer": self.port_peer.get(no),
-                                        "local": no in self.local_ports} for n, no in self.port_no.items()})
+                                        "local": no in self.local_ports} for n, no in self.port_no.items()},
+                             social=self.social.status(self.port_no))
         if op == "counters":
             return ch.ok(counters=self._counters())
         if op == "ports":
@@ -669,6 +684,7 @@ class OverlaySwitch(app_manager.OSKenApp):
             elif op == "add_peer_port":
                 self.peer_decl[req.port] = req.peer
                 self.local_decl.discard(req.port)
+                self.social.remove(req.port)
             elif op == "remove_peer_port":
                 self.peer_decl.pop(req.port, None)
             elif op == "add_local_port":
@@ -676,11 +692,24 @@ class OverlaySwitch(app_manager.OSKenApp):
                 self.local_opts[req.port] = PortOpts(req.dhcp_trusted, None if req.allowed_macs is None
                                                      else tuple(req.allowed_macs))
                 self.peer_decl.pop(req.port, None)
+                self.social.remove(req.port)
             elif op == "remove_local_port":
                 self.local_decl.discard(req.port)
                 self.local_opts.pop(req.port, None)
             elif op == "set_topology":
                 self.topology = [tuple(e) for e in req.edges]
+            elif op in ("set_social", "add_friend_port", "remove_friend_port"):
+                try:
+                    if op == "set_social":
+                        self.social.set_own(req.address, req.mac)
+                    elif op == "add_friend_port":
+                        self.social.add(req.port, req.peer, req.address)
+                        self.peer_decl.pop(req.port, None)
+                        self.local_decl.discard(req.port)
+                    else:
+                        self.social.remove(req.port)
+                except ValueError as e:
+                    return ch.error(str(e))
             self._refresh()
             dp = self.dp
         if dp is not None:  # the change is in the switch when the agent hears "ok"
@@ -713,6 +742,9 @@ class OverlaySwitch(app_manager.OSKenApp):
             c["macs_learned"] = len(self.macs)
             for (kind, _), n in self._live_guards(body).items():
                 c[GUARD[kind][0]] += n
+            for k, n in self.social_gone.items():
+                c[k] += n
+        self.social.count(body, c, SOCIAL_KINDS)
         for s in body:
             if s.cookie >> 48 != K_BASE:
                 continue

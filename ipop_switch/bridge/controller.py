@@ -270,6 +270,21 @@ class SwitchController:
         """The overlay graph (every node's links) so floods reach nodes beyond the neighbours."""
         await self._set("topology", {"op": "set_topology", "edges": [list(e) for e in edges]})
 
+    async def set_social(self, address: str, mac: str) -> None:
+        """SocialVPN: our own social IPv4 address and the LOCAL port's MAC (frames from friends are
+        rewritten to them)."""
+        await self._set("social", {"op": "set_social", "address": address, "mac": mac})
+
+    async def add_friend_port(self, port_name: str, peer_node_id: str, address: str) -> None:
+        """A friend node's link port; ``address``: the address we assigned that node (its source
+        addresses are rewritten to it, ARP for it answered). The app refuses an address in use."""
+        await self._set(f"port:{port_name}", {"op": "add_friend_port", "port": port_name, "peer": peer_node_id,
+                                              "address": address})
+
+    async def remove_friend_port(self, port_name: str) -> None:
+        self._replay.pop(f"port:{port_name}", None)
+        await self._call({"op": "remove_friend_port", "port": port_name})
+
     async def counters(self) -> dict[str, int]:
         """The app's counters (switch_channel.COUNTERS) and OVS's ``packet_in_dropped``."""
         c = (await self._call({"op": "counters"}))["counters"]

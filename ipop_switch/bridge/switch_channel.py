@@ -19,6 +19,13 @@ Requests (field ``op``):
                                         IPv6 router adverts are dropped in the datapath; with allowed_macs,
                                         frames from any other source MAC are dropped (anti-spoofing)
 - ``remove_local_port`` {port}
+- ``set_social`` {address, mac}         SocialVPN (docs/social.md): this node's own social IPv4 address and
+                                        its LOCAL port's MAC; frames from friend ports are rewritten to them
+- ``add_friend_port`` {port, peer, address}
+                                        a friend node's link: frames from it get source = address (what WE
+                                        assigned that node) and destination = our own; ARP for address is
+                                        answered by the app; nothing but IPv4 unicast crosses
+- ``remove_friend_port`` {port}
 - ``set_topology`` {edges}              the overlay graph as [[node_a, node_b], ...] (undirected); optional:
                                         without it the app assumes its peers form a full mesh
 - ``status``   -> {connected, dpid, node_id, limits, ports}
@@ -34,6 +41,7 @@ Requests (field ``op``):
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 from typing import Annotated, Any, Literal, Union
@@ -121,6 +129,40 @@ class RemoveLocalPort(_Msg):
     _vp = field_validator("port")(classmethod(lambda cls, v: _port(v)))
 
 
+def _host_v4(v: str) -> str:
+    try:
+        ip = ipaddress.IPv4Address(v)
+    except ValueError:
+        raise ValueError(f"{v!r} is not an IPv4 address") from None
+    if ip.is_multicast or ip.is_unspecified or ip == ipaddress.IPv4Address("255.255.255.255") or ip.is_loopback:
+        raise ValueError(f"{v} is not a host's (unicast) address")
+    return str(ip)
+
+
+class SetSocial(_Msg):
+    op: Literal["set_social"] = "set_social"
+    address: str
+    mac: str
+    _va = field_validator("address")(classmethod(lambda cls, v: _host_v4(v)))
+    _vm = field_validator("mac")(classmethod(lambda cls, v: _unicast_mac(v)))
+
+
+class AddFriendPort(_Msg):
+    op: Literal["add_friend_port"] = "add_friend_port"
+    port: str
+    peer: str
+    address: str
+    _vp = field_validator("port")(classmethod(lambda cls, v: _port(v)))
+    _vn = field_validator("peer")(classmethod(lambda cls, v: _node_id(v)))
+    _va = field_validator("address")(classmethod(lambda cls, v: _host_v4(v)))
+
+
+class RemoveFriendPort(_Msg):
+    op: Literal["remove_friend_port"] = "remove_friend_port"
+    port: str
+    _vp = field_validator("port")(classmethod(lambda cls, v: _port(v)))
+
+
 class SetTopology(_Msg):
     op: Literal["set_topology"] = "set_topology"
     edges: list[tuple[str, str]] = Field(max_length=200_000)
@@ -139,7 +181,7 @@ class Query(_Msg):
 
 Request = Annotated[
     Union[SetDatapath, SetNodeId, SetMtu, AddPeerPort, RemovePeerPort, AddLocalPort, RemoveLocalPort, SetTopology,
-          Query],
+          SetSocial, AddFriendPort, RemoveFriendPort, Query],
     Field(discriminator="op"),
 ]
 _request_adapter: TypeAdapter[Any] = TypeAdapter(Request)
@@ -165,6 +207,9 @@ COUNTERS = (
     "spoof_dropped",  # frames from a MAC-locked port with a source MAC not allowed there (datapath flow stats)
     "moves_announced",  # stations that turned up here from elsewhere (or unknown) with a unicast first
                         # frame: the app flooded an announcement (RARP) from them so every node re-points
+    "social_translated",  # IPv4 frames from friend ports rewritten to our view and delivered (datapath flow stats)
+    "social_dropped",  # frames from friend ports not carried: not IPv4 unicast (datapath flow stats)
+    "social_arp",  # ARP requests for friends' addresses answered by the app
 )
 # Per-port drop reasons in the ``ports`` reply.
 PORT_DROPS = ("dhcp", "ra", "spoof", "macs_refused")
