@@ -115,3 +115,27 @@ def _restart_and_refused(node) -> None:
     failed = [l for l in _log(node).splitlines() if "event=reload_failed" in l]
     assert len(failed) == 1 and "the running config stays" in failed[0], failed
     assert _status(node) is not None                              # still running
+
+
+def test_dns_turned_on_and_off_live(one):
+    import json
+
+    from conftest import helper
+    from ipop_switch.config import dns_loopback
+    lab, g, node = one
+    orig = node.config.read_text()
+    try:
+        with logs_on_failure(g):
+            _edit(node, lambda d: d["overlay"][0].__setitem__("dns", {"enable": True}))
+            _hup(node)
+            until(lambda: (_status(node) or {}).get("overlays", [{}])[0].get("dns"), 20, "the responder after SIGHUP")
+            r = lab.exec(HOST, [*helper("dns_ask"), dns_loopback("rl"), "53", f"{HOST}.rl.ipsw.internal"],
+                         check=False, timeout=20)
+            assert r.returncode == 0, r.stderr
+            assert [a["data"] for a in json.loads(r.stdout)["answers"]] == [node.ip]
+            node.config.write_text(orig)
+            _hup(node)
+            until(lambda: (_status(node) or {"overlays": [{"dns": 1}]})["overlays"][0].get("dns") is None, 20,
+                  "the responder gone after SIGHUP")
+    finally:
+        node.config.write_text(orig)

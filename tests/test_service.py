@@ -155,8 +155,10 @@ def test_reload_plan(tmp_path):
     d["overlay"].append({**d["overlay"][0], "name": "other", "attach": []})
     new = Config.model_validate(d)
     live, restart = plan(old, new)
-    assert live == ["node.log_level", "overlay demo.attach"]
-    assert restart == ["ovs", "overlay other added", "overlay demo.address", "overlay demo.dns"]
+    assert live == ["node.log_level", "overlay[demo].attach", "overlay[demo].dns"]
+    assert restart == ["ovs", "overlay[other]:added", "overlay[demo].address"]
+    d["overlay"][0]["dns"]["name"] = "laptop"
+    assert plan(old, Config.model_validate(d))[1][-1] == "overlay[demo].dns.name"
     assert plan(old, old) == ([], [])
 
 

@@ -1,9 +1,12 @@
 """SIGHUP: read the node config again and apply what can change under a running node.
 
-Applied live: ``node.log_level``, and each overlay's ``[[overlay.attach]]`` list (a guest
+Applied live: ``node.log_level``; each overlay's ``[[overlay.attach]]`` list (a guest
 removed is detached, a new one attached, a changed one detached and attached again,
-through the same code as ``ipop-switch attach/detach``). Everything else (addresses,
-XMPP, ICE, DNS, OVS, new or removed overlays, ...) needs a restart: one log line names it.
+through the same code as ``ipop-switch attach/detach``); its ``[overlay.dns]`` (the
+responder is stopped and started with the new settings; if they fail, the old ones come
+back; a new ``dns.name`` reaches the other members only with the next start, as it travels
+in the signaling announce). Everything else (addresses, XMPP, ICE, OVS, new or removed
+overlays, ...) needs a restart: one log line names it.
 A config that does not load is refused in one line and the running node goes on as it was.
 """
 
@@ -18,7 +21,7 @@ from ..config import Config, ConfigError, OverlayConfig, load_config
 log = logging.getLogger("ipop_switch.agent")
 
 LIVE_NODE_FIELDS = {"log_level"}
-LIVE_OVERLAY_FIELDS = {"attach"}
+LIVE_OVERLAY_FIELDS = {"attach", "dns"}
 
 
 def plan(old: Config, new: Config) -> tuple[list[str], list[str]]:
@@ -37,6 +40,8 @@ def plan(old: Config, new: Config) -> tuple[list[str], list[str]]:
         for f in OverlayConfig.model_fields:
             if getattr(olds[name], f) != getattr(news[name], f):
                 (live if f in LIVE_OVERLAY_FIELDS else restart).append(f"overlay[{name}].{f}")
+        if olds[name].dns.name != news[name].dns.name:
+            restart.append(f"overlay[{name}].dns.name")     # announced to the others at start
     return live, restart
 
 
@@ -78,6 +83,8 @@ class Reloader:
                 ncfg = next((o for o in new.overlay if o.name == ov.cfg.name), None)
                 if ncfg is not None and ncfg.attach != ov.cfg.attach:
                     errors += await self._guests(ov, ncfg)
+                if ncfg is not None and ncfg.dns != ov.cfg.dns:
+                    errors += await self._dns(ov, ncfg)
             # the node keeps running on its old config but for what was applied
             self.node.cfg = old.model_copy(update={"node": old.node.model_copy(update={"log_level": new.node.log_level})})
             log.info("event=config_reloaded path=%s applied=%s restart_needed=%s errors=%d", self.path,
@@ -85,6 +92,30 @@ class Reloader:
             if restart:
                 log.warning("event=restart_needed changed=%s (not applied until the agent restarts)", ",".join(restart))
             return {"ok": not errors, "applied": live, "restart_needed": restart, "errors": errors}
+
+    async def _dns(self, ov, ncfg: OverlayConfig) -> list[str]:
+        """The responder again with the new [overlay.dns] (or none, or back to the old one
+        if the new one cannot listen)."""
+        from ..errors import IpopError
+        from .dns import start_dns
+        if ov.signaling is None:
+            return [f"overlay {ov.cfg.name} is not started"]
+        old_cfg = ov.cfg
+        if ov.dns is not None:
+            await ov.dns.stop()
+            ov.dns = None
+        ov.cfg = ov.cfg.model_copy(update={"dns": ncfg.dns})
+        try:
+            ov.dns = await start_dns(ov)
+            return []
+        except IpopError as e:
+            log.error("event=reload_dns_failed overlay=%s error=\"%s\" (the previous DNS settings stay)", ov.cfg.name, e)
+            ov.cfg = old_cfg
+            try:
+                ov.dns = await start_dns(ov)
+            except IpopError as e2:
+                log.error("event=dns_down overlay=%s error=\"%s\"", ov.cfg.name, e2)
+            return [f"dns: {e}"]
 
     async def _guests(self, ov, ncfg: OverlayConfig) -> list[str]:
         """Detach the guests gone or changed, attach every config guest not attached (new,
