@@ -241,6 +241,18 @@ class TopologyConfig(_Strict):
     cycle: float = Field(10.0, gt=0, le=3600, description="s between two looks at the links (and after every change)")
 
 
+class SocialConfig(_Strict):
+    """SocialVPN (kind = "social", docs/social.md): friends from the XMPP roster. The overlay's
+    ``address`` is this node's own social address; its network is the range friends' nodes get
+    their local addresses from."""
+    node: str | None = Field(None, pattern=DNS_LABEL_RE, description="this node's name among your devices: "
+                             "its XMPP resource and its host name for friends (default: the host name)")
+    addresses: dict[str, str] = Field(default_factory=dict, description="fixed local addresses for friends' "
+                                      "nodes: {\"bob@example.org/laptop\" = \"100.80.0.20\"}")
+    suffix: str = Field("ipsw.internal", pattern=r"^[a-z0-9.-]{1,200}$",
+                        description="names for 'friends hosts': <node>.<friend>.<suffix>")
+
+
 class OverlayConfig(_Strict):
     name: str = Field(pattern=NAME_RE, description="overlay name: 1-10 lowercase letters/digits")
     kind: Literal["group", "social"] = "group"
@@ -253,6 +265,15 @@ class OverlayConfig(_Strict):
     attach: list[AttachConfig] = Field(default_factory=list, description="guests plugged into the bridge at start")
     dns: DnsConfig = DnsConfig()
     topology: TopologyConfig = TopologyConfig()
+    social: SocialConfig = SocialConfig()
+
+    @model_validator(mode="after")
+    def _social(self):
+        if self.kind == "social" and self.address6:
+            raise ValueError("a social overlay carries IPv4 only (docs/social.md): remove address6")
+        if self.kind == "social" and self.attach:
+            raise ValueError("a social overlay has one host, the node itself: guests are for group overlays")
+        return self
 
     @field_validator("attach")
     @classmethod

@@ -162,6 +162,13 @@ class Node:
         from pydantic import ValidationError
         from .guests import spec_of
         op = cmd["cmd"]
+        if op == "friends":   # ipop-switch friends ...: the social overlay's (agent/social.py)
+            social = [o for o in self.overlays if o.social] if cmd.get("overlay") is None else \
+                [self._overlay(cmd["overlay"])]
+            if len(social) != 1 or social[0].social is None:
+                raise IpopError("friends: no social overlay on this node" if not social else
+                                "friends: say which social overlay (--overlay)")
+            return await social[0].social.command(cmd)
         if op not in ("attach", "detach"):
             raise IpopError(f"unknown command {op!r} (attach, detach)")
         ov = self._overlay(cmd.get("overlay"))

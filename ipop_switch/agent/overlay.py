@@ -108,11 +108,15 @@ class Overlay:
         self._tasks: list[asyncio.Task] = []
         self._lock = asyncio.Lock()
         self.dns = None                               # the overlay's DNS responder ([overlay.dns], agent/dns.py)
+        self.social = None                            # kind = "social": agent/social.py's part
+        if cfg.kind == "social":
+            from .social import SocialPart
+            self.social = SocialPart(self)
 
     # -- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
         ident = NodeIdentity.load(self.node.cfg.node.identity_dir)
-        self.me = ident.membership(self.cfg.name)
+        self.me = self.social.identity(ident) if self.social else ident.membership(self.cfg.name)
         self.timers = link_timers()
         self.node_id = ident.node_id
         self.node.node_id = ident.node_id
@@ -124,17 +128,20 @@ class Overlay:
         await self.switch.start()
         await self.switch.set_node_id(self.node_id)
         await self.switch.add_local_port(self.cfg.bridge)     # LOCAL: the node itself (DHCP-trusted)
+        if self.social:
+            await self.social.switch_ready()
         self.guests = OverlayGuests(GuestPorts(self.node.ovs, self.cfg.bridge, self.cfg.name, mtu=self.cfg.mtu,
                                                netns=self.node.netns), self.switch, self.cfg.name)
         await self.guests.attach_configured(self.cfg.attach)
         if self.node.ovs.external:
             self.port_watch = PortWatch(self.node.ovs, self._sync_ovs_ports)
             self.port_watch.start()
-        self.signaling = make_signaling(self.cfg, self.me)
-        self.topology = OverlayTopology(self.node_id, topology_params(self.cfg), Hooks(
-            members=lambda: self.signaling.peers().keys(), send=self.signaling.send,
-            open_link=self._open_member, close_link=self._close_member,
-            up_links=self._my_neighbours, set_topology=self.switch.set_topology))
+        self.signaling = self.social.make_signaling(self.me) if self.social else make_signaling(self.cfg, self.me)
+        self.topology = self.social.make_topology() if self.social else OverlayTopology(
+            self.node_id, topology_params(self.cfg), Hooks(
+                members=lambda: self.signaling.peers().keys(), send=self.signaling.send,
+                open_link=self._open_member, close_link=self._close_member,
+                up_links=self._my_neighbours, set_topology=self.switch.set_topology))
         if not await self.signaling.start(wait_online=SIGNALING_START_TIMEOUT):
             err = self.signaling.status().get("last_error") or "no answer"
             raise IpopError(f"overlay {self.cfg.name}: cannot reach the XMPP server "
@@ -356,13 +363,19 @@ class Overlay:
             if not link.port:
                 await asyncio.to_thread(self.bridge.add_peer_port, link.tap)
                 link.port = True
-            await self.switch.add_peer_port(link.tap, link.node_id)
+            if self.social:   # a friend's node: its frames translated to our view of addresses
+                await self.switch.add_friend_port(link.tap, link.node_id, self.social.address_of(link.node_id))
+            else:
+                await self.switch.add_peer_port(link.tap, link.node_id)
 
     async def _remove_port(self, link: PeerLink) -> None:
         async with self._lock:
             if link.port:
                 try:
-                    await self.switch.remove_peer_port(link.tap)
+                    if self.social:
+                        await self.switch.remove_friend_port(link.tap)
+                    else:
+                        await self.switch.remove_peer_port(link.tap)
                 except Exception as e:
                     log.warning("event=switch_remove_port_failed port=%s error=%s", link.tap, e)
                 await asyncio.to_thread(self.bridge.remove_peer_port, link.tap)
@@ -425,6 +438,7 @@ class Overlay:
             "topology": self.topology.snapshot() if self.topology else None,
             "drops": dict(self.drops),
             "dns": self.dns.status() if self.dns else None,
+            "social": self.social.snapshot() if self.social else None,
         }
 
 

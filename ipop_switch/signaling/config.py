@@ -20,6 +20,11 @@ class SignalingConfig(BaseModel):
     room: str | None = Field(None, description="MUC room name (default ipsw-<overlay>)")
     muc_domain: str | None = Field(None, description="MUC service (default conference.<JID domain>)")
     capabilities: dict[str, Any] = Field(default_factory=dict, description="announced to peers as is")
+    resource: str | None = Field(None, pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$",
+                                 description="XMPP resource to bind (SocialVPN: the node's name; default: "
+                                             "the server picks one)")
+    initial_presence: bool = Field(True, description="send presence at login (SocialVPN's discovery sends its "
+                                                     "own, once its handlers see the answers)")
 
     connect_timeout: float = Field(10.0, gt=0, description="TCP + TLS + login + room join, seconds")
     backoff_min: float = Field(1.0, gt=0)

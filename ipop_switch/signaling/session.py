@@ -270,6 +270,7 @@ class SignalingSession:
     def _contact_gone(self, address: str) -> None:
         """A peer left the room. Reported only after ``leave_grace``: when the server shuts down it
         empties the room just before dropping us too, and peers that merely reconnect come back."""
+        self._announced_to.discard(address)  # back later (a roster contact keeps its address): announce again
         for r in self._peers.values():
             if r.address == address:
                 r.address, r.gone_at = None, time.monotonic()
@@ -340,6 +341,11 @@ class SignalingSession:
                 raise Drop(e.reason, e.detail) from None
         if not peer.verify_signature(signature, sign_input(raw)):
             raise Drop("bad_signature", f"claims {env.sender}")
+        vet = getattr(self._disco, "vet", None) if env.type == ANNOUNCE else None
+        if vet is not None:  # a discovery with its own trust (SocialVPN: friends only, pinned keys)
+            refused = vet(address, peer)
+            if refused:
+                raise Drop(refused, f"announce of {env.sender} from {address}")
         body = env.body
         if env.type != ANNOUNCE:
             try:

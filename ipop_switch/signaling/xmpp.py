@@ -57,7 +57,7 @@ ElementHandler = Callable[[slixmpp.JID, str | None, str | None], None]
 class XmppConnection:
     def __init__(self, cfg: SignalingConfig, on_element: ElementHandler) -> None:
         self.cfg = cfg
-        self.client = slixmpp.ClientXMPP(cfg.jid, cfg.password)
+        self.client = slixmpp.ClientXMPP(f"{cfg.jid}/{cfg.resource}" if cfg.resource else cfg.jid, cfg.password)
         c = self.client
         c.enable_direct_tls = False      # STARTTLS on 5222, as XMPP servers do by default
         c.enable_plaintext = False       # never log in without TLS
@@ -126,7 +126,8 @@ class XmppConnection:
             self.close()
             raise ConnectFailed(f"XMPP server {self.host}:{self.cfg.port}: no session within "
                                 f"{self.cfg.connect_timeout:.0f}s") from None
-        self.client.send_presence()
+        if self.cfg.initial_presence:
+            self.client.send_presence()
 
     async def join_room(self, room: str, nick: str) -> None:
         await self.client.plugin["xep_0045"].join_muc_wait(slixmpp.JID(room), nick, maxstanzas=0,
