@@ -471,7 +471,11 @@ class OverlaySwitch(app_manager.OSKenApp):
             nodes = [me, *mine]
             edges = [(a, b) for a in nodes for b in nodes if a < b]
         else:
-            edges = [(a, b) for a, b in self.topology if me not in (a, b)] + [(me, p) for p in mine]
+            # own links: a port is used once the agent's graph has it too (the agent adds a new
+            # link when the peer says it has its end: frames sent on it are not dropped there)
+            told = {frozenset(e) for e in self.topology}
+            edges = ([(a, b) for a, b in self.topology if me not in (a, b)]
+                     + [(me, p) for p in mine if frozenset((me, p)) in told])
         return flood.normalize(me, edges)
 
     def _install_base(self) -> None:

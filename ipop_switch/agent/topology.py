@@ -267,7 +267,14 @@ class OverlayTopology:
 
     # -- the graph for the switch app -------------------------------------------------------
     def edges(self) -> list[tuple[str, str]]:
-        return sorted(self.db.edges(self.me, self.hooks.up_links()))
+        """The graph for the switch app. A link of ours is in it once it is up here *and* the
+        peer's LSA has it: the peer adds its port before it sends that LSA, so frames we send
+        on a new link are never dropped at a port the peer's switch does not know yet (an
+        on-demand link takes a flow over without loss). The app uses a port only once the
+        graph has it."""
+        confirmed = [p for p in self.hooks.up_links()
+                     if (lsa := self.db.get(p)) is not None and self.me in lsa.neighbours]
+        return sorted(self.db.edges(self.me, confirmed))
 
     def graph_changed(self) -> None:
         self._graph_dirty = True

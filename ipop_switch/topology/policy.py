@@ -333,8 +333,10 @@ class TopologyPolicy:
         for q, l in links.items():
             role = wanted.get(q)
             if role is not None and l.mine != role:
-                if l.mine is None:
-                    opens.append((q, role))  # a claim on an existing link: the peer must know we need it
+                # a claim on an existing link (or a new role for it): the peer must know we
+                # need it, and as what (its status shows the role; all-to-all links of a
+                # growing overlay become ring or long links this way)
+                opens.append((q, role))
                 l.mine = role
 
         # new links: ring first, then long draws, then on-demand; rate limit and degree cap
