@@ -90,12 +90,15 @@ WantedBy=multi-user.target
 """
 
 
-def _systemctl(unit_dir: Path, *args: str) -> None:
-    """systemctl, when the unit went where systemd reads it and systemd runs this host."""
+def _systemctl(unit_dir: Path, *args: str) -> bool:
+    """systemctl, when the unit went where systemd reads it and systemd runs this host
+    (False: not run)."""
     if Path(unit_dir).absolute() == UNIT_DIR and shutil.which("systemctl") and Path("/run/systemd/system").is_dir():
         r = subprocess.run(["systemctl", *args], capture_output=True, text=True, timeout=60)
         if r.returncode != 0:
             raise IpopError(f"systemctl {' '.join(args)}: {r.stderr.strip() or r.returncode}")
+        return True
+    return False
 
 
 @click.group("service")
@@ -125,11 +128,14 @@ def install_cmd(config_path: str, unit_dir: Path, dry: bool, enable: bool) -> No
     path.write_text(text)
     path.chmod(0o644)
     click.echo(f"wrote {path}")
-    _systemctl(unit_dir, "daemon-reload")
-    if enable:
+    ran = _systemctl(unit_dir, "daemon-reload")
+    if enable and ran:
         _systemctl(unit_dir, "enable", "--now", UNIT_NAME)
         click.echo(f"enabled and started {UNIT_NAME}: 'journalctl -u ipop-switch -f' for its log, "
                    "'systemctl reload ipop-switch' after editing the config")
+    elif enable:
+        click.echo(f"systemd was not told (not running here, or another --unit-dir): "
+                   f"'systemctl daemon-reload && systemctl enable --now {UNIT_NAME}' where it runs")
 
 
 @service_cmd.command("uninstall")
