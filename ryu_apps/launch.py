@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
+    from . import lazy
+    lazy.install()                     # before os-ken: what the app never uses is not loaded
+
     from os_ken import cfg
     from os_ken.base.app_manager import AppManager
 
