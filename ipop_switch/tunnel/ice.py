@@ -26,22 +26,55 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
+import importlib.machinery
+import importlib.util
 import ipaddress
 import logging
 import os
+import re
 import secrets
 import socket
 import string
 import struct
+import sys
+import types
 from dataclasses import dataclass
 from typing import Callable
 
-import aioice
-import ifaddr
-from aioice import ice as aioice_ice
-from aioice.candidate import Candidate
 
-from . import batch_io, codec
+
+class _DeferredMdns(types.ModuleType):
+    """Stand-in for ``aioice.mdns``: aioice imports it for remote candidates named ``*.local``,
+    and with it dnspython, importlib.metadata and email (~4 MB in every worker process). No
+    ipop-switch node sends such a candidate (ours carry addresses); the one check aioice makes
+    per candidate is answered here with aioice's own pattern, anything else loads the true
+    module (``create_mdns_protocol`` for a ``.local`` candidate from some other peer)."""
+
+    MDnsProtocol = object                               # an annotation and a cast, nothing more
+    _pattern = re.compile(r"^[a-zA-Z0-9-]{1,63}\.local$")  # aioice.mdns.MDNS_HOSTNAME_RE
+
+    def is_mdns_hostname(self, name: str) -> bool:
+        return self._pattern.match(name) is not None
+
+    def __getattr__(self, attr: str):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        spec = importlib.machinery.PathFinder.find_spec("aioice.mdns", sys.modules["aioice"].__path__)
+        real = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(real)
+        sys.modules["aioice.mdns"] = real
+        return getattr(real, attr)
+
+
+if "aioice" not in sys.modules:
+    sys.modules.setdefault("aioice.mdns", _DeferredMdns("aioice.mdns"))
+
+import aioice  # noqa: E402
+import ifaddr  # noqa: E402
+from aioice import ice as aioice_ice  # noqa: E402
+from aioice.candidate import Candidate  # noqa: E402
+
+from . import batch_io, codec  # noqa: E402
 
 log = logging.getLogger(__name__)
 
