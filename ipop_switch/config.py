@@ -312,12 +312,34 @@ class OvsConfig(_Strict):
                             description="mode = system: the running OVS's database socket")
 
 
+class WebConfig(_Strict):
+    """The overlay view in a browser (docs/web.md): read-only, served by the agent. Off unless
+    enabled; loopback by default (the page shows the whole overlay's addresses and links)."""
+    enable: bool = False
+    listen: str = Field("127.0.0.1:9466", description="address:port of the page ('[v6]:port' for IPv6)")
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        try:
+            host, _ = split_hostport(v, 0)
+        except ValueError as e:
+            raise ValueError(f"{v!r}: {e} (e.g. 127.0.0.1:9466)") from None
+        if not ((v.startswith("[") and "]:" in v) or (not v.startswith("[") and v.count(":") == 1)):
+            raise ValueError(f"{v!r}: give address:port (e.g. 127.0.0.1:9466)")
+        return v
+
+    def addr(self) -> tuple[str, int]:
+        return split_hostport(self.listen, 9466)
+
+
 class NodeConfig(_Strict):
     identity_dir: Path = Path("/var/lib/ipop-switch")
     state_dir: Path = Path("/run/ipop-switch")
     metrics: str | None = Field("127.0.0.1:9465", description="host:port for Prometheus metrics, or empty to disable")
     worker_processes: int = Field(0, ge=0, le=64, description="tunnel worker processes (0: one per core but one, at least one)")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    web: WebConfig = WebConfig()
 
 
 class Config(_Strict):

@@ -37,9 +37,10 @@ ALLOWED: dict[str, set[str]] = {
     "topology": {"ryu_apps.flood"},           # pure policy and link-state; the simulator runs the flood plan
     "naming": set(),                          # the name table and DNS responder: pure, fed by the agent
     "social": set(),                          # SocialVPN state: pins, address book, friend list; pure
+    "web": set(),                             # the overlay view: graph model (pure) and HTTP server, fed by the agent
     # the one place that joins the parts
     "agent": {"config", "identity", "signaling", "tunnel", "bridge", "status_client", "topology", "naming",
-              "social"},
+              "social", "web"},
     # above the agent: they talk to nodes only through status_client, the CLI or the config
     "lab": {"servers", "identity", "config_writer", "bridge", "status_client", "render", "progress"},
     "deploy": {"servers", "identity", "config_writer"},

@@ -39,6 +39,7 @@ class Node:
         self.status_server = StatusServer(cfg.status_socket, self._async_snapshot, self._control)
         self._stop = asyncio.Event()
         self._metrics = None
+        self.web = None                  # the overlay view ([node.web], ipop_switch/web/)
         self._tasks: list[asyncio.Task] = []
         self.node_id = "?"
         self.watch = AddressWatch()     # the host's address changes, for signaling (links watch their own)
@@ -64,11 +65,17 @@ class Node:
     async def start(self) -> None:
         self.cfg.node.state_dir.mkdir(parents=True, exist_ok=True)
         await self.status_server.start()
+        if self.cfg.node.web.enable:     # a bad or busy port fails here, before anything else starts
+            from ..web.server import WebServer
+            from .summaries import WebSource
+            self.web = WebServer(self.cfg.node.web.addr(), WebSource(self)).bind()
         self._start_ovs()
         if self.cfg.node.metrics:
             self._start_metrics()
         await self._start_pool()
         await self._start_overlays()
+        if self.web is not None:
+            await self.web.start()
         if self.watch.start():
             self.watch.subscribe(self._addresses_changed)
 
@@ -138,6 +145,8 @@ class Node:
         self.watch.stop()
         for t in self._tasks:
             t.cancel()
+        if self.web is not None:
+            await self.web.stop()
         for ov in reversed(self.overlays):
             try:
                 await asyncio.wait_for(ov.stop(), 15)
@@ -200,6 +209,13 @@ class Node:
     # -- status -------------------------------------------------------------------------
     async def _async_snapshot(self) -> dict:
         """Fresh link counters from the workers, then the snapshot."""
+        await self.refresh_link_stats()
+        for ov in self.overlays:
+            await ov.refresh_switch_counters()
+        return self.snapshot()
+
+    async def refresh_link_stats(self) -> None:
+        """Every link's counters, fresh from the workers (status, and the web view's summaries)."""
         if self.pool is not None:
             try:
                 stats = await self.pool.stats(timeout=2.0)
@@ -211,9 +227,6 @@ class Node:
                 for link in ov.links.values():
                     if link.link_id in by_id:
                         link.stats = by_id[link.link_id]     # already under status's names
-        for ov in self.overlays:
-            await ov.refresh_switch_counters()
-        return self.snapshot()
 
     def snapshot(self) -> dict:
         return {
@@ -227,6 +240,7 @@ class Node:
                 "notes": self.notes,
             },
             "overlays": [ov.snapshot() for ov in self.overlays],
+            "web": self.web.status() if self.web else None,
         }
 
 

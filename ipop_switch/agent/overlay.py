@@ -34,6 +34,7 @@ from ..topology import TopologyParams
 from ..tunnel.timers import Timers
 from .dns import dns_caps, start_dns
 from .guests import OverlayGuests
+from .summaries import MESSAGE_TYPES as SUMMARY_TYPES, for_overlay as summaries_for
 from .topology import MESSAGE_TYPES as TOPOLOGY_TYPES, Hooks, OverlayTopology
 
 log = logging.getLogger("ipop_switch.agent")
@@ -109,6 +110,7 @@ class Overlay:
         self._lock = asyncio.Lock()
         self.dns = None                               # the overlay's DNS responder ([overlay.dns], agent/dns.py)
         self.social = None                            # kind = "social": agent/social.py's part
+        self.summaries = None                         # link summaries for the web view (agent/summaries.py)
         if cfg.kind == "social":
             from .social import SocialPart
             self.social = SocialPart(self)
@@ -150,12 +152,15 @@ class Overlay:
         self._tasks.append(asyncio.create_task(self._watch_switch(), name=f"switch-{self.cfg.name}"))
         self._tasks.append(asyncio.create_task(self._watch_traffic(), name=f"traffic-{self.cfg.name}"))
         self.topology.start()
+        self.summaries = None if self.social else summaries_for(self)
         self.dns = await start_dns(self)
         log.info("event=overlay_up overlay=%s bridge=%s address=%s", self.cfg.name, self.cfg.bridge, self.cfg.address)
 
     async def stop(self) -> None:
         if self.dns:
             await self.dns.stop()
+        if self.summaries:
+            await self.summaries.stop()
         for t in self._tasks:
             t.cancel()
         if self.topology:
@@ -306,6 +311,9 @@ class Overlay:
         if type_ in TOPOLOGY_TYPES:
             await self.topology.on_message(node_id, type_, payload)
             return
+        if type_ in SUMMARY_TYPES and self.summaries:
+            await self.summaries.on_message(node_id, type_, payload)
+            return
         if type_ not in LINK_TYPES:
             log.info("event=unknown_message overlay=%s peer=%s type=%s", self.cfg.name, node_id, type_)
             self._drop("unknown_type")
@@ -439,6 +447,7 @@ class Overlay:
             "drops": dict(self.drops),
             "dns": self.dns.status() if self.dns else None,
             "social": self.social.snapshot() if self.social else None,
+            "summaries": self.summaries.status() if self.summaries else None,
         }
 
 
