@@ -45,7 +45,7 @@ def _role(pid: int) -> str:
         return "worker"
     if b"ryu_apps" in cmd or b"osken" in cmd:
         return "switch app"
-    if b"ipop_switch.cli" in cmd:
+    if b"ipop_switch.cli" in cmd or b"ipop_switch.agent" in cmd:
         return "agent"
     return exe
 

@@ -44,7 +44,7 @@ def breakdown(group: LabGroup, host: str) -> dict:
         except OSError:
             continue
         name = ("ovs" if "ovs" in cmd.split("\0")[0] else "workers" if "tunnel.poolproc" in cmd
-                else "switch app" if "ryu_apps" in cmd else "agent" if "ipop_switch.cli" in cmd else "other")
+                else "switch app" if "ryu_apps" in cmd else "agent" if "ipop_switch.cli" in cmd or "ipop_switch.agent" in cmd else "other")
         rss, pss = _kb(pid, "VmRSS:", "status"), _kb(pid, "Pss:", "smaps_rollup")
         acc = parts.setdefault(name, [0, 0])
         acc[0] += rss
@@ -131,7 +131,7 @@ def role(pid: int) -> str:
         return "worker"
     if "ryu_apps" in cmd:
         return "switch app"
-    if "ipop_switch.cli" in cmd or "ipop-switch" in cmd:
+    if "ipop_switch.agent" in cmd or "ipop_switch.cli" in cmd or "ipop-switch" in cmd:
         return "agent"
     return "other"
 

@@ -129,7 +129,8 @@ def agent_procs(group: LabGroup, host: str) -> AgentProcs:
     agent's children."""
     node = group.nodes[host]
     agent = proc.read_pidfile(node.dir / "agent.pid")
-    assert agent and b"ipop_switch.cli" in _cmdline(agent), f"{host}: no agent pid file or not an agent"
+    cmd = _cmdline(agent) if agent else b""     # 'ipop-switch up' execs 'python -m ipop_switch.agent'
+    assert b"ipop_switch.agent" in cmd or b"ipop_switch.cli" in cmd, f"{host}: no agent pid file or not an agent"
     rundir = ovs_rundir(group, host)
     ovs = {}
     for name in ("ovsdb-server", "ovs-vswitchd"):
