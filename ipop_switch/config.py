@@ -238,6 +238,8 @@ class TopologyConfig(_Strict):
     ondemand_idle: float = Field(60.0, gt=0, le=86400, description="s below a quarter of the threshold before an on-demand link goes")
     max_new_links_per_min: int = Field(10, ge=1, le=1000)
     min_link_age: float = Field(30.0, ge=0, le=86400, description="an idle link not replaced is released only this old")
+    request_timeout: float = Field(30.0, gt=0, le=3600, description="a requested link not up by then is given up (and backed off)")
+    retry_backoff: float = Field(60.0, ge=0, le=86400, description="s before asking again a peer that refused or failed (x2 per failure, up to x8)")
     cycle: float = Field(10.0, gt=0, le=3600, description="s between two looks at the links (and after every change)")
 
 

@@ -459,7 +459,8 @@ def topology_params(cfg: OverlayConfig) -> TopologyParams:
                               max_degree=min(t.max_degree, cfg.max_peers), ondemand_slots=t.ondemand_slots,
                               ondemand_threshold_bps=t.ondemand_threshold_bps, ondemand_window=t.ondemand_window,
                               ondemand_idle=t.ondemand_idle, max_new_links_per_min=t.max_new_links_per_min,
-                              min_link_age=t.min_link_age, cycle=t.cycle)
+                              min_link_age=t.min_link_age, request_timeout=t.request_timeout,
+                              retry_backoff=t.retry_backoff, cycle=t.cycle)
     except ValueError as e:
         raise IpopError(f"overlay {cfg.name}: [overlay.topology] {e} (max_peers {cfg.max_peers} caps max_degree)") from None
 

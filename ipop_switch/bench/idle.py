@@ -25,6 +25,10 @@ from ..lab import Lab, LabSpec, SiteSpec
 from ..lab.nodes import LabGroup
 from .systems import node_pids
 
+# all-to-all at every size up to 33 (the cost of N links at one node), links made as fast as
+# the machine allows (the default policy makes 10 a minute, and gives a link 30 s to come up)
+ALL_TO_ALL = {"all_to_all_max": 33, "max_degree": 32, "max_new_links_per_min": 64, "request_timeout": 300,
+              "retry_backoff": 5}
 STEP_TIMEOUT = 240.0
 BATCH = 8                     # nodes started at once (33 agents starting together swamp 2 cores)
 SETTLE = 10.0                 # after the last link is up: first rekeys, handshakes, flow set-up done
@@ -142,7 +146,7 @@ def run_idle(*, links: int = 32, seconds: float = 30.0, console: Console) -> dic
         with console.status(f"building a lab of {total} hosts ..."):
             lab.up()
         group = LabGroup(lab, "idle", net=94, extra={"no_turn": True,  # all-to-all: the cost of N links at one node
-                                                  "topology": {"all_to_all_max": 33, "max_degree": 32}})
+                                                  "topology": ALL_TO_ALL})
         hosts = list(lab.hosts)
         first = hosts[0]
         for h in hosts:

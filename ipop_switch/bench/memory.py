@@ -23,6 +23,10 @@ from ..lab.nodes import LabGroup
 from .measure import iperf3
 from .systems import node_pids
 
+# all-to-all at every size up to 33 (the cost of N links at one node), links made as fast as
+# the machine allows (the default policy makes 10 a minute, and gives a link 30 s to come up)
+ALL_TO_ALL = {"all_to_all_max": 33, "max_degree": 32, "max_new_links_per_min": 64, "request_timeout": 300,
+              "retry_backoff": 5}
 STEP_TIMEOUT = 240.0
 
 
@@ -69,7 +73,7 @@ def run_memory(*, console: Console, steps: tuple[int, ...] = (1, 8, 16, 32)) -> 
         with console.status(f"building a lab of {total} hosts ..."):
             lab.up()
         group = LabGroup(lab, "mem", net=95, extra={"no_turn": True, "worker_processes": 1,  # all-to-all: RSS per link
-                                                 "topology": {"all_to_all_max": 33, "max_degree": 32}})
+                                                 "topology": ALL_TO_ALL})
         hosts = list(lab.hosts)
         first = hosts[0]
         for h in hosts:
