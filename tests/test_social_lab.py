@@ -10,6 +10,7 @@ with bob and with carol; bob and carol are not friends. Every node uses the SAME
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -167,3 +168,132 @@ def test_friends_reach_each_other_at_their_own_views(world):
     assert phone.social()["friends"][carol.jid]["nodes"][carol.device]["path"] == "relay"
     # bob and carol are not friends: nothing of one is known to the other
     assert carol.jid not in bob.social()["friends"] and bob.jid not in carol.social()["friends"]
+
+
+def _valid_checksums(pkts) -> dict[int, int]:
+    """IPv4 packets whose IPv4 and ICMP/TCP/UDP checksums are right, by protocol; asserts each."""
+    from scapy.layers.inet import ICMP, IP, TCP, UDP
+    from scapy.layers.l2 import Ether
+    ok = {1: 0, 6: 0, 17: 0}
+    for p in pkts:
+        fresh = Ether(bytes(p))
+        ip = fresh[IP]
+        want_ip, l4 = ip.chksum, ip.payload
+        want_l4 = l4.chksum if isinstance(l4, (TCP, UDP, ICMP)) else None
+        del ip.chksum
+        if want_l4 is not None:
+            del l4.chksum
+        again = Ether(bytes(fresh))
+        assert again[IP].chksum == want_ip, f"IPv4 header checksum of {p.summary()}"
+        if want_l4 is not None:
+            assert again[IP].payload.chksum == want_l4, f"{type(l4).__name__} checksum of {p.summary()}"
+            ok[ip.proto] += 1
+    return ok
+
+
+def test_tcp_udp_and_a_capture_in_bobs_view_with_valid_checksums(world, tmp_path):
+    from scapy.layers.inet import IP
+    from scapy.utils import rdpcap
+    lab, n = world
+    laptop, bob = n["laptop"], n["bob"]
+    linked(laptop, bob)
+    to_bob, to_laptop = laptop.addr_of(bob), bob.addr_of(laptop)
+    # complete checksums from alice's host (no offload): what the capture checks is the rewrite
+    lab.exec(laptop.host, ["ethtool", "-K", "ipswsoc", "tx", "off"])
+    pcap = tmp_path / "bob.pcap"
+    cap = lab.popen(bob.host, ["tcpdump", "-U", "-n", "-i", "ipswsoc", "-w", str(pcap), "ip and src host", to_laptop],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    srv = lab.popen(bob.host, ["iperf3", "-s", "-B", OWN], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: pcap.exists() and pcap.stat().st_size >= 24, 10, "tcpdump on bob's bridge")
+        time.sleep(0.5)
+        assert laptop.ping(to_bob, count=3)
+        tcp = json.loads(lab.exec(laptop.host, ["iperf3", "-c", to_bob, "-t", "3", "-J", "--connect-timeout", "3000"],
+                                  check=False, timeout=40).stdout)
+        udp = json.loads(lab.exec(laptop.host, ["iperf3", "-c", to_bob, "-u", "-b", "50M", "-t", "2", "-J",
+                                                "--connect-timeout", "3000"], check=False, timeout=40).stdout)
+        mbps = tcp["end"]["sum_received"]["bits_per_second"] / 1e6
+        udp_rx = udp["end"]["sum"]["packets"] - udp["end"]["sum"]["lost_packets"]
+        assert mbps > 10, tcp["end"]
+        assert udp_rx > 1000, udp["end"]["sum"]
+        print(f"\nsocial TCP laptop -> bob: {mbps:.0f} Mbit/s; UDP 50M: {udp_rx} datagrams received, "
+              f"{udp['end']['sum']['lost_percent']:.2f} % lost", file=sys.stderr)
+    finally:
+        for p in (srv, cap):
+            p.terminate()
+            p.wait(timeout=10)
+        lab.exec(laptop.host, ["ethtool", "-K", "ipswsoc", "tx", "on"], check=False)
+    every = [p for p in rdpcap(str(pcap)) if IP in p]
+    pkts = [p for proto in (1, 6, 17) for p in [q for q in every if q[IP].proto == proto][:1000]]
+    assert pkts, "nothing of alice's in bob's capture"
+    for p in pkts:   # bob's view: alice at the address bob gave her, to bob's own address
+        assert (p[IP].src, p[IP].dst) == (to_laptop, OWN), p.summary()
+    ok = _valid_checksums(pkts)
+    assert ok[1] and ok[6] and ok[17], ok
+
+
+def test_removed_friend_is_cut_within_5s_and_back_when_added(world):
+    lab, n = world
+    laptop, carol = n["laptop"], n["carol"]
+    linked(laptop, carol)
+    carol_id = laptop.node_of(carol)["node_id"]
+    t0 = time.monotonic()
+    laptop.friends("remove", carol.jid)
+    wait_until(lambda: carol_id not in {p["node_id"] for p in laptop.overlay()["peers"]}, 5,
+               "alice's link to carol to go", interval=0.2)
+    took = time.monotonic() - t0
+    addr = laptop.addr_of(carol) if laptop.node_of(carol) else None
+    time.sleep(5)
+    assert carol_id not in {p["node_id"] for p in laptop.overlay()["peers"]}, "came back by itself"
+    assert carol.jid not in {j for j, f in laptop.social()["friends"].items() if f["subscription"] == "both"}
+    print(f"\nsocial: link to a removed friend gone {took:.2f} s after 'friends remove'", file=sys.stderr)
+    befriend(laptop, carol)
+    linked(laptop, carol)
+    again = laptop.addr_of(carol)
+    assert addr is None or again == addr   # her address is kept
+    assert wait_until(lambda: laptop.ping(again, count=1), 10, "carol again")
+
+
+def test_reinitialised_friend_refused_until_forgotten(world):
+    lab, n = world
+    laptop, phone, bob = n["laptop"], n["phone"], n["bob"]
+    linked(laptop, bob)
+    addr, old = laptop.addr_of(bob), laptop.node_of(bob)
+    bob.stop()
+    NodeIdentity.create(bob.dir / "identity", name=bob.device, force=True)   # a new key, same account and name
+    bob.start()
+    refused = lambda: (laptop.node_of(bob) or {}).get("refused") and laptop.state_of(bob) == "refused"
+    wait_until(refused, 30, "alice's laptop to refuse bob's new key", interval=0.5)
+    node = laptop.node_of(bob)
+    assert node["fingerprint"] == old["fingerprint"] and node["refused"]["fingerprint"] != old["fingerprint"]
+    assert node["refused"]["count"] >= 1
+    assert "key_changed" in laptop.social()["drops"]
+    assert not laptop.ping(addr, count=1, wait=1)
+    log = (laptop.dir / "agent.log").read_text()
+    assert "event=friend_key_refused" in log and "friends forget" in log
+    time.sleep(3)
+    assert laptop.state_of(bob) == "refused"      # nothing silently re-pinned
+    for dev in (laptop, phone):
+        assert "forgot" in dev.friends("forget", bob.jid, bob.device)
+    linked(laptop, bob)
+    node = laptop.node_of(bob)
+    assert node["fingerprint"] != old["fingerprint"] and node["refused"] is None
+    assert laptop.addr_of(bob) == addr             # same friend node, same address
+    assert wait_until(lambda: laptop.ping(addr, count=1), 10, "bob again")
+
+
+def test_hosts_and_verify(world):
+    lab, n = world
+    laptop, bob = n["laptop"], n["bob"]
+    linked(laptop, bob)
+    lines = laptop.friends("hosts").splitlines()
+    assert f"{laptop.addr_of(bob)}\t{bob.device}.bob.ipsw.internal" in lines
+    fp = laptop.node_of(bob)["fingerprint"]
+    # bob reads his own fingerprint out to alice (his own certificate)
+    own = bob.status()["overlays"][0]
+    r = lab.exec(laptop.host, [sys.executable, "-m", "ipop_switch.cli", "friends", "--socket", str(laptop.sock),
+                               "verify", bob.jid, "00" * 32], check=False)
+    assert r.returncode != 0 and "no node of" in (r.stdout + r.stderr)
+    assert "verified" in laptop.friends("verify", bob.jid, fp)
+    assert laptop.node_of(bob)["verified"]
+    assert own["social"]["node"] == bob.device

@@ -236,8 +236,9 @@ class SocialPart:
         if r:
             for k, v in r.drops.items():
                 drops[k] = drops.get(k, 0) + v
+        me = getattr(self.ov, "me", None)
         return {"jid": self.own_jid, "node": self.name, "address": self.own_ip, "range": self.network,
-                "friends": friends, "drops": drops}
+                "fingerprint": me.own.fingerprint if me else None, "friends": friends, "drops": drops}
 
 
 class SocialTopology:

@@ -88,6 +88,7 @@ def list_(ctx: click.Context, as_json: bool) -> None:
         click.echo(json.dumps(ans, indent=1))
         return
     click.echo(f"{ans['jid']}/{ans['node']} at {ans['address']} (friends get addresses of {ans['range']})")
+    click.echo(f"  this node's fingerprint (read it out to your friends): {ans['fingerprint']}")
     for bare, f in ans["friends"].items():
         extra = " (asked, waiting)" if f["asked"] else " (wants to be friends: 'friends accept')" if f["requested"] else ""
         click.echo(f"{bare}  {f['subscription']}{extra}")
