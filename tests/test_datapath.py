@@ -532,3 +532,138 @@ def test_a_false_continuation_from_an_authenticated_peer_is_safe(sf, bogus):
         finally:
             p.close()
     run(go())
+
+
+class _GsoRecorder:
+    """Stands in for the UDP socket of a path: records each send as (buffer, segment size,
+    address); a GSO send's segment size comes from its UDP_SEGMENT control message."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.sends: list[tuple[bytes, int, tuple]] = []
+        self.fail = fail
+        self.closed = False
+
+    def sendmsg(self, bufs, cmsgs, flags, addr):
+        if self.fail:
+            raise OSError(5, "EIO")
+        (level, typ, val), = cmsgs
+        assert (level, typ) == (batch_io.SOL_UDP, batch_io.UDP_SEGMENT)
+        self.sends.append((b"".join(bytes(b) for b in bufs), struct.unpack("=H", val)[0], addr))
+
+    def sendto(self, buf, addr):
+        if self.fail:
+            raise OSError(5, "EIO")
+        self.sends.append((bytes(buf), len(buf), addr))
+
+    def close(self):
+        self.closed = True
+
+
+def _chan(channel: int, dgram: bytes) -> bytes:
+    return struct.pack("!HH", channel, len(dgram)) + dgram
+
+
+@settings(max_examples=60, deadline=None)
+@given(super_frames, st.integers(0x4000, 0x7FFF))
+def test_relayed_gso_send_lays_out_channel_data_segments_in_one_buffer(sf, channel):
+    """Through our own TURN allocation a super-frame's segments leave in GSO sends whose
+    buffer is the data packets back to back, each behind its 4-byte ChannelData header
+    (channel, its own length): every segment but the last of a send of the GSO size, so the
+    kernel cuts it into the ChannelData datagrams TURN expects (docs/tunnel.md §4)."""
+    v6, data, opts, flags, seq, ipid, mss = sf
+    frame = with_partial(tso_frame(v6, data, opts, flags, seq, ipid))
+    p = Pair()
+    rec = _GsoRecorder()
+    try:
+        p.a.tx._sock, p.a.tx._addr, p.a.tx._chan = rec, ("198.18.0.2", 3478), channel
+        ref = Session(*p.keys, 11, 22, initiator=True)
+        want = [ref.seal(seg, CONT if i else SEG, gso.Layout(frame).tcp_off)
+                for i, seg in enumerate(gso.segment(frame, mss))]
+        p.tap_in(tso_vnet(frame, mss), frame)
+        got = []
+        for buf, size, addr in rec.sends:
+            assert addr == ("198.18.0.2", 3478)
+            pieces = [buf[o:o + size] for o in range(0, len(buf), size)]
+            assert len(buf) <= batch_io.GSO_MAX_BYTES and len(pieces) <= batch_io.GSO_MAX_SEGMENTS
+            assert all(len(x) == size for x in pieces[:-1]) and 0 < len(pieces[-1]) <= size
+            got += pieces
+        assert got == [_chan(channel, d) for d in want]
+        assert not p.wire and not p.a.stats.drops
+    finally:
+        p.a.tx._sock = None
+        p.close()
+
+
+def test_relayed_gso_send_over_a_real_socket_and_its_per_datagram_fallback():
+    """The kernel cuts a relayed GSO send into ChannelData datagrams of the reference bytes;
+    when the socket refuses GSO the same segments go one by one through the path's send
+    function (which frames them itself), without a second header."""
+    frame = with_partial(tso_frame(False, os.urandom(60000), [], "PA", 1000, 7))
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    p = Pair()
+    try:
+        rx.bind(("127.0.0.1", 0))
+        rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, BUF)
+        rx.settimeout(2.0)
+        tx.setblocking(False)
+        p.a.tx._sock, p.a.tx._addr, p.a.tx._chan = tx, rx.getsockname(), 0x4001
+        ref = Session(*p.keys, 11, 22, initiator=True)
+        cs = gso.Layout(frame).tcp_off
+        want = [ref.seal(seg, CONT if i else SEG, cs) for i, seg in enumerate(gso.segment(frame, 1348))]
+        p.tap_in(tso_vnet(frame, 1348), frame)
+        assert [rx.recv(65535) for _ in want] == [_chan(0x4001, d) for d in want]
+        assert not p.a.stats.drops
+        # GSO refused: the rest goes through the path's own send function, unframed here
+        p.a.tx._sock, p.a.tx._chan = _GsoRecorder(fail=True), 0x4001
+        again = [ref.seal(seg, CONT if i else SEG, cs) for i, seg in enumerate(gso.segment(frame, 1348))]
+        p.tap_in(tso_vnet(frame, 1348), frame)
+        assert p.wire == again
+        assert p.a.stats.drops["gso_send_error"] == 1 and p.a.tx._chan == -1 and p.a.tx._sock is None
+    finally:
+        p.a.tx._sock = None
+        p.close()
+        rx.close()
+        tx.close()
+
+
+def test_single_datagrams_of_one_wakeup_reach_the_receiver_as_one_burst():
+    """Datagrams that arrive one by one (a TURN relay sends them so; no GRO glued them) are
+    laid back to back by the socket hook and handed to the receiver as one burst per
+    wake-up: every byte arrives, in order around a STUN message in the middle, in a few
+    receive calls rather than one per datagram."""
+    frame = tso_frame(False, os.urandom(40000), [], "PA", 5, 5)
+
+    async def go():
+        p = Pair()
+        calls = []
+
+        def counted(data, seg, addr, protocol, other):
+            calls.append((len(data), seg))
+            p.b.receive(data, seg, addr, protocol, other)
+        _, proto = await asyncio.get_running_loop().create_datagram_endpoint(_Proto, local_addr=("127.0.0.1", 0))
+        ice.install_hook(proto, counted)
+        to = proto.transport.get_extra_info("sockname")
+        tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            p.tap_in(tso_vnet(frame, 1000), frame)
+            wire, p.wire[:] = list(p.wire), []
+            stun = b"\x01\x01\x00\x00" + b"s" * 16
+            for i, d in enumerate(wire):
+                tx.sendto(d, to)
+                if i == 10:
+                    tx.sendto(stun, to)
+            deadline = time.monotonic() + 3
+            while p.b.stats.rx_packets < len(wire) and time.monotonic() < deadline:
+                await asyncio.sleep(0.005)
+            await asyncio.sleep(0)
+            out = p.tb.frames()
+            assert b"".join(payload(f) for _, f in out) == payload(frame)
+            assert proto.stun == [stun] and not p.b.stats.drops
+            assert sum(n // s + (n % s > 0) for n, s in calls) == len(wire)
+            assert len(calls) <= 4, calls           # 11 before the STUN message, 29 after (one or two wake-ups)
+        finally:
+            tx.close()
+            proto.transport.close()
+            p.close()
+    run(go())

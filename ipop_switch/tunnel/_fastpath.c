@@ -148,26 +148,30 @@ static int seal_one(EVP_CIPHER_CTX *ctx, uint64_t counter, uint8_t *out,
 }
 
 PyDoc_STRVAR(seal_tcp_doc,
-"seal_tcp(frame, po, t, gso_size, i0, i1, counter0, prefix, prefix_next, out) -> int\n\n"
+"seal_tcp(frame, po, t, gso_size, i0, i1, counter0, prefix, prefix_next, out, channel=-1) -> int\n\n"
 "Segments i0..i1-1 of the TCP super-frame `frame` (Ethernet | IPv4/IPv6 | TCP at `t` |\n"
 "payload at `po`, cut every `gso_size` bytes), each sealed with counter counter0 + i\n"
 "behind the 8-byte `prefix` (segment 0) or `prefix_next` (the others), written back to\n"
-"back into `out`. Returns the bytes written. Same output as gso.segment + Session.seal.");
+"back into `out`. With `channel` 0x4000..0x7FFF each datagram is preceded by its TURN\n"
+"ChannelData header (channel, length: 4 bytes, big-endian; no padding over UDP).\n"
+"Returns the bytes written. Same output as gso.segment + Session.seal.");
 
 static PyObject *TxKey_seal_tcp(TxKey *self, PyObject *args) {
     Py_buffer fr, pre, pnx, out;
     Py_ssize_t po, t, gso, i0, i1;
     unsigned long long counter0;
+    int chan = -1;
     PyObject *res = NULL;
     if (not_ready(self->ctx, "TxKey")) return NULL;
-    if (!PyArg_ParseTuple(args, "y*nnnnnKy*y*w*", &fr, &po, &t, &gso, &i0, &i1, &counter0,
-                          &pre, &pnx, &out))
+    if (!PyArg_ParseTuple(args, "y*nnnnnKy*y*w*|i", &fr, &po, &t, &gso, &i0, &i1, &counter0,
+                          &pre, &pnx, &out, &chan))
         return NULL;
+    const int ch = chan >= 0 ? 4 : 0;           /* ChannelData header per datagram */
     const uint8_t *f = fr.buf;
     Py_ssize_t flen = fr.len, plen = flen - po;
     int v4 = flen >= ETH_LEN && get16(f + 12) == ETH_IPV4;
     if (pre.len != 8 || pnx.len != 8 || gso <= 0 || t < ETH_LEN + 20 || po < t + 20 || po > flen ||
-        po > 255 || (!v4 && t != ETH_LEN + 40)) {
+        po > 255 || (!v4 && t != ETH_LEN + 40) || (chan >= 0 && (chan < 0x4000 || chan > 0x7FFF))) {
         PyErr_SetString(PyExc_ValueError, "seal_tcp: bad layout");
         goto done;
     }
@@ -178,7 +182,7 @@ static PyObject *TxKey_seal_tcp(TxKey *self, PyObject *args) {
     }
     Py_ssize_t need = 0;
     for (Py_ssize_t i = i0; i < i1; i++)
-        need += HDR + TAG + po + (i == n - 1 ? plen - i * gso : gso);
+        need += ch + HDR + TAG + po + (i == n - 1 ? plen - i * gso : gso);
     if (need > out.len) {
         PyErr_SetString(PyExc_ValueError, "seal_tcp: output buffer too small");
         goto done;
@@ -214,6 +218,11 @@ static PyObject *TxKey_seal_tcp(TxKey *self, PyObject *args) {
         put32(h + t + 4, seq0 + (uint32_t)(i * gso));
         h[t + 13] = i == n - 1 ? f_last : (i ? f_mid : f_first);
         put16(h + t + 16, fold((uint64_t)addr + 6 + tcp_len));
+        if (ch) {
+            put16(o, (uint32_t)chan);
+            put16(o + 2, (uint32_t)(HDR + TAG + po + clen));
+            o += ch;
+        }
         memcpy(o, i ? pnx.buf : pre.buf, 8);
         put64(o + 8, counter0 + (uint64_t)i);
         if (!seal_one(self->ctx, counter0 + (uint64_t)i, o, h, (int)po, f + po + i * gso, clen)) {

@@ -118,19 +118,27 @@ _CMSG = socket.CMSG_SPACE(4)
 class GroTransport(asyncio.DatagramTransport):
     """A datagram transport over a UDP socket that reads with ``recvmsg``, so that a UDP
     GRO buffer comes with its segment size (the event loop's own transports drop control
-    messages; uvloop's cannot even be paused). Every receive goes to ``on_datagram``;
-    a send that finds the socket buffer full waits in order for it to drain, and ``close``
-    ends with ``protocol.connection_lost``, as the event loop's transports do."""
+    messages; uvloop's cannot even be paused). Every receive goes to ``on_datagram``, and
+    ``on_done`` (if given) is called once the socket is drained or a wake-up's reads are
+    done, so that single datagrams can be handled as one burst; a send that finds the
+    socket buffer full waits in order for it to drain, and ``close`` ends with
+    ``protocol.connection_lost``, as the event loop's transports do. On a connected socket
+    (a TURN client's, to its server) ``sendto(data)`` without an address sends to the peer."""
 
     MAX_READS = 64                  # datagrams per wake-up: the other links get their turn
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, protocol,
-                 on_datagram: OnDatagram) -> None:
-        super().__init__({"socket": sock, "sockname": sock.getsockname()})
+                 on_datagram: OnDatagram, on_done: Callable[[], None] | None = None) -> None:
+        try:
+            peer = sock.getpeername()
+        except OSError:
+            peer = None
+        super().__init__({"socket": sock, "sockname": sock.getsockname(), "peername": peer})
         self._loop = loop
         self._sock = sock
         self._protocol = protocol
         self._on_datagram = on_datagram
+        self._on_done = on_done
         self._buf = bytearray(65536)
         self._queue: collections.deque[tuple[bytes, tuple]] = collections.deque()
         self._closing = False
@@ -138,6 +146,13 @@ class GroTransport(asyncio.DatagramTransport):
         loop.add_reader(sock.fileno(), self._read)
 
     def _read(self) -> None:
+        try:
+            self._read_some()
+        finally:
+            if self._on_done is not None:
+                self._on_done()
+
+    def _read_some(self) -> None:
         buf, recv, on = self._buf, self._sock.recvmsg_into, self._on_datagram
         for _ in range(self.MAX_READS):
             try:
@@ -157,7 +172,10 @@ class GroTransport(asyncio.DatagramTransport):
             return
         if not self._queue:
             try:
-                self._sock.sendto(data, addr)
+                if addr is None:
+                    self._sock.send(data)
+                else:
+                    self._sock.sendto(data, addr)
                 return
             except (BlockingIOError, InterruptedError):
                 self._loop.add_writer(self._sock.fileno(), self._drain)
@@ -171,7 +189,10 @@ class GroTransport(asyncio.DatagramTransport):
         while q:
             data, addr = q[0]
             try:
-                self._sock.sendto(data, addr)
+                if addr is None:
+                    self._sock.send(data)
+                else:
+                    self._sock.sendto(data, addr)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:

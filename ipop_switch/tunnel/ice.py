@@ -175,11 +175,17 @@ class Path:
         return f"{self.local.split()[0]}->{self.remote.split()[0]}"
 
     def dup_socket(self) -> socket.socket | None:
-        """A non-blocking dup of a direct path's UDP socket (for GSO sends beside the event
-        loop's transport), or None for a relayed path or when there is none."""
-        if self.kind != "direct" or self.turn_inner is not None:
-            return None
-        sock = _dup_udp(self.protocol.transport)  # type: ignore[attr-defined]
+        """A non-blocking dup of the UDP socket this path's datagrams leave by (for GSO sends
+        beside the event loop's transport): the host socket of a direct path or of one to
+        the peer's relay, or the socket of our own TURN allocation (connected to the TURN
+        server; the datapath frames ChannelData on it itself, see ``channel``). None for a
+        TURN allocation over TCP, one without a bound channel, or no socket."""
+        if self.turn_inner is not None:
+            if self.channel is None:
+                return None
+            sock = _dup_udp(getattr(self.turn_inner, "transport", None))
+        else:
+            sock = _dup_udp(self.protocol.transport)  # type: ignore[attr-defined]
         if sock is not None:
             sock.setblocking(False)
         return sock
@@ -226,6 +232,43 @@ def make_path(protocol, remote: Candidate, remote_addr: tuple[str, int]) -> Path
 # pieces of a GRO buffer that are not data packets go) -- receive.Receiver.receive.
 OnOurs = Callable[[bytes, int, tuple, object, "Callable[[bytes, tuple], None] | None"], None]
 _LO, _HI = codec.TYPE_INIT, codec.TYPE_DATA
+_DATA, _DATA_MIN = codec.TYPE_DATA, codec.DATA_MIN_LEN
+_CHAN = struct.Struct("!HH")            # TURN ChannelData header: channel number, length
+BATCH_BYTES = 65536
+
+
+class _Batch:
+    """Single data packets of one wake-up's reads from one sender, laid back to back as one
+    burst, as UDP GRO would have glued them (equal sizes, the last may be shorter): the
+    receiver then runs its per-burst loop (and the C loop) once for all of them instead of
+    once per datagram. Where GRO does not glue (a relay's datagrams, sent one by one; a
+    veth without GRO) this is what keeps a relayed path batched. Delivered at the end of
+    the wake-up's reads (``flush``), before anything else from the socket, so nothing is
+    delayed or reordered."""
+
+    __slots__ = ("buf", "off", "seg", "addr", "deliver")
+
+    def __init__(self, deliver: Callable[[bytes, int, tuple], None]) -> None:
+        self.buf = bytearray(BATCH_BYTES)
+        self.off = self.seg = 0
+        self.addr: tuple | None = None
+        self.deliver = deliver
+
+    def add(self, data, o: int, e: int, addr: tuple) -> None:
+        n = e - o
+        if self.off and (n > self.seg or addr != self.addr or self.off + n > BATCH_BYTES):
+            self.flush()
+        if not self.off:
+            self.seg, self.addr = n, addr
+        self.buf[self.off:self.off + n] = memoryview(data)[o:e]
+        self.off += n
+        if n < self.seg:            # a shorter one ends the burst, as in GRO
+            self.flush()
+
+    def flush(self) -> None:
+        if self.off:
+            data, self.off = bytes(self.buf[:self.off]), 0
+            self.deliver(data, self.seg, self.addr)   # type: ignore[arg-type]
 
 
 class _Hook:
@@ -239,15 +282,19 @@ class _Hook:
     rekey) fail the whole burst (security review, finding 7). Pieces of a buffer that
     are not data packets go back through ``route`` (ours to us, STUN to aioice)."""
 
-    __slots__ = ("protocol", "orig", "on_ours", "gro")
+    __slots__ = ("protocol", "orig", "on_ours", "gro", "batch")
 
     def __init__(self, protocol, on_ours: OnOurs) -> None:
         self.protocol = protocol
         self.orig = protocol.datagram_received
         self.on_ours = on_ours
         self.gro = False
+        self.batch = _Batch(self._burst)
         protocol.datagram_received = self.received
         protocol._ipsw_hook = self
+
+    def _burst(self, data: bytes, seg: int, addr: tuple) -> None:
+        self.on_ours(data, seg, addr, self.protocol, None)
 
     def received(self, data: bytes, addr: tuple) -> None:
         """One datagram (also a piece of a GRO buffer that is not a data packet)."""
@@ -260,26 +307,69 @@ class _Hook:
         """What one receive on a taken-over socket returned: datagrams of ``seg`` bytes but
         the last (the kernel's gso_size), or one datagram (``seg == len(data)``)."""
         if seg < len(data):
+            self.batch.flush()
             self.on_ours(data, seg, addr, self.protocol, self.received)  # data packets skip the hooks
+        elif len(data) >= _DATA_MIN and data[0] == _DATA:
+            self.batch.add(data, 0, len(data), addr)     # delivered with the wake-up's others
         else:
+            self.batch.flush()
             self.received(data, addr)
 
+    def turn_received(self, data: bytes, seg: int, addr: tuple) -> None:
+        """What one receive on our TURN allocation's socket returned (read by us, see
+        ``take_over``): ChannelData from the peer through the server (data packets batched,
+        anything else of the peer's to ``received`` as aioice would hand it over) and the
+        server's own STUN messages (responses, Data indications) to aioice's TURN client."""
+        inner = _turn_inner(self.protocol)
+        n = len(data)
+        o = 0
+        while o < n:
+            e = o + seg if o + seg < n else n
+            if 0x40 <= data[o] <= 0x7F and e - o >= 4:
+                channel, length = _CHAN.unpack_from(data, o)
+                peer = inner.channel_to_peer.get(channel) if inner is not None else None
+                p = o + 4
+                if peer is not None and length <= e - p:     # else dropped, as aioice does
+                    if length >= _DATA_MIN and data[p] == _DATA:
+                        self.batch.add(data, p, p + length, peer)
+                    else:
+                        self.batch.flush()
+                        self.received(data[p:p + length], peer)
+            else:
+                self.batch.flush()
+                if inner is not None:
+                    inner.datagram_received(data if e - o == n else data[o:e], addr)
+            o = e
+
     def take_over(self) -> bool:
-        """Read this host socket ourselves: the event loop's transport gives up the socket
+        """Read this socket ourselves: the event loop's transport gives up the socket
         (closed on a dup, its close not reported to aioice), a ``GroTransport`` on the dup
-        reads and sends from now on. False (nothing changed) for a TURN allocation or a
-        transport without a UDP socket."""
+        reads and sends from now on. For a TURN allocation over UDP that is the TURN
+        client's socket (aioice's client keeps sending on it and gets the server's STUN
+        messages from ``turn_received``), with UDP GRO on at once, since every piece is
+        parsed on its own. False (nothing changed) for TURN over TCP or a transport without
+        a UDP socket."""
         protocol = self.protocol
-        tr = protocol.transport
-        if isinstance(tr, batch_io.GroTransport) or _turn_inner(protocol) is not None:
-            return isinstance(tr, batch_io.GroTransport)
+        inner = _turn_inner(protocol)
+        owner = inner if inner is not None else protocol
+        tr = getattr(owner, "transport", None)
+        if isinstance(tr, batch_io.GroTransport):
+            return True
         sock = _dup_udp(tr)
         if sock is None:
             return False
         loop = asyncio.get_running_loop()
         tr.set_protocol(asyncio.DatagramProtocol())
         tr.close()
-        protocol.transport = batch_io.GroTransport(loop, sock, protocol, self.received_buffer)
+        if inner is not None:
+            try:
+                sock.setsockopt(batch_io.SOL_UDP, batch_io.UDP_GRO, 1)
+            except OSError:
+                pass
+            inner.transport = batch_io.GroTransport(loop, sock, inner, self.turn_received, self.batch.flush)
+        else:
+            protocol.transport = batch_io.GroTransport(loop, sock, protocol, self.received_buffer,
+                                                       self.batch.flush)
         return True
 
 

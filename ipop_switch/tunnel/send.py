@@ -3,8 +3,9 @@
 A read from the TAP is either a complete frame, sealed alone as one data packet, or (in
 the batched mode, docs/tunnel.md "Offload negotiation") a TCP super-frame of up to
 64 KiB: it is cut into MSS segments, each sealed as its own data packet (a lost datagram
-loses one segment), and the datagrams leave in groups of one UDP GSO ``sendmsg`` on a
-direct path. The per-segment loop runs in C when the extension is built (``accel``,
+loses one segment), and the datagrams leave in groups of one UDP GSO ``sendmsg``: on a
+direct path, to a peer's TURN relay, and through our own TURN allocation with each
+datagram behind its 4-byte ChannelData header in the same buffer (docs/tunnel.md §4). The per-segment loop runs in C when the extension is built (``accel``,
 ``Session.tx_fast``), with the same wire bytes. The TAP is read with ``add_reader``, up
 to ``TAP_BURST`` frames per wake-up. Nothing here raises on bad input: drops are counted.
 """
@@ -29,6 +30,8 @@ _Q = struct.Struct("!Q")
 _I = struct.Struct("!I")
 _H = struct.Struct("!H")
 _U16 = struct.Struct("=H")
+_CHAN = struct.Struct("!HH")                # TURN ChannelData header: channel, length
+CHAN_LEN = 4
 
 SendFn = Callable[[bytes], None]
 
@@ -60,6 +63,7 @@ class Sender:
         self._send: SendFn | None = None
         self._sock: socket.socket | None = None     # a dup of the direct path's socket, for GSO sends
         self._addr: tuple | None = None
+        self._chan = -1                             # GSO through our TURN allocation: its channel
         self._gso = batch_io.gso_supported()
         self.max_frame = 65535
         self.tx_offload = False
@@ -67,7 +71,7 @@ class Sender:
         self._allow = allow_offload
         self._rbuf = bytearray(TAP_READ)
         self._rview = memoryview(self._rbuf)
-        self._sbuf = bytearray(TAP_READ + 64 * DATA_OVERHEAD)   # one GSO send: headers + ciphertexts
+        self._sbuf = bytearray(TAP_READ + 64 * (DATA_OVERHEAD + CHAN_LEN))   # one GSO send
         self._sview = memoryview(self._sbuf)
         self._nonce = bytearray(12)                 # 4 zero bytes + counter
 
@@ -81,9 +85,10 @@ class Sender:
         self.tx_cont = self.tx_offload and hints.get("cont") == 1
 
     def use_path(self, path) -> bool:
-        """Send on ``path`` (ice.Path): on a direct UDP path through a dup of its socket
-        (one GSO ``sendmsg`` per group of segments), otherwise with its send function.
-        True if the GSO socket is in use."""
+        """Send on ``path`` (ice.Path): segments through a dup of its UDP socket (one GSO
+        ``sendmsg`` per group of segments; through our TURN allocation each behind its
+        ChannelData header, to the TURN server), everything else and any path without such
+        a socket with its send function. True if the GSO socket is in use."""
         self.send = path.send
         if not self._gso:
             return False
@@ -91,7 +96,16 @@ class Sender:
         if sock is None:
             return False
         batch_io.tune_socket(sock, gro=False)
-        self._sock, self._addr = sock, tuple(path.remote_addr)
+        if path.turn_inner is not None:
+            try:
+                self._addr = sock.getpeername()     # the TURN server (aioice connects the socket)
+            except OSError:
+                sock.close()
+                return False
+            self._chan = path.channel
+        else:
+            self._addr = tuple(path.remote_addr)
+        self._sock = sock
         return True
 
     @property
@@ -101,6 +115,7 @@ class Sender:
     @send.setter
     def send(self, fn: SendFn | None) -> None:
         self._send = fn
+        self._chan = -1
         if self._sock is not None:
             self._sock.close()
             self._sock = self._addr = None
@@ -193,7 +208,9 @@ class Sender:
         if n > 1024:
             st.drops["tap_too_many_segments"] += 1
             return
-        full_dg = DATA_OVERHEAD + po + min(gso_size, plen)
+        chan = self._chan if self._sock is not None else -1
+        ch = CHAN_LEN if chan >= 0 else 0           # each datagram behind its ChannelData header
+        full_dg = ch + DATA_OVERHEAD + po + min(gso_size, plen)
         per_group = max(1, min(batch_io.GSO_MAX_SEGMENTS, batch_io.GSO_MAX_BYTES // full_dg))
         prefix = bytes((codec.TYPE_DATA, codec.FMT_SEG, cs >> 8, cs & 0xFF)) + s.ridx
         prefix_next = bytes((codec.TYPE_DATA, codec.FMT_CONT_SEG, cs >> 8, cs & 0xFF)) + s.ridx if self.tx_cont else prefix
@@ -208,7 +225,7 @@ class Sender:
             t = lay.tcp_off
             for i in range(0, n, per_group):
                 j = min(n, i + per_group)
-                self._send_group(sview, seal(frame, po, t, gso_size, i, j, c, prefix, prefix_next, sbuf),
+                self._send_group(sview, seal(frame, po, t, gso_size, i, j, c, prefix, prefix_next, sbuf, chan),
                                  j - i, full_dg)
             return
         if fo < 0:                          # not in our read buffer: work on a copy
@@ -280,6 +297,9 @@ class Sender:
                 hpack(buf, p, A, total, ip_id, B, ~x & 0xFFFF, C, seq, D, f, E, tsum, F)
             else:
                 hpack(buf, p, A, tcp_len, C, seq, D, f, E, tsum, F)
+            if ch:
+                _CHAN.pack_into(sbuf, off, chan, 32 + m)
+                off += ch
             pack_hdr(sbuf, off, prefix_next if i else prefix, c)
             pack_q(nonce, 4, c)
             c += 1
@@ -292,7 +312,9 @@ class Sender:
 
     def _send_group(self, sview: memoryview, length: int, count: int, size: int) -> bool:
         """Send ``count`` datagrams laid out back to back in ``sview[:length]`` (all of
-        ``size`` bytes but the last): one GSO ``sendmsg`` on a direct path, else one by one."""
+        ``size`` bytes but the last, ChannelData headers included when sent through our
+        TURN allocation): one GSO ``sendmsg``, else one by one with the path's send
+        function (which frames them itself)."""
         sock = self._sock
         if sock is not None:
             try:
@@ -301,6 +323,7 @@ class Sender:
                 else:
                     sock.sendmsg((sview[:length],), [(batch_io.SOL_UDP, batch_io.UDP_SEGMENT,
                                                       _U16.pack(size))], 0, self._addr)
+                    self.stats.tx_gso += 1
                 return True
             except BlockingIOError:
                 self.stats.drops["send_full"] += count
@@ -311,10 +334,12 @@ class Sender:
                 sock.close()
                 self._sock = None
         send = self._send
+        ch = CHAN_LEN if self._chan >= 0 else 0
+        self._chan = -1 if self._sock is None else self._chan
         ok = True
         for o in range(0, length, size):
             try:
-                send(bytes(sview[o:min(o + size, length)]))  # type: ignore[misc]
+                send(bytes(sview[o + ch:min(o + size, length)]))  # type: ignore[misc]
             except OSError:
                 self.stats.drops["send_error"] += 1
                 ok = False

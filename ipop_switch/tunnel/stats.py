@@ -11,13 +11,14 @@ class Stats:
     """Counters a link reports to the agent."""
 
     __slots__ = ("tx_frames", "tx_bytes", "rx_frames", "rx_bytes", "drops", "last_rx", "last_tx",
-                 "rtt_ms", "handshakes", "tx_packets", "rx_packets", "tx_super", "rx_coalesced", "mode",
+                 "rtt_ms", "handshakes", "tx_packets", "rx_packets", "tx_super", "rx_coalesced", "tx_gso", "mode",
                  "last_data_tx", "tx_wait", "check_at", "check_within", "kick", "pings")
 
     def __init__(self) -> None:
         self.tx_frames = self.tx_bytes = self.rx_frames = self.rx_bytes = 0
         self.tx_packets = self.rx_packets = 0       # data packets on the wire (segments)
         self.tx_super = self.rx_coalesced = 0       # TSO frames read / GSO frames written
+        self.tx_gso = 0                             # UDP GSO sends (direct or relayed paths)
         self.drops: Counter[str] = Counter()
         self.last_rx = 0.0          # monotonic time of the last authenticated packet
         self.last_tx = 0.0          # ... of the last packet we sent (data or control)
@@ -49,7 +50,7 @@ class Stats:
             "tx_frames": self.tx_frames, "tx_bytes": self.tx_bytes,
             "rx_frames": self.rx_frames, "rx_bytes": self.rx_bytes,
             "tx_packets": self.tx_packets, "rx_packets": self.rx_packets,
-            "tx_super": self.tx_super, "rx_coalesced": self.rx_coalesced,
+            "tx_super": self.tx_super, "rx_coalesced": self.rx_coalesced, "tx_gso": self.tx_gso,
             "datapath": self.mode,
             "drops": dict(self.drops),
             "since_last_rx": None if not self.last_rx else round(now - self.last_rx, 3),
