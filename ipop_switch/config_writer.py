@@ -59,6 +59,9 @@ def render_config(doc: dict, *, header: str, comments: dict[str, str] | None = N
     for name in _TABLES:
         if doc.get(name):
             out += ["", f"[{name}]", *_lines(doc[name], name, comments)]
+            for key, v in doc[name].items():             # [node.web]
+                if isinstance(v, dict) and v:
+                    out += ["", f"[{name}.{key}]", *_lines(v, f"{name}.{key}", comments)]
     for ov in doc.get("overlay", []):
         head = "[[overlay]]"
         if comments.get("overlay"):
