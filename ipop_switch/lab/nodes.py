@@ -33,6 +33,7 @@ class LabNode:
     address6: str
     index: int = 0
     proc: subprocess.Popen | None = None
+    web: str | None = None             # the overlay view's URL inside the host's namespace ([node.web])
 
     @property
     def status_socket(self) -> Path:
@@ -45,6 +46,9 @@ class LabNode:
     @property
     def ip6(self) -> str:
         return self.address6.split("/")[0]
+
+
+WEB_PORT = 9466       # [node.web]'s default port, in each host's own namespace
 
 
 def overlay_address(index: int, *, net: int = 99) -> tuple[str, str]:
@@ -71,10 +75,12 @@ class LabGroup:
         self.nodes: dict[str, LabNode] = {}
 
     def add(self, host: str, *, index: int | None = None, attach: list[dict] | None = None,
-            ovs: dict | None = None) -> LabNode:
+            ovs: dict | None = None, dns: bool = False, web: bool = False) -> LabNode:
         """Identity, certificates (issued by each group CA and installed) and config for ``host``;
         ``attach``: guests of the (first) overlay, as ``[[overlay.attach]]`` tables; ``ovs``: the
-        node's ``[ovs]`` table (default a private OVS; ``{"mode": "system", "db_socket": ...}``)."""
+        node's ``[ovs]`` table (default a private OVS; ``{"mode": "system", "db_socket": ...}``);
+        ``dns``: every overlay's DNS responder on (``[overlay.dns]``: overlay address and 127.53.x.y,
+        port 53); ``web``: the overlay view on 127.0.0.1:WEB_PORT in the host's namespace."""
         h = self.lab.host(host)
         index = index or len(self.nodes) + 1
         ndir = self.dir / "nodes" / host
@@ -98,16 +104,22 @@ class LabGroup:
             })
             if self.extra.get("topology"):
                 overlays[-1]["topology"] = dict(self.extra["topology"])
+            if dns:
+                overlays[-1]["dns"] = {"enable": True}
         if attach:
             overlays[0]["attach"] = attach
         cfg = ndir / "node.toml"
+        node_table: dict = {"identity_dir": ndir / "identity", "state_dir": ndir / "state",
+                            "metrics": "127.0.0.1:9465", "worker_processes": self.extra.get("worker_processes", 1)}
+        if web:
+            node_table["web"] = {"enable": True, "listen": f"127.0.0.1:{WEB_PORT}"}
         write_config(cfg, {
-            "node": {"identity_dir": ndir / "identity", "state_dir": ndir / "state", "metrics": "127.0.0.1:9465",
-                     "worker_processes": self.extra.get("worker_processes", 1)},
+            "node": node_table,
             "ovs": ovs or {"mode": "private"},
             "overlay": overlays,
         }, header="written by the ipop-switch lab")
-        node = LabNode(host, ndir, cfg, ident.node_id, *first, index=index)
+        node = LabNode(host, ndir, cfg, ident.node_id, *first, index=index,
+                       web=f"http://127.0.0.1:{WEB_PORT}/" if web else None)
         self.nodes[host] = node
         return node
 

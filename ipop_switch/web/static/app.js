@@ -74,7 +74,8 @@
       el("title", {}, line, names[l.a] + " - " + names[l.b] + ": " + l.path);
       const hit = el("line", {x1, y1, x2, y2, class: "link-hit"}, gl);
       for (const e of [line, hit]) e.addEventListener("click", () => select("link", l.id));
-      const mx = (x1 + x2) / 2, my = (y1 + y2) / 2;
+      // the label a third of the way from the lower id: crossing links keep theirs apart
+      const mx = x1 + (x2 - x1) * 0.36, my = y1 + (y2 - y1) * 0.36;
       const tot = (l.a_to_b_bps || 0) + (l.b_to_a_bps || 0);
       const txt = (l.path === "relay" ? "relayed · " : "") + ms(l.rtt_ms) + " · " + rate(tot);
       el("text", {x: mx, y: my - 6, class: "link-label", "text-anchor": "middle"}, gt, txt);
