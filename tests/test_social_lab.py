@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import unique_name
+from conftest import helper, unique_name
 from helpers.wait import wait_until
 from ipop_switch import proc
 from ipop_switch.config_writer import write_config
@@ -39,7 +39,7 @@ LINK_TIMEOUT = 60.0
 
 class SocialNode:
     def __init__(self, lab: Lab, root: Path, key: str, password: str) -> None:
-        self.lab, self.key = lab, key
+        self.lab, self.key, self.password = lab, key, password
         self.host, self.user, self.device = NODES[key]
         self.jid = f"{self.user}@{DOMAIN}"
         self.dir = root / key
@@ -297,3 +297,26 @@ def test_hosts_and_verify(world):
     assert "verified" in laptop.friends("verify", bob.jid, fp)
     assert laptop.node_of(bob)["verified"]
     assert own["social"]["node"] == bob.device
+
+
+def test_strangers_are_counted_and_change_nothing(world, tmp_path):
+    lab, n = world
+    laptop, bob, carol = n["laptop"], n["bob"], n["carol"]
+    linked(laptop, bob)
+    before_links = {p["node_id"] for p in bob.overlay()["peers"]}
+    before = bob.social()
+    conf = tmp_path / "intruder.json"
+    conf.write_text(json.dumps({"jid": carol.jid, "password": carol.password, "server": services.XMPP_ADDR,
+                                "ca": str(lab.ca_cert), "target_jid": f"{bob.jid}/{bob.device}", "overlay": OVERLAY,
+                                "claims": bob.node_of(laptop)["node_id"]}))
+    r = lab.exec(carol.host, [*helper("social_intruder"), str(conf)], check=False, timeout=60)
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == {"sent": 3}, r.stdout + r.stderr
+
+    def counted() -> bool:
+        drops, sig = bob.social()["drops"], bob.overlay()["signaling"]["drops"]
+        return drops.get("not_friend", 0) > before["drops"].get("not_friend", 0) and sig.get("foreign_source", 0) >= 1
+    wait_until(counted, 10, "bob to count the stranger's presence and message", retry_on=(Exception,))
+    after = bob.social()
+    assert after["friends"].get(carol.jid, {}).get("subscription", "none") != "both"
+    assert {p["node_id"] for p in bob.overlay()["peers"]} == before_links
+    assert bob.state_of(laptop) == "linked"
