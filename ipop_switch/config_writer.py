@@ -19,7 +19,7 @@ from .config import Config, ConfigError
 
 # the order tables appear in; keys of a table keep the order they are given in
 _TABLES = ("node", "ovs")
-_SUBTABLES = ("xmpp", "ice", "dns", "topology")
+_SUBTABLES = ("xmpp", "ice", "dns", "topology", "social")
 
 
 def _value(v: Any) -> str:
@@ -70,6 +70,9 @@ def render_config(doc: dict, *, header: str, comments: dict[str, str] | None = N
         for sub in _SUBTABLES:
             if ov.get(sub):
                 out += ["", f"[overlay.{sub}]", *_lines(ov[sub], f"overlay.{sub}", comments)]
+                for key, v in ov[sub].items():   # a map of free keys ([overlay.social.addresses]): quoted
+                    if isinstance(v, dict) and v:
+                        out += ["", f"[overlay.{sub}.{key}]", *(f"{json.dumps(k)} = {_value(x)}" for k, x in v.items())]
         for guest in ov.get("attach") or []:          # [[overlay.attach]]: after the subtables
             out += ["", "[[overlay.attach]]", *_lines(guest, "overlay.attach", comments)]
     text = "\n".join(out) + "\n"

@@ -76,3 +76,16 @@ def test_social_config():
         _ov(address6="fd00:80::1/64")
     with pytest.raises(ValueError):
         _ov(social={"node": "Not A Label"})
+
+
+def test_config_writer_keeps_the_social_table(tmp_path):
+    from ipop_switch.config import load_config
+    from ipop_switch.config_writer import write_config
+    write_config(tmp_path / "n.toml", {"node": {"identity_dir": tmp_path / "i", "state_dir": tmp_path / "s"},
+                                       "overlay": [{"name": "soc", "kind": "social", "address": "100.80.0.1/16",
+                                                    "xmpp": {"server": "198.18.0.2", "jid": "alice@lab", "password": "p"},
+                                                    "social": {"node": "laptop",
+                                                               "addresses": {"bob@lab/desk": "100.80.0.9"}}}]},
+                 header="test")
+    s = load_config(tmp_path / "n.toml").overlay[0].social
+    assert s.node == "laptop" and s.addresses == {"bob@lab/desk": "100.80.0.9"}
