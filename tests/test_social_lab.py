@@ -21,7 +21,7 @@ from conftest import helper, unique_name
 from helpers.wait import wait_until
 from ipop_switch import proc
 from ipop_switch.config_writer import write_config
-from ipop_switch.identity import NodeIdentity
+from ipop_switch.identity import GroupCA, NodeIdentity
 from ipop_switch.lab import Lab, LabSpec, SiteSpec
 from ipop_switch.lab import services
 from ipop_switch.status_client import query
@@ -35,31 +35,40 @@ DOMAIN = services.XMPP_DOMAIN
 NODES = {"laptop": ("pubh1", "alice", "laptop"), "phone": ("easyh1", "alice", "phone"),
          "bob": ("pubh2", "bob", "desk"), "carol": ("hardh1", "carol", "pc")}
 LINK_TIMEOUT = 60.0
+GROUP, GROUP_NET = "grp", "100.81.0"   # a GroupVPN of alice's laptop and bob beside the SocialVPN
+GROUP_NODES = {"laptop": 1, "bob": 2}
 
 
 class SocialNode:
-    def __init__(self, lab: Lab, root: Path, key: str, password: str) -> None:
-        self.lab, self.key, self.password = lab, key, password
+    def __init__(self, lab: Lab, root: Path, key: str, password: str, ca: GroupCA) -> None:
+        self.lab, self.key, self.password, self.ca = lab, key, password, ca
         self.host, self.user, self.device = NODES[key]
         self.jid = f"{self.user}@{DOMAIN}"
         self.dir = root / key
         self.proc = None
+        self.group = GROUP_NODES.get(key)
         turn = lab.services()["turn"]
-        NodeIdentity.create(self.dir / "identity", name=self.device, force=True)
+        self.new_identity()
+        xmpp = {"server": services.XMPP_ADDR, "jid": self.jid, "password": password, "ca_file": lab.ca_cert}
+        ice = {"stun": f"{services.TURN_ADDR}:{services.TURN_PORT}", "turn": f"{services.TURN_ADDR}:{services.TURN_PORT}",
+               "turn_user": turn["user"], "turn_password": turn["password"]}
+        overlays = [{"name": OVERLAY, "kind": "social", "address": f"{OWN}/16", "mtu": 1400, "xmpp": xmpp,
+                     "ice": ice, "social": {"node": self.device}}]
+        if self.group:   # the same account in a group's room: both modes at once, each on its bridge
+            overlays.append({"name": GROUP, "address": f"{GROUP_NET}.{self.group}/16", "mtu": 1400, "xmpp": xmpp,
+                             "ice": ice})
         write_config(self.config, {
             "node": {"identity_dir": self.dir / "identity", "state_dir": self.dir / "state", "metrics": "",
                      "worker_processes": 1},
             "ovs": {"mode": "private"},
-            "overlay": [{
-                "name": OVERLAY, "kind": "social", "address": f"{OWN}/16", "mtu": 1400,
-                "xmpp": {"server": services.XMPP_ADDR, "jid": self.jid, "password": password,
-                         "ca_file": lab.ca_cert},
-                "ice": {"stun": f"{services.TURN_ADDR}:{services.TURN_PORT}",
-                        "turn": f"{services.TURN_ADDR}:{services.TURN_PORT}", "turn_user": turn["user"],
-                        "turn_password": turn["password"]},
-                "social": {"node": self.device},
-            }],
+            "overlay": overlays,
         }, header="written by test_social_lab")
+
+    def new_identity(self) -> None:
+        """A new key (and, for a group member, its group certificate issued again)."""
+        ident = NodeIdentity.create(self.dir / "identity", name=self.device, force=True)
+        if self.group:
+            ident.install(self.ca.bundle(self.ca.issue(ident.request())))
 
     @property
     def config(self) -> Path:
@@ -84,8 +93,8 @@ class SocialNode:
     def status(self) -> dict:
         return query(self.sock)
 
-    def overlay(self) -> dict:
-        return self.status()["overlays"][0]
+    def overlay(self, name: str = OVERLAY) -> dict:
+        return next(o for o in self.status()["overlays"] if o["name"] == name)
 
     def online(self) -> bool:
         return self.overlay()["signaling"]["state"] == "online"
@@ -137,8 +146,9 @@ def world(tmp_path_factory):
     try:
         lab.up()
         passwords = {u: lab.add_account(u) for u in ("alice", "bob", "carol")}
+        ca = GroupCA.create(root / "ca", GROUP)
         for key in NODES:
-            nodes[key] = SocialNode(lab, root, key, passwords[NODES[key][1]])
+            nodes[key] = SocialNode(lab, root, key, passwords[NODES[key][1]], ca)
         for n in nodes.values():
             n.start()
         befriend(nodes["laptop"], nodes["bob"])
@@ -260,7 +270,7 @@ def test_reinitialised_friend_refused_until_forgotten(world):
     linked(laptop, bob)
     addr, old = laptop.addr_of(bob), laptop.node_of(bob)
     bob.stop()
-    NodeIdentity.create(bob.dir / "identity", name=bob.device, force=True)   # a new key, same account and name
+    bob.new_identity()                             # a new key, same account and name
     bob.start()
     refused = lambda: (laptop.node_of(bob) or {}).get("refused") and laptop.state_of(bob) == "refused"
     wait_until(refused, 30, "alice's laptop to refuse bob's new key", interval=0.5)
@@ -320,3 +330,48 @@ def test_strangers_are_counted_and_change_nothing(world, tmp_path):
     assert after["friends"].get(carol.jid, {}).get("subscription", "none") != "both"
     assert {p["node_id"] for p in bob.overlay()["peers"]} == before_links
     assert bob.state_of(laptop) == "linked"
+
+
+def test_group_and_social_on_the_same_nodes_are_isolated(world, tmp_path):
+    from scapy.layers.inet import IP
+    from scapy.layers.l2 import ARP
+    from scapy.utils import rdpcap
+    lab, n = world
+    laptop, bob = n["laptop"], n["bob"]
+    linked(laptop, bob)
+    bob_grp = f"{GROUP_NET}.{GROUP_NODES['bob']}"
+    wait_until(lambda: any(p["state"] == "up" for p in laptop.overlay(GROUP)["peers"]), LINK_TIMEOUT,
+               "the group's link laptop <-> bob", interval=0.5, retry_on=(Exception,))
+    assert wait_until(lambda: laptop.ping(bob_grp, count=1), 10, "bob in the group")   # the group works too
+    to_bob = laptop.addr_of(bob)
+    caps = {}
+    for br in ("ipswsoc", "ipswgrp"):
+        caps[br] = (lab.popen(bob.host, ["tcpdump", "-U", "-n", "-i", br, "-w", str(tmp_path / f"{br}.pcap")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), tmp_path / f"{br}.pcap")
+    try:
+        wait_until(lambda: all(p.exists() and p.stat().st_size >= 24 for _, p in caps.values()), 10, "tcpdumps")
+        time.sleep(0.5)
+        # group traffic: a broadcast, ARP for an address nobody has, a ping; social traffic: a ping
+        lab.exec(laptop.host, ["ping", "-b", "-c", "3", "-i", "0.2", "-W", "1", "-I", "ipswgrp", f"{GROUP_NET[:-2]}.255.255"],
+                 check=False)
+        lab.exec(laptop.host, ["ping", "-c", "1", "-W", "1", f"{GROUP_NET}.99"], check=False)
+        assert laptop.ping(bob_grp, count=3)
+        assert laptop.ping(to_bob, count=3)
+        # across: bob's social address in alice's view is not reachable through the group's bridge
+        r = lab.exec(laptop.host, ["ping", "-c", "2", "-W", "1", "-I", "ipswgrp", to_bob], check=False)
+        assert r.returncode != 0, "a social address answered through the group"
+        time.sleep(1)
+    finally:
+        for p, _ in caps.values():
+            p.terminate()
+            p.wait(timeout=10)
+    soc = [p for p in rdpcap(str(caps["ipswsoc"][1]))]
+    grp = [p for p in rdpcap(str(caps["ipswgrp"][1]))]
+    assert any(IP in p and p[IP].src == bob.addr_of(laptop) for p in soc), "the social ping did not arrive"
+    assert any(IP in p and p[IP].src.startswith(GROUP_NET) for p in grp), "the group's traffic did not arrive"
+    leaked = [p.summary() for p in soc if (IP in p and (p[IP].src.startswith("100.81.") or p[IP].dst.startswith("100.81.")))
+              or (ARP in p and (p[ARP].pdst.startswith("100.81.") or p[ARP].psrc.startswith("100.81.")))]
+    assert not leaked, leaked[:5]
+    # (alice's host asking the group's bridge for 100.80.0.x by ARP is the group's own traffic: no one answers)
+    leaked = [p.summary() for p in grp if IP in p and (p[IP].src.startswith("100.80.") or p[IP].dst.startswith("100.80."))]
+    assert not leaked, leaked[:5]

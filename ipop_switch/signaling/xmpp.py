@@ -64,6 +64,10 @@ class XmppConnection:
         c.ssl_context = ssl.create_default_context(cafile=str(cfg.ca_file) if cfg.ca_file else None)
         c.ssl_context.minimum_version = ssl.TLSVersion.TLSv1_2
         c.whitespace_keepalive = False   # our own ping below detects dead servers
+        # never answer presence subscription requests: the user's roster is the user's (a GroupVPN
+        # session on an account used for a SocialVPN too would otherwise accept every stranger)
+        c.auto_authorize = None
+        c.auto_subscribe = False
         c.register_plugin("xep_0030")
         c.register_plugin("xep_0045")
         c.register_plugin("xep_0199")
