@@ -23,7 +23,8 @@ APT_PKGS=(openvswitch-switch prosody coturn nftables conntrack iproute2 iperf3 i
           gcc libc6-dev python3-dev libssl-dev    # these four build the datapath's C loops
           clang libclang-rt-14-dev                # the C loops under libFuzzer + ASan/UBSan (bench --fuzz)
           nebula openvpn n2n                      # bench peers, so CI sets each up (tests/test_bench_smoke.py)
-          chromium fonts-dejavu-core)             # the overlay view's page tested in a real browser (tests/test_web_lab.py)
+          chromium fonts-dejavu-core              # the overlay view's page tested in a real browser (tests/test_web_lab.py)
+          bind9-dnsutils)                         # dig: the demo tells how to ask a node's DNS responder
 
 missing=()
 for p in "${APT_PKGS[@]}"; do

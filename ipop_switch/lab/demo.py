@@ -8,6 +8,11 @@ IPv6) and one iperf3 figure, and tears everything down (also on Ctrl-C).
 With guests (``--guests N``, default 2) every node also gets N container namespaces
 plugged into its overlay bridge (switch mode, ``[[overlay.attach]]`` in its config), and
 the demo shows them reaching each other across the NATs.
+
+Every node runs its DNS responder (``[overlay.dns]``): the demo shows each node's and
+guest's name resolving from every node. Every node serves the overlay view
+(``[node.web]``); with ``--keep`` the demo leaves the lab running and prints the first
+node's page on this machine's loopback (``lab/webfwd.py``).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from ..progress import Stages, stage
 from ..render import render_lab, render_status
 from . import services
 from .lab import Lab
-from .nodes import LabGroup
+from .nodes import WEB_PORT, LabGroup
 from .probes import LINKS_TIMEOUT, first_ping, iperf, ping, wait_links
 from .spec import LabSpec
 
@@ -82,13 +87,62 @@ def guest_matrix(lab: Lab, hosts: list[str], n: int, console: Console, result: d
     return ok
 
 
+# asks one DNS server for one name (in a host's namespace, with the package's dnslib)
+ASK = ("import sys, json; from dnslib import DNSRecord; "
+       "q = DNSRecord.question(sys.argv[2], sys.argv[3]); "
+       "r = DNSRecord.parse(q.send(sys.argv[1], 53, timeout=3)); print(json.dumps([str(x.rdata) for x in r.rr]))")
+
+
+def resolve(lab: Lab, host: str, server: str, name: str, qtype: str = "A") -> list[str] | None:
+    r = lab.exec(host, [sys.executable, "-c", ASK, server, name, qtype], check=False, timeout=20)
+    try:
+        return json.loads(r.stdout) if r.returncode == 0 else None
+    except ValueError:
+        return None
+
+
+def responder(group: LabGroup, host: str) -> tuple[str, str]:
+    """(loopback address, zone) of a node's DNS responder, as its status says."""
+    dns = group.status(host)["overlays"][0]["dns"] or {}
+    loop = next((a.rsplit(":", 1)[0] for a in dns.get("listen", []) if a.startswith("127.")), "127.0.0.1")
+    return loop, dns.get("zone") or f"{group.name}.ipsw.internal"
+
+
+def name_matrix(lab: Lab, group: LabGroup, guests: int, console: Console, result: dict) -> bool:
+    """From every node, through its own responder (127.53.x.y), every node's name and its
+    first guest's name: the answers, checked against the addresses they should be."""
+    loop, zone = responder(group, next(iter(group.nodes)))
+    hosts = list(group.nodes)
+    names = [(f"{h}.{zone}", group.nodes[h].ip) for h in hosts]
+    if guests:
+        names += [(f"g1.{h}.{zone}", guest_address(group.nodes[h].index, 1).split("/")[0]) for h in hosts]
+    t = Table(title=f"DNS names on the overlay: every node asks its own responder ({loop}:53)")
+    t.add_column("name")
+    for h in hosts:
+        t.add_column(f"from {h}")
+    ok = True
+    result["names"] = {}
+    for name, want in names:
+        row = []
+        for h in hosts:
+            stage(f"{h}: {name}")
+            got = resolve(lab, h, responder(group, h)[0], name)
+            good = got == [want]
+            ok &= good
+            result["names"][f"{h}:{name}"] = got
+            row.append(want if good else f"[red]{got or 'no answer'}[/]")
+        t.add_row(name, *row)
+    console.print(t)
+    return ok
+
+
 def run_demo(spec: LabSpec, *, console: Console, keep: bool = False, guests: int = 2) -> dict:
     t0 = time.monotonic()
-    lab = Lab(spec)
+    lab = Lab(spec, tied=not keep)       # --keep: the nodes outlive the demo (until 'lab down')
     result: dict = {}
     group: LabGroup | None = None
-    # stage lines on a terminal: build, NATs, nodes, pings, (guests), iperf3, (teardown)
-    stages = Stages(console, total=5 + bool(guests) + (not keep))
+    # stage lines on a terminal: build, NATs, nodes, pings, names, (guests), iperf3, (teardown)
+    stages = Stages(console, total=6 + bool(guests) + (not keep))
     try:
         with stages("building the lab (namespaces, NAT routers, Prosody, coturn) ..."):
             lab.up()
@@ -107,7 +161,7 @@ def run_demo(spec: LabSpec, *, console: Console, keep: bool = False, guests: int
 
         group = LabGroup(lab, "demo")
         for i, h in enumerate(lab.hosts, 1):
-            group.add(h, index=i, attach=guest_tables(lab, h, i, guests) if guests else None)
+            group.add(h, index=i, attach=guest_tables(lab, h, i, guests) if guests else None, dns=True, web=True)
         start = time.monotonic()
         with stages(f"starting {len(group.nodes)} GroupVPN nodes (ipop-switch up) and waiting for their links ..."):
             for h in group.nodes:
@@ -144,6 +198,8 @@ def run_demo(spec: LabSpec, *, console: Console, keep: bool = False, guests: int
                     row.append(" / ".join(f"{r:.2f}" if r is not None else "[red]FAIL[/]" for r in (r4, r6)))
                 m.add_row(a, *row)
         console.print(m)
+        with stages("DNS: every node's name asked from every node ..."):
+            ok &= name_matrix(lab, group, guests, console, result)
         if guests:
             with stages(f"guests: {guests} per node, pinging each other across the overlay ..."):
                 ok &= guest_matrix(lab, hosts, guests, console, result)
@@ -156,6 +212,8 @@ def run_demo(spec: LabSpec, *, console: Console, keep: bool = False, guests: int
         console.print("[bold green]demo OK[/]" if result["ok"] else "[bold red]demo found problems (see above)[/]")
     finally:
         if keep:
+            if group:
+                show_web(lab, group, console, result)
             console.print(f"lab left up: 'ipop-switch lab down --name {spec.name}' removes it")
         else:
             with stages("stopping the nodes and tearing the lab down ..."):
@@ -164,3 +222,27 @@ def run_demo(spec: LabSpec, *, console: Console, keep: bool = False, guests: int
                 lab.down()
             console.print(f"lab removed; total {time.monotonic() - t0:.1f}s")
     return result
+
+
+def show_web(lab: Lab, group: LabGroup, console: Console, result: dict) -> None:
+    """The first node's overlay view, on this machine's loopback, and how else to reach it."""
+    from .webfwd import forward
+    host = next(iter(group.nodes))
+    fwd = forward(lab, host, WEB_PORT)
+    inside = f"ip netns exec {lab.netns_of(host)} curl -s http://127.0.0.1:{WEB_PORT}/api/graph"
+    if fwd is None:
+        console.print(f"[yellow]overlay view: no free port on this machine's 127.0.0.1 for {host}'s page[/]; "
+                      f"inside the lab: {inside}", highlight=False)
+        return
+    url, _ = fwd
+    result["web_url"] = url
+    port = url.rsplit(":", 1)[1].strip("/")
+    console.print(f"\n[bold]overlay view[/] of {host} (the whole overlay, live): [bold]{url}[/]\n"
+                  f"  open it in a browser on this machine; from another: ssh -L {port}:127.0.0.1:{port} root@<this machine>, "
+                  f"then http://127.0.0.1:{port}/\n"
+                  f"  (the page listens on 127.0.0.1:{WEB_PORT} in {host}'s namespace; a small forwarder carries it here)\n"
+                  f"  the same data as JSON: {inside}", highlight=False)
+    loop, zone = responder(group, host)
+    other = list(group.nodes)[-1]
+    console.print(f"[bold]names[/] from a node, through its responder: ipop-switch lab exec --name {lab.spec.name} {host} "
+                  f"dig +short @{loop} {other}.{zone}", highlight=False)

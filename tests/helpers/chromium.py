@@ -37,6 +37,7 @@ class Chromium:
         self.dir = Path(workdir)
         profile = self.dir / "chromium-profile"
         profile.mkdir(parents=True, exist_ok=True)
+        (profile / "DevToolsActivePort").unlink(missing_ok=True)     # a reused profile's is stale
         self.log = open(self.dir / "chromium.log", "wb")
         # root needs --no-sandbox; nothing of the browser's own reaches the network (no updates, no sync)
         self.proc = subprocess.Popen(

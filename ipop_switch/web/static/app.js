@@ -49,6 +49,15 @@
     return pos;
   }
 
+  function fit(points) {
+    // zoom to the drawing: room around it for the labels, the whole graph in view
+    if (!points.length) return;
+    const xs = points.map(p => p[0]), ys = points.map(p => p[1]);
+    const x0 = Math.min(...xs) - 140, x1 = Math.max(...xs) + 140;
+    const y0 = Math.min(...ys) - 70, y1 = Math.max(...ys) + 80;
+    document.getElementById("graph").setAttribute("viewBox", [x0, y0, x1 - x0, y1 - y0].join(" "));
+  }
+
   function render(g) {
     graph = g;
     document.getElementById("overlay-name").textContent = g.overlay;
@@ -60,6 +69,7 @@
       (g.topology && g.topology.mode ? " · " + g.topology.mode : "");
     document.getElementById("updated").textContent = "updated " + new Date().toLocaleTimeString();
     const pos = layout(g.nodes);
+    fit(Object.values(pos));
     const names = {};
     g.nodes.forEach(n => { names[n.id] = n.name; });
     const gl = document.getElementById("links"), gt = document.getElementById("labels"),
