@@ -246,7 +246,10 @@ async def test_server_page_graph_events_and_guards():
         for asset in ("app.js", "style.css"):
             st, _, body = await asyncio.to_thread(get, f"{base}/assets/{asset}")
             assert st == 200 and body
-        assert b"http" not in (await asyncio.to_thread(get, base + "/assets/app.js"))[2].replace(b"http://www.w3.org", b"")
+        # nothing on the page comes from elsewhere: no absolute URL but the SVG namespace's name
+        for path in ("/", "/assets/app.js", "/assets/style.css"):
+            text = (await asyncio.to_thread(get, base + path))[2].replace(b"http://www.w3.org/2000/svg", b"")
+            assert b"http" not in text and b"//" not in text.replace(b"// ", b"").replace(b"//\n", b""), path
         st, _, body = await asyncio.to_thread(get, base + "/api/graph")
         assert st == 200 and json.loads(body)["counts"]["links"] == 3 and src.watched == 1
         assert (await asyncio.to_thread(get, base + "/api/graph?overlay=nope"))[0] == 404

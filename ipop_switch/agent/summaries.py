@@ -412,8 +412,11 @@ def overlay_view(ov) -> dict:
 class WebSource:
     """The web server's view of this node (``web/server.py``'s ViewSource): its group overlays."""
 
+    CACHE = 0.5     # s a built graph serves every open page (one build per tick, not one per page)
+
     def __init__(self, node) -> None:
         self.node = node
+        self._cache: dict[str, tuple[float, dict]] = {}
 
     def _ov(self, name: str):
         return next(o for o in self.node.overlays if o.cfg.name == name and o.summaries is not None)
@@ -423,7 +426,11 @@ class WebSource:
 
     def graph(self, overlay: str) -> dict:
         from ..web.model import build_graph
-        return build_graph(overlay_view(self._ov(overlay)))
+        now = time.monotonic()
+        hit = self._cache.get(overlay)
+        if hit is None or now - hit[0] > self.CACHE:
+            hit = self._cache[overlay] = (now, build_graph(overlay_view(self._ov(overlay))))
+        return hit[1]
 
     def watch(self, overlay: str) -> None:
         self._ov(overlay).summaries.watch()
