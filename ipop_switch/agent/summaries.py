@@ -351,6 +351,7 @@ class LinkSummaries:
         for m in list(self.subscribed):
             await self._send(m, SUBSCRIBE, {"lease": 0})
         self.subscribed.clear()
+        self.received.clear()        # a page opened later starts fresh, not with every node stale
 
     def view(self) -> dict:
         """What the viewer knows now: every member's last summary and its age (plain data)."""
