@@ -319,3 +319,12 @@ def test_up_with_busy_web_port_says_so_in_one_line(tmp_path):
     assert r.returncode != 0
     lines = [l for l in r.stderr.splitlines() if "node.web" in l]
     assert len(lines) == 1 and f"cannot listen on 127.0.0.1:{port}: Address already in use" in lines[0], r.stderr
+
+
+def test_a_viewer_of_a_large_overlay_asks_at_most_max_view_members():
+    members = {f"{i:032x}" for i in range(1, 200)}
+    s = S.LinkSummaries(A, Net(members).hooks())
+    s.own = [S.parse_link(link(f"{i:032x}")) for i in (150, 199)]        # our neighbours
+    t = s.targets(members)
+    assert len(t) == S.MAX_VIEW and t[:2] == [f"{150:032x}", f"{199:032x}"]
+    assert s.targets({B, C}) == [B, C]

@@ -41,6 +41,7 @@ RENEW = 10.0              # s between a viewer's renewals (a third of the lease:
 WATCH_IDLE = 10.0         # s a viewer keeps subscribing after the page last asked
 STALE = 7.0               # s without a summary from a subscribed member: it is marked down
 MAX_SUBSCRIBERS = 32      # viewers one node serves at once (more are dropped and counted)
+MAX_VIEW = 64             # members one viewer subscribes to (its neighbours first; the rest drawn from LSAs)
 MAX_LINKS = 48            # links in one summary (the busiest; 'more' counts the rest)
 MAX_DROPS = 6             # drop reasons per link in a summary
 MAX_BYTES = 12 * 1024     # a summary's JSON (signaling's own limit is 16 KiB)
@@ -333,11 +334,13 @@ class LinkSummaries:
         while self.watching:
             now = self.clock()
             members = set(self.hooks.members())
-            for m in members:
+            for m in self.targets(members):
                 if now - self.subscribed.get(m, -math.inf) >= RENEW:
                     self.subscribed[m] = now
                     await self._send(m, SUBSCRIBE, {"lease": LEASE})
-            for gone in set(self.subscribed) - members:
+            for gone in set(self.subscribed) - set(self.targets(members)):
+                if gone in members:
+                    await self._send(gone, SUBSCRIBE, {"lease": 0})
                 del self.subscribed[gone]
             for gone in set(self.received) - members:
                 del self.received[gone]
@@ -352,6 +355,15 @@ class LinkSummaries:
             await self._send(m, SUBSCRIBE, {"lease": 0})
         self.subscribed.clear()
         self.received.clear()        # a page opened later starts fresh, not with every node stale
+
+    def targets(self, members: set[str]) -> list[str]:
+        """Whom the viewer asks: every member up to MAX_VIEW, else its neighbours first, then
+        the rest in node-id order (in a large overlay a page costs at most MAX_VIEW / INTERVAL
+        messages a second; the links of the others are drawn from the LSAs)."""
+        if len(members) <= MAX_VIEW:
+            return sorted(members)
+        near = {x.peer for x in self.own} & members
+        return (sorted(near) + sorted(members - near))[:MAX_VIEW]
 
     def view(self) -> dict:
         """What the viewer knows now: every member's last summary and its age (plain data)."""
