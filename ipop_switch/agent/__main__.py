@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(config_path: str, pidfile: str | None) -> int:
+    # slixmpp colours its debug XML with pygments when it can import it (rich brings it along):
+    # a lexer and formatter tables the agent never prints, 3 MB. An absent module is its fallback.
+    sys.modules.setdefault("pygments", None)   # type: ignore[arg-type]
     import asyncio
 
     from ..config import load_config
