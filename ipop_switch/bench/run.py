@@ -155,8 +155,17 @@ def run_bench(*, systems: list[str], runs: int = 3, seconds: float = 10.0, conso
                     v = variant_throughput(kind, seconds=seconds, workdir=workdir)
                 results["ipop-switch"].extra[f"tcp1_{kind}_mbit"] = v["mbit"]
                 if kind == "relay":
-                    results["ipop-switch"].extra["relay_setup_s"] = v["setup_s"]
-                    results["ipop-switch"].extra["relay_path"] = v["path"]
+                    ex = results["ipop-switch"].extra
+                    ex["relay_setup_s"] = v["setup_s"]
+                    ex["relay_path"] = v["path"]
+                    ex["tcp1_relay_reverse_mbit"] = v.get("mbit_reverse")
+                    for key, lim, ours in (("coturn_limit_mbit", "limit_mbit", "mbit"),
+                                           ("coturn_limit_reverse_mbit", "limit_reverse_mbit", "mbit_reverse")):
+                        if v.get(lim):
+                            ex[key] = v[lim]
+                            ex[key.replace("limit", "fraction").replace("_mbit", "")] = round(v[ours] / v[lim], 2)
+                    if "limit_error" in v:
+                        ex["coturn_limit_error"] = v["limit_error"]
     finally:
         for s in started:
             try:
@@ -198,6 +207,12 @@ def print_table(report: dict, console: Console) -> None:
         for key, label in (("tcp1_mbit", "1 stream"), ("tcp4_mbit", "4 streams")):
             ratio = g[key]["median"] / res["ipop-switch"][key]["median"]
             console.print(f"ipop-switch guest-to-guest / host-to-host, TCP {label}: [bold]{ratio:.2f}[/]")
+    ours = res.get("ipop-switch") or {}
+    if ours.get("coturn_limit_mbit"):
+        console.print(f"ipop-switch over TURN: {ours['tcp1_relay_mbit']:.0f} Mbit/s = [bold]{ours['coturn_fraction']:.2f}[/] "
+                      f"of what coturn itself relays that way here ({ours['coturn_limit_mbit']:.0f}); the other way "
+                      f"{ours.get('tcp1_relay_reverse_mbit') or 0:.0f} = {ours.get('coturn_fraction_reverse', 0):.2f} "
+                      f"of {ours.get('coturn_limit_reverse_mbit') or 0:.0f}")
     for name, why in report.get("skipped", {}).items():
         console.print(f"[yellow]{name} skipped: {why}[/]")
     for line in ratio_lines(res):
