@@ -1,8 +1,8 @@
 """The agent's side of the tunnel workers: a small pool of worker processes.
 
 Links are spread over N processes (default one per core), many per process, so links
-use every core while memory stays flat (a process costs ~34 MB, a link well under
-1 MB). Each process has one channel (typed messages, messages.py). A crashed process
+use every core while memory stays flat (a process costs ~39 MB RSS, 18 MB of it its
+own, docs/benchmarks.md; a link well under 1 MB). Each process has one channel (typed messages, messages.py). A crashed process
 is restarted and its links re-opened; their "down" events come first so the agent
 removes the ports of the vanished TAPs. The pool knows nothing of XMPP: outgoing
 signaling arrives as Event("signal") for the agent to relay, incoming signaling is
