@@ -33,6 +33,7 @@ from .systems import node_pids
 BATCH = 8
 CONVERGE_TIMEOUT = 300.0
 PAIRS = 24
+SETTLE_TIMEOUT = 180.0       # after convergence: released links go after min_link_age (30 s)
 
 
 def _rss_kb(pid: int) -> int:
@@ -122,6 +123,15 @@ def run_scale(*, nodes: int = 32, seconds: float = 30.0, iperf_s: int = 20, cons
             bad = [f"{a}->{b}" for a, b in pairs if not _ping(lab, a, group.nodes[b].address.split("/")[0])]
         report["pairs_pinged"], report["pairs_unreachable"] = len(pairs), bad
 
+        with console.status("waiting until no node's links change for 20 s (the policy settled) ..."):
+            t_settle = time.monotonic()
+            seqs, since = None, time.monotonic()
+            while time.monotonic() - t_settle < SETTLE_TIMEOUT and time.monotonic() - since < 20.0:
+                now_seqs = [((_topology(group, h) or {}).get("topology") or {}).get("lsa_seq") for h in hosts]
+                if now_seqs != seqs:
+                    seqs, since = now_seqs, time.monotonic()
+                time.sleep(2.0)
+            report["settled_s"] = round(time.monotonic() - t_settle, 1)
         with console.status(f"every node idle for {seconds:.0f} s: CPU and RSS ..."):
             pids = {h: node_pids(group, h) for h in hosts}
             c0 = {h: sum(_cpu_ticks(p) for p in ps) for h, ps in pids.items()}
@@ -178,6 +188,7 @@ def print_scale(r: dict, console: Console) -> None:
         ("links / degree mean / max / max hops", f"{r.get('links')} / {r.get('degree_mean')} / {r.get('degree_max')} / {r.get('max_hops')}"),
         ("sampled pairs pinged / unreachable", f"{r.get('pairs_pinged')} / {len(r.get('pairs_unreachable') or [])}"),
         ("LSA messages sent per node (whole run)", str(r.get("lsa_messages_sent_mean"))),
+        ("links stopped changing (after the pings)", f"{r.get('settled_s')} s"),
         ("idle CPU per node, mean / max (% of a core)", f"{r.get('idle_cpu_pct_mean')} / {r.get('idle_cpu_pct_max')}"),
         ("machine busy while idle / load average", f"{r.get('machine_busy_pct')} % / {r.get('loadavg')}"),
         ("RSS per node, mean / max (MB, all its processes)", f"{r.get('rss_mb_mean')} / {r.get('rss_mb_max')}"),
