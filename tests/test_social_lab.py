@@ -310,6 +310,7 @@ def test_hosts_and_verify(world):
 
 
 def test_strangers_are_counted_and_change_nothing(world, tmp_path):
+    """A stranger's presence with our element, announce, unsolicited 'subscribed' and roster push."""
     lab, n = world
     laptop, bob, carol = n["laptop"], n["bob"], n["carol"]
     linked(laptop, bob)
@@ -320,11 +321,12 @@ def test_strangers_are_counted_and_change_nothing(world, tmp_path):
                                 "ca": str(lab.ca_cert), "target_jid": f"{bob.jid}/{bob.device}", "overlay": OVERLAY,
                                 "claims": bob.node_of(laptop)["node_id"]}))
     r = lab.exec(carol.host, [*helper("social_intruder"), str(conf)], check=False, timeout=60)
-    assert json.loads(r.stdout.strip().splitlines()[-1]) == {"sent": 3}, r.stdout + r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == {"sent": 4}, r.stdout + r.stderr
 
     def counted() -> bool:
         drops, sig = bob.social()["drops"], bob.overlay()["signaling"]["drops"]
-        return drops.get("not_friend", 0) > before["drops"].get("not_friend", 0) and sig.get("foreign_source", 0) >= 1
+        return (drops.get("not_friend", 0) > before["drops"].get("not_friend", 0) and sig.get("foreign_source", 0) >= 1
+                and drops.get("foreign_roster_push", 0) > before["drops"].get("foreign_roster_push", 0))
     wait_until(counted, 10, "bob to count the stranger's presence and message", retry_on=(Exception,))
     after = bob.social()
     assert after["friends"].get(carol.jid, {}).get("subscription", "none") != "both"

@@ -12,7 +12,8 @@ self-signed certificate and signature, then ``vet`` (still a friend?) before the
 peer; whether the peer is trusted -- its key the pinned one -- the agent decides. Stanzas
 from anyone else are not from a contact (``address_of`` is None): the session drops and
 counts them (``foreign_source``); presences of non-friends carrying our element are counted
-here (``not_friend``), malformed subscription stanzas too (``bad_subscription``).
+here (``not_friend``), malformed subscription stanzas too (``bad_subscription``), and roster
+pushes from anyone but our own server (``foreign_roster_push``; slixmpp refuses them).
 
 ``SocialRoster`` is the roster's state shared by the agent and the discovery of the current
 connection; it sends the subscription stanzas behind ``friends add/accept/remove``.
@@ -28,6 +29,8 @@ from typing import Callable
 import slixmpp
 from slixmpp.stanza import Presence
 from slixmpp.xmlstream import ElementBase, register_stanza_plugin
+from slixmpp.xmlstream.handler import Callback
+from slixmpp.xmlstream.matcher import StanzaPath
 
 from .discovery import ContactGone, ContactSeen
 from .protocol import NODE_ID_RE
@@ -198,6 +201,11 @@ class SocialDiscovery:
         conn.on("presence_unavailable", unavailable)
         conn.on("changed_subscription", subscription)
         conn.on("roster_update", lambda _iq: self.roster.sync())
+
+        def foreign_push(iq) -> None:   # slixmpp answers it with an error and ignores it: we count it
+            if iq["from"].bare and iq["from"].bare.lower() != self.roster.own:
+                self.roster.drops["foreign_roster_push"] += 1
+        c.register_handler(Callback("ipsw foreign roster push", StanzaPath("iq@type=set/roster"), foreign_push))
         await c.get_roster(timeout=conn.cfg.connect_timeout)
         self.roster.sync()
         pres = c.make_presence()

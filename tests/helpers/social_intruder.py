@@ -4,7 +4,8 @@ is not a friend of. Run in a lab host's namespace with one argument: a JSON file
      "claims": a node id to claim (a friend's, say)}
 Sends: a directed presence carrying our <node/> element (-> not_friend), a signed announce
 message naming the claimed node id under another key (-> foreign_source: not from a contact),
-an unsolicited 'subscribed' (must not make us friends). Prints {"sent": n} or {"error": ...}."""
+an unsolicited 'subscribed' (must not make us friends), a roster push saying we are friends
+(-> foreign_roster_push). Prints {"sent": n} or {"error": ...}."""
 
 from __future__ import annotations
 
@@ -41,10 +42,13 @@ async def main(c: dict) -> dict:
                                 {"cert": base64.b64encode(b"x" * 40).decode(), "caps": {}}), key.sign)
     xmpp.send_raw(f'<message to="{to}" type="chat"><{ELEMENT} xmlns="{NAMESPACE}" sig="{sig}">{text}</{ELEMENT}></message>')
     xmpp.send_raw(f'<presence to="{to.split("/")[0]}" type="subscribed"/>')
+    # a roster push from a stranger: "we are friends" (only our own server may push our roster)
+    xmpp.send_raw(f'<iq to="{to}" type="set" id="{secrets.token_hex(4)}"><query xmlns="jabber:iq:roster">'
+                  f'<item jid="{c["jid"]}" subscription="both"/></query></iq>')
     await asyncio.sleep(1.0)
     xmpp.disconnect()
     await asyncio.sleep(0.2)
-    return {"sent": 3}
+    return {"sent": 4}
 
 
 if __name__ == "__main__":
