@@ -51,8 +51,10 @@ def render_status(st: dict, console: Console) -> None:
                       f"address {ov.get('address')}{' ' + ov['address6'] if ov.get('address6') else ''}; "
                       f"signaling {sig.get('state', '?')} ({sig.get('server', '')}), dropped messages: {drops}")
         t = Table(show_edge=False)
-        for col in ("peer", "name", "role", "state", "path (local->remote candidate)", "remote address", "RTT",
-                    "tx / rx", "drops", "handshake", "uptime"):
+        # the role column only where links have roles other than all-to-all (a structured overlay)
+        roles = any(p.get("role") not in (None, "all-to-all") for p in ov.get("peers", []))
+        for col in ("peer", "name", *(("role",) if roles else ()), "state", "path (local->remote candidate)",
+                    "remote address", "RTT", "tx / rx", "drops", "handshake", "uptime"):
             t.add_column(col)
         for p in ov.get("peers", []):
             state = p.get("state", "?")
@@ -65,7 +67,7 @@ def render_status(st: dict, console: Console) -> None:
             name = subject.split("CN=", 1)[1].split(",")[0] if "CN=" in subject else subject or "-"
             remote = (p.get("remote_addr") or "-").split()[-1]
             t.add_row(
-                p["node_id"][:12], name, p.get("role") or "-", f"[{color}]{state}[/]", path, remote,
+                p["node_id"][:12], name, *((p.get("role") or "-",) if roles else ()), f"[{color}]{state}[/]", path, remote,
                 f"{p['rtt_ms']:.2f} ms" if p.get("rtt_ms") is not None else "-",
                 f"{_bytes(p.get('tx_bytes'))} / {_bytes(p.get('rx_bytes'))}",
                 drops, _ago(p.get("last_handshake_s")), _dur(p.get("uptime_s")),
