@@ -50,28 +50,17 @@ DEFAULT_CONFIG = "/etc/ipop-switch/node.toml"
 @click.option("--pidfile", type=click.Path(dir_okay=False), help="write the agent's pid here")
 def up(config_path: str, pidfile: str | None) -> None:
     """Run the node: OVS, the OpenFlow app, signaling, links; until SIGTERM or Ctrl-C."""
-    import asyncio
-
-    from ..agent.logs import setup_logging
-    from ..agent.node import Node
     from ..config import load_config
     from ..proc import require_root
 
-    cfg = load_config(config_path)
+    load_config(config_path)               # errors here, in the CLI's words
     require_root()
-    setup_logging(cfg.node.log_level)      # one line per event; journald's timestamps under systemd
-    if pidfile:
-        Path(pidfile).write_text(f"{os.getpid()}\n")
-    try:
-        import uvloop  # the faster event loop, when present
-        runner = uvloop.run
-    except ImportError:
-        runner = asyncio.run
-    try:
-        runner(Node(cfg, config_path=config_path).run())
-    finally:
-        if pidfile:
-            Path(pidfile).unlink(missing_ok=True)
+    # the node runs as 'python -m ipop_switch.agent' in this same process (same pid): without
+    # the CLI's imports (click, rich, every command's module), ~14 MB it would carry for life
+    argv = [sys.executable, "-m", "ipop_switch.agent", "-c", config_path]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, argv + (["--pidfile", pidfile] if pidfile else []))
 
 
 @cli.command()
@@ -220,6 +209,7 @@ def lab_demo(keep: bool, json_path: str | None, guests: int, **kw) -> None:
               help="comma list of underlay, wireguard-go, tinc, nebula, openvpn, n2n, ipop-switch (default: all)")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="also write the results as JSON to this file ('-': stdout)")
 @click.option("--memory", is_flag=True, help="instead: memory of one node with 1, 8, 16 and 32 peers (33 nodes, minutes)")
+@click.option("--one-peer", is_flag=True, help="with --memory: one node pair instead, RSS/PSS/USS per process")
 @click.option("--fuzz", "fuzz_minutes", type=click.FloatRange(0.01, 24 * 60), default=None,
               help="instead: fuzz the C fast path under ASan/UBSan (libFuzzer) for this many minutes")
 @click.option("--update", is_flag=True, help="with --fuzz: keep new inputs in tests/fuzz_corpus/ (minimised)")
@@ -232,7 +222,7 @@ def lab_demo(keep: bool, json_path: str | None, guests: int, **kw) -> None:
               help="instead: CPU of one idle node with this many links (default 32), per process")
 @click.option("--scale", "scale_nodes", type=click.IntRange(9, 64), default=None, is_flag=False, flag_value=32,
               help="instead: this many real nodes (default 32) in the structured overlay: convergence, idle CPU, RSS, on-demand")
-def bench(runs: int, seconds: float, systems: str | None, json_path: str | None, memory: bool,
+def bench(runs: int, seconds: float, systems: str | None, json_path: str | None, memory: bool, one_peer: bool,
           fuzz_minutes: float | None, update: bool, faults: bool, only: str | None,
           soak_minutes: float | None, idle_links: int | None, scale_nodes: int | None) -> None:
     """Measure ipop-switch beside the underlay, wireguard-go, tinc, nebula, OpenVPN and n2n, in one lab,
@@ -268,6 +258,9 @@ def bench(runs: int, seconds: float, systems: str | None, json_path: str | None,
     elif idle_links is not None:
         from ..bench.idle import run_idle
         report = run_idle(links=idle_links, console=out)
+    elif memory and one_peer:
+        from ..bench.memory import run_footprint
+        report = {"footprint": run_footprint(console=out)}
     elif memory:
         from ..bench.memory import run_memory
         report = {"memory": run_memory(console=out)}
@@ -315,7 +308,9 @@ from .guests import COMMANDS as _guest_commands  # noqa: E402
 from .sim import COMMANDS as _sim_commands  # noqa: E402
 from .dns import COMMANDS as _dns_commands  # noqa: E402
 from .service import COMMANDS as _service_commands  # noqa: E402
-for _c in [*_identity_commands, *_guest_commands, *_sim_commands, *_dns_commands, *_service_commands]:
+from .friends import COMMANDS as _friends_commands  # noqa: E402
+for _c in [*_identity_commands, *_guest_commands, *_sim_commands, *_dns_commands, *_service_commands,
+           *_friends_commands]:
     cli.add_command(_c)
 
 
