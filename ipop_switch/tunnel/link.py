@@ -372,6 +372,9 @@ class LinkWorker:
         st.check_within = self.timers.keepalive
         st.kick = self._kick
         try:
+            # one ping at once: status has an RTT as soon as the link is up (the next ones
+            # only when traffic or the NAT refresh asks for them)
+            self._ping(time.monotonic())
             self._check()
             await done
         finally:
