@@ -20,13 +20,12 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
-from cryptography.x509.oid import NameOID
 
-from .certs import (IdentityError, cert_overlay, check_overlay_name, fingerprint, name_attr, node_id_for,
-                    node_id_of, node_subject, overlay_extension, tunnel_extension, tunnel_public_of, utcnow)
+from .certs import (IdentityError, check_overlay_name, fingerprint, node_subject, overlay_extension, tunnel_extension,
+                    utcnow)
 from .files import write_file
 from .store import NodeIdentity, OverlayIdentity
-from .verify import CertRejected, VerifiedPeer
+from .verify import CertRejected, VerifiedPeer, check_dates, node_peer, parse_cert
 
 PEM = serialization.Encoding.PEM
 SOCIAL_DAYS = 3650  # the pin is the trust: the certificate's dates only bound a stolen one's life
@@ -71,46 +70,18 @@ class SelfSignedVerifier:
             self._cache[key] = peer
             if len(self._cache) > self.CACHE:
                 self._cache.popitem(last=False)
-        now = now or utcnow()
-        if now < peer.not_before:
-            raise CertRejected("not_yet_valid", f"node {peer.node_id}: valid only from {peer.not_before:%Y-%m-%d %H:%M}")
-        if now > peer.not_after:
-            raise CertRejected("expired", f"node {peer.node_id}: expired {peer.not_after:%Y-%m-%d %H:%M}")
+        check_dates(peer, now or utcnow())
         return peer
 
     def _verify_static(self, der: bytes) -> VerifiedPeer:
-        try:
-            cert = x509.load_der_x509_certificate(der)
-            exts = cert.extensions
-        except ValueError as e:
-            raise CertRejected("malformed_cert", str(e)) from None
-        pub = cert.public_key()
-        if not isinstance(pub, ed25519.Ed25519PublicKey):
+        cert = parse_cert(der)
+        if not isinstance(cert.public_key(), ed25519.Ed25519PublicKey):
             raise CertRejected("bad_cert", "needs an Ed25519 key")
         try:
             cert.verify_directly_issued_by(cert)
         except (ValueError, TypeError, InvalidSignature) as e:
             raise CertRejected("untrusted_cert", f"not signed by its own key ({str(e) or 'signature'})") from None
-        ov = cert_overlay(cert)
-        if ov != self.overlay:
-            raise CertRejected("wrong_overlay", f"certificate is for overlay {ov!r}, expected {self.overlay!r}")
-        try:
-            bc = exts.get_extension_for_class(x509.BasicConstraints).value
-        except x509.ExtensionNotFound:
-            bc = None
-        if bc is None or bc.ca:
-            raise CertRejected("bad_cert", "not a node certificate (basic constraints)")
-        node_id, tunnel = node_id_of(cert.subject), tunnel_public_of(exts)
-        if node_id is None or tunnel is None:
-            raise CertRejected("bad_cert", "needs a node id and a tunnel key")
-        if node_id != node_id_for(pub):
-            raise CertRejected("bad_cert", f"node id {node_id} is not the one its key owns")
-        return VerifiedPeer(
-            node_id=node_id, subject=cert.subject.rfc4514_string(),
-            common_name=name_attr(cert.subject, NameOID.COMMON_NAME) or "", overlay=ov,
-            signing_public_key=pub, tunnel_public=tunnel, not_after=cert.not_valid_after_utc,
-            not_before=cert.not_valid_before_utc, serial=cert.serial_number, fingerprint=fingerprint(cert), cert_der=der,
-        )
+        return node_peer(cert, der, self.overlay)
 
 
 def social_identity(node: NodeIdentity, overlay: str, name: str) -> OverlayIdentity:

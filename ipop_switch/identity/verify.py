@@ -5,8 +5,9 @@ GroupVPN trust: a certificate is accepted only if the group CA signed it, it is 
 on the group's CRL. The expensive part (parsing, the CA signature) is cached by the
 certificate's hash; dates and revocation are checked on every call, and the CRL file is
 re-read as soon as it changes on disk, so a revocation takes effect without a restart.
-SocialVPN trust (a later issue) implements the same ``PeerVerifier`` protocol with
-certificate pinning instead of a CA.
+SocialVPN trust (``selfsigned.py``) implements the same ``PeerVerifier`` protocol for
+self-signed certificates, sharing the node-certificate checks here (``node_peer``); the pin
+of the friend's node is what makes it trusted.
 """
 
 from __future__ import annotations
@@ -61,6 +62,57 @@ class VerifiedPeer:
             return True
         except InvalidSignature:
             return False
+
+
+def parse_cert(der: bytes) -> x509.Certificate:
+    """The certificate, its extensions parsed too (a malformed extension must fail here, not later)."""
+    try:
+        cert = x509.load_der_x509_certificate(der)
+        cert.extensions
+    except ValueError as e:
+        raise CertRejected("malformed_cert", str(e)) from None
+    return cert
+
+
+def node_peer(cert: x509.Certificate, der: bytes, overlay: str) -> VerifiedPeer:
+    """The checks every node certificate passes whoever signed it (group CA or the node itself):
+    for this overlay, not a CA, may sign, an Ed25519 key whose id is the node id, a tunnel key."""
+    exts = cert.extensions
+    ov = cert_overlay(cert)
+    if ov != overlay:
+        raise CertRejected("wrong_overlay", f"certificate is for overlay {ov!r}, expected {overlay!r}")
+    try:
+        bc = exts.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        bc = None
+    if bc is None or bc.ca:
+        raise CertRejected("bad_cert", "not a node certificate (basic constraints)")
+    try:
+        ku = exts.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        ku = None
+    if ku is not None and not ku.digital_signature:
+        raise CertRejected("bad_cert", "its key may not sign (keyUsage)")
+    pub = cert.public_key()
+    node_id, tunnel = node_id_of(cert.subject), tunnel_public_of(exts)
+    if not isinstance(pub, ed25519.Ed25519PublicKey) or node_id is None or tunnel is None:
+        raise CertRejected("bad_cert", "needs an Ed25519 key, a node id and a tunnel key")
+    if node_id != node_id_for(pub):
+        raise CertRejected("bad_cert", f"node id {node_id} is not the one its key owns: refused "
+                                       "(a certificate may not take another node's id)")
+    return VerifiedPeer(
+        node_id=node_id, subject=cert.subject.rfc4514_string(),
+        common_name=name_attr(cert.subject, NameOID.COMMON_NAME) or "", overlay=ov,
+        signing_public_key=pub, tunnel_public=tunnel, not_after=cert.not_valid_after_utc,
+        not_before=cert.not_valid_before_utc, serial=cert.serial_number, fingerprint=fingerprint(cert), cert_der=der,
+    )
+
+
+def check_dates(peer: VerifiedPeer, now: dt.datetime) -> None:
+    if now < peer.not_before:
+        raise CertRejected("not_yet_valid", f"node {peer.node_id}: valid only from {peer.not_before:%Y-%m-%d %H:%M}")
+    if now > peer.not_after:
+        raise CertRejected("expired", f"node {peer.node_id}: expired {peer.not_after:%Y-%m-%d %H:%M}")
 
 
 def crl_number(crl: x509.CertificateRevocationList) -> int:
@@ -159,52 +211,18 @@ class GroupVerifier:
 
     def _verify_static(self, der: bytes) -> VerifiedPeer:
         """Everything that cannot change over time: parsing, issuer signature, overlay, contents."""
-        try:
-            cert = x509.load_der_x509_certificate(der)
-            exts = cert.extensions
-        except ValueError as e:
-            raise CertRejected("malformed_cert", str(e)) from None
+        cert = parse_cert(der)
         try:
             cert.verify_directly_issued_by(self.ca)
         except (ValueError, TypeError, InvalidSignature) as e:
             raise CertRejected("untrusted_cert", f"not issued by the group CA of {self.overlay} "
                                                   f"({str(e) or 'CA signature does not verify'})") from None
-        ov = cert_overlay(cert)
-        if ov != self.overlay:
-            raise CertRejected("wrong_overlay", f"certificate is for overlay {ov!r}, expected {self.overlay!r}")
-        try:
-            bc = exts.get_extension_for_class(x509.BasicConstraints).value
-        except x509.ExtensionNotFound:
-            bc = None
-        if bc is None or bc.ca:
-            raise CertRejected("bad_cert", "not a node certificate (basic constraints)")
-        try:
-            ku = exts.get_extension_for_class(x509.KeyUsage).value
-        except x509.ExtensionNotFound:
-            ku = None
-        if ku is not None and not ku.digital_signature:
-            raise CertRejected("bad_cert", "its key may not sign (keyUsage)")
-        pub = cert.public_key()
-        node_id, tunnel = node_id_of(cert.subject), tunnel_public_of(exts)
-        if not isinstance(pub, ed25519.Ed25519PublicKey) or node_id is None or tunnel is None:
-            raise CertRejected("bad_cert", "needs an Ed25519 key, a node id and a tunnel key")
-        if node_id != node_id_for(pub):
-            raise CertRejected("bad_cert", f"node id {node_id} is not the one its key owns: refused "
-                                           "(a certificate may not take another node's id)")
-        return VerifiedPeer(
-            node_id=node_id, subject=cert.subject.rfc4514_string(),
-            common_name=name_attr(cert.subject, NameOID.COMMON_NAME) or "", overlay=ov,
-            signing_public_key=pub, tunnel_public=tunnel, not_after=cert.not_valid_after_utc,
-            not_before=cert.not_valid_before_utc, serial=cert.serial_number, fingerprint=fingerprint(cert), cert_der=der,
-        )
+        return node_peer(cert, der, self.overlay)
 
     def _verify_dynamic(self, peer: VerifiedPeer, now: dt.datetime) -> None:
         if not self.ca.not_valid_before_utc <= now <= self.ca.not_valid_after_utc:
             raise CertRejected("expired", f"the group CA of {self.overlay} is outside its validity "
                                           f"({self.ca.not_valid_before_utc:%Y-%m-%d} .. {self.ca.not_valid_after_utc:%Y-%m-%d})")
-        if now < peer.not_before:
-            raise CertRejected("not_yet_valid", f"node {peer.node_id}: valid only from {peer.not_before:%Y-%m-%d %H:%M}")
-        if now > peer.not_after:
-            raise CertRejected("expired", f"node {peer.node_id}: expired {peer.not_after:%Y-%m-%d %H:%M}")
+        check_dates(peer, now)
         if self.is_revoked(peer.serial):
             raise CertRejected("revoked", f"node {peer.node_id}: certificate serial {peer.serial:x} is revoked")
