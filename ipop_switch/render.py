@@ -99,8 +99,42 @@ def render_status(st: dict, console: Console) -> None:
                           f"{dns.get('nxdomain', 0)} NXDOMAIN, {dns.get('refused', 0)} refused, "
                           f"{dns.get('forwarded', 0)} forwarded), dropped: {ddrops}"
                           + (f"; names claimed twice: {', '.join(dns['conflicts'])}" if dns.get("conflicts") else ""))
+        if ov.get("social"):
+            render_social(ov["social"], console)
         for note in ov.get("notes", []):
             console.print(f"  note: {note}")
+
+
+def render_social(soc: dict, console: Console) -> None:
+    """A social overlay's friends (what 'friends list' shows): each friend node's state, the
+    address this node gave it, path and RTT, its pin; the refused keys and counted drops."""
+    nodes = [(bare, f, node, n) for bare, f in soc.get("friends", {}).items() for node, n in f.get("nodes", {}).items()]
+    friends = [b for b, f in soc.get("friends", {}).items() if f.get("subscription") in ("both", "self")]
+    console.print(f"  social: {soc.get('jid')}/{soc.get('node')} at {soc.get('address')} (friends in {soc.get('range')}); "
+                  f"{len(friends)} friends, {sum(1 for *_, n in nodes if n.get('state') == 'linked')} of "
+                  f"{len(nodes)} nodes linked")
+    pending = [b for b, f in soc.get("friends", {}).items() if f.get("asked") or f.get("requested")]
+    if pending:
+        console.print("  friend requests: " + ", ".join(
+            f"{b} ({'asked' if soc['friends'][b].get('asked') else 'wants to be friends'})" for b in pending))
+    if nodes:
+        t = Table(show_edge=False, title="friends", title_justify="left")
+        for col in ("friend", "node", "state", "address", "path", "RTT", "fingerprint"):
+            t.add_column(col)
+        for bare, f, node, n in nodes:
+            state = n.get("state", "?")
+            color = {"linked": "green", "pending": "yellow", "offline": "dim"}.get(state, "red")
+            rtt = f"{n['rtt_ms']:.2f} ms" if n.get("rtt_ms") is not None else "-"
+            fp = (n.get("fingerprint") or "")[:19] + ("... verified" if n.get("verified") else "...")
+            t.add_row(bare, node, f"[{color}]{state}[/]", n.get("address", "-"), n.get("path") or "-", rtt, fp)
+        console.print(t)
+        for bare, f, node, n in nodes:
+            if n.get("refused"):
+                console.print(f"  [red]REFUSED[/] a new key of {bare}/{node} ({n['refused']['fingerprint'][:19]}..., "
+                              f"{n['refused']['count']} times): compare, then 'ipop-switch friends forget {bare} {node}'")
+    drops = ", ".join(f"{k} {v}" for k, v in sorted((soc.get("drops") or {}).items()) if v)
+    if drops:
+        console.print(f"  social refusals: {drops}")
 
 
 def render_guests(guests: list[dict], console: Console) -> None:

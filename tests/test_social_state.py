@@ -149,3 +149,67 @@ def test_friend_list_states(tmp_path):
     assert fl.drops["bad_subscription"] == 1 and set(fl.wanted()) == {NID_B}
     assert fl.roster("bob@lab", "remove")
     assert not fl.wanted() and not fl.nodes
+
+
+def test_dns_answers_this_nodes_view_and_listens_on_loopback_only():
+    """A social overlay's responder: <node>.<friend>.<suffix> -> our assigned address (own name
+    first, a name claimed twice kept once, names outside the zone left out); never on the
+    overlay address, where a friend could ask for the names of our other friends."""
+    from dnslib import QTYPE, RCODE, DNSRecord
+
+    from ipop_switch.agent.dns import listen_addresses, social_table
+    from ipop_switch.config import OverlayConfig, dns_loopback
+    from ipop_switch.naming.dns import DnsResponder
+
+    tab = social_table("ipsw.internal", [("laptop.alice.ipsw.internal", "100.80.0.1"),
+                                         ("desk.bob.ipsw.internal", "100.80.0.2"),
+                                         ("Desk.Bob.ipsw.internal.", "100.80.0.9"),
+                                         ("pc.carol.elsewhere.org", "100.80.0.3")])
+    assert len(tab) == 2 and tab.conflicts == ["desk.bob.ipsw.internal"] and tab.ignored == 1
+    dns = DnsResponder(lambda: tab, listen=[])
+
+    def ask(name: str, qtype: str = "A") -> DNSRecord:
+        return DNSRecord.parse(dns.respond(DNSRecord.question(name, qtype).pack()))
+    r = ask("desk.bob.ipsw.internal")
+    assert r.header.rcode == RCODE.NOERROR and [str(x.rdata) for x in r.rr] == ["100.80.0.2"]
+    assert [str(x.rdata) for x in ask("laptop.alice.ipsw.internal").rr] == ["100.80.0.1"]
+    assert ask("pc.carol.ipsw.internal").header.rcode == RCODE.NXDOMAIN
+    assert ask("desk.bob.ipsw.internal", "AAAA").rr == [] and ask("example.org").header.rcode == RCODE.REFUSED
+    assert QTYPE.get(ask("desk.bob.ipsw.internal", "ANY").rr[0].rtype) == "A"
+
+    xmpp = {"server": "198.18.0.1", "jid": "alice@lab", "password": "x"}
+    soc = OverlayConfig(name="soc", kind="social", address="100.80.0.1/16", xmpp=xmpp, dns={"enable": True})
+    assert listen_addresses(soc) == [(dns_loopback("soc"), 53)]
+    only = OverlayConfig(name="soc", kind="social", address="100.80.0.1/16", xmpp=xmpp,
+                         dns={"enable": True, "listen": ["overlay"]})
+    assert listen_addresses(only) == [(dns_loopback("soc"), 53)]
+    grp = OverlayConfig(name="grp", address="100.81.0.1/16", xmpp=xmpp, dns={"enable": True})
+    assert listen_addresses(grp) == [("100.81.0.1", 53), (dns_loopback("grp"), 53)]
+
+
+def test_status_shows_the_social_block():
+    """'ipop-switch status' of a social overlay: the friends' nodes (state, our address for
+    them, path, RTT, pin), a refused key with what to do, pending requests, counted refusals."""
+    from rich.console import Console
+
+    from ipop_switch.render import render_status
+    node = {"state": "linked", "node_id": NID_B, "fingerprint": show_fp(FP_B), "verified": True,
+            "address": "100.80.0.2", "path": "relay", "rtt_ms": 1.234, "refused": None}
+    bad = {**node, "state": "refused", "path": None, "rtt_ms": None, "verified": False,
+           "refused": {"fingerprint": show_fp(FP_A), "count": 3}}
+    social = {"jid": "alice@lab", "node": "laptop", "address": "100.80.0.1", "range": "100.80.0.0/16",
+              "fingerprint": show_fp(FP_A), "drops": {"not_friend": 2, "key_changed": 3, "zero": 0},
+              "friends": {"bob@lab": {"subscription": "both", "asked": False, "requested": False, "nodes": {"desk": node}},
+                          "carol@lab": {"subscription": "both", "asked": False, "requested": False, "nodes": {"pc": bad}},
+                          "dave@lab": {"subscription": "none", "asked": False, "requested": True, "nodes": {}}}}
+    st = {"node": {"node_id": NID_A}, "overlays": [{"name": "soc", "kind": "social", "peers": [], "social": social}]}
+    console = Console(record=True, width=200)
+    render_status(st, console)
+    out = console.export_text()
+    assert "social: alice@lab/laptop at 100.80.0.1 (friends in 100.80.0.0/16); 2 friends, 1 of 2 nodes linked" in out
+    assert "dave@lab (wants to be friends)" in out
+    row = next(line for line in out.splitlines() if "desk" in line)
+    for cell in ("bob@lab", "linked", "100.80.0.2", "relay", "1.23 ms", "verified"):
+        assert cell in row, row
+    assert "REFUSED a new key of carol@lab/pc" in out and "3 times" in out and "friends forget carol@lab pc" in out
+    assert "social refusals: key_changed 3, not_friend 2" in out and "zero" not in out

@@ -5,6 +5,11 @@ members signaling verified (their certificates' common names and announced addre
 
 The overlay calls three things: ``dns_caps`` (the announce), ``start_dns`` (None when
 ``[overlay.dns]`` is off) and ``OverlayDns.stop``/``status``.
+
+A social overlay (docs/social.md) has no shared zone: its responder answers this node's view,
+``<node>.<friend>.<social suffix>`` -> the address this node assigned (what ``friends hosts``
+prints), and listens on loopback only: on the overlay address a friend could ask it for the
+names of our other friends.
 """
 
 from __future__ import annotations
@@ -30,9 +35,14 @@ def dns_caps(cfg: OverlayConfig) -> dict:
 
 
 def listen_addresses(cfg: OverlayConfig) -> list[tuple[str, int]]:
-    """[overlay.dns] listen words made addresses: overlay, overlay6, loopback, or literal IPs."""
+    """[overlay.dns] listen words made addresses: overlay, overlay6, loopback, or literal IPs
+    (a social overlay skips 'overlay': see the module's docstring)."""
     out = []
     for x in cfg.dns.listen:
+        if x == "overlay" and cfg.kind == "social":
+            log.info("event=dns_social_no_overlay_listen overlay=%s reason=\"friends would see our friends' names\"",
+                     cfg.name)
+            continue
         if x == "overlay":
             host = str(ipaddress.ip_interface(cfg.address).ip)
         elif x == "overlay6":
@@ -44,7 +54,24 @@ def listen_addresses(cfg: OverlayConfig) -> list[tuple[str, int]]:
         else:
             host = x
         out.append((host, cfg.dns.port))
+    if not out:   # a social overlay's default listen without 'overlay': loopback still
+        out.append((cfg.dns.loopback or dns_loopback(cfg.name), cfg.dns.port))
     return out
+
+
+def social_table(zone: str, names: list[tuple[str, str]]) -> NameTable:
+    """A social overlay's table: these (host name, IPv4 address) pairs, the first claim of a
+    name kept (this node's own name is first), names outside ``zone`` left out."""
+    tab = NameTable(zone, [])
+    for name, addr in names:
+        name = name.rstrip(".").lower()
+        if not tab.in_zone(name) or name == tab.zone:
+            tab.ignored += 1
+        elif name in tab.names:
+            tab.conflicts.append(name)
+        else:
+            tab.names[name] = ([str(ipaddress.IPv4Address(addr))], [])
+    return tab
 
 
 class OverlayDns:
@@ -53,7 +80,7 @@ class OverlayDns:
     def __init__(self, overlay) -> None:
         self.ov = overlay
         cfg: OverlayConfig = overlay.cfg
-        self.zone = f"{cfg.name}.{cfg.dns.suffix}"
+        self.zone = cfg.social.suffix if getattr(overlay, "social", None) else f"{cfg.name}.{cfg.dns.suffix}"
         self.networks = [ipaddress.ip_interface(cfg.address).network]
         if cfg.address6:
             self.networks.append(ipaddress.ip_interface(cfg.address6).network)
@@ -80,7 +107,10 @@ class OverlayDns:
     def table(self) -> NameTable:
         now = time.monotonic()
         if self._table is None or now - self._built > TABLE_MAX_AGE:
-            self._table = NameTable(self.zone, self.members(), networks=self.networks, trusted=self.ov.node_id)
+            if getattr(self.ov, "social", None):
+                self._table = social_table(self.zone, self.ov.social.names())
+            else:
+                self._table = NameTable(self.zone, self.members(), networks=self.networks, trusted=self.ov.node_id)
             self._built = now
         return self._table
 

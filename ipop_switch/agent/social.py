@@ -25,7 +25,7 @@ from ..identity.selfsigned import social_dir, social_identity
 from ..identity.store import NodeIdentity, OverlayIdentity
 from ..social.addressbook import AddressBook
 from ..social.friends import FriendList, NodeState
-from ..social.ids import BadName, bare_jid, node_name
+from ..social.ids import BadName, bare_jid, friend_label, node_name
 from ..social.pins import PinStore, show_fp
 from ..social.store import SocialStateError
 
@@ -166,6 +166,22 @@ class SocialPart:
         if where:
             self.friends.link(*where, up)
 
+    # -- names (friends hosts, the DNS responder) ---------------------------------------------
+    def known_nodes(self) -> list[tuple[str, str]]:
+        """(friend, node) of every friend node seen or pinned: the nodes that have a name."""
+        nodes = {(n.jid, n.node) for n in self.friends.nodes.values()} | set(self.pins.pins)
+        return sorted(nodes)
+
+    def names(self) -> list[tuple[str, str]]:
+        """(host name, address) in this node's view: this node first, then what ``friends hosts``
+        prints (the same book, the same suffix), for the overlay's DNS responder."""
+        suffix = self.cfg.social.suffix
+        out = [(f"{self.name}.{friend_label(self.own_jid)}.{suffix}", self.own_ip)]
+        for line in self.book.hosts(suffix, self.known_nodes()):
+            addr, name = line.split("\t", 1)
+            out.append((name, addr))
+        return out
+
     # -- commands (ipop-switch friends ...) -----------------------------------------------------
     async def command(self, cmd: dict) -> dict:
         op = cmd.get("op")
@@ -173,9 +189,7 @@ class SocialPart:
             if op == "list":
                 return {"ok": True, **self.snapshot()}
             if op == "hosts":
-                nodes = sorted((n.jid, n.node) for n in self.friends.nodes.values())
-                nodes += sorted(k for k in self.pins.pins if k not in nodes)
-                return {"ok": True, "lines": self.book.hosts(self.cfg.social.suffix, sorted(set(nodes)))}
+                return {"ok": True, "lines": self.book.hosts(self.cfg.social.suffix, self.known_nodes())}
             jid = str(cmd.get("jid") or "")
             if op in ("add", "accept", "remove"):
                 if self.roster is None:
