@@ -37,6 +37,12 @@ def _dur(seconds: float | None) -> str:
     return f"{seconds / 3600:.1f}h"
 
 
+def _cn(subject: str | None) -> str:
+    """A certificate subject's common name (the node's name), or the subject itself."""
+    subject = subject or ""
+    return subject.split("CN=", 1)[1].split(",")[0] if "CN=" in subject else subject
+
+
 def render_status(st: dict, console: Console) -> None:
     node = st.get("node", {})
     console.print(f"node [bold]{node.get('node_id', '?')}[/]  agent pid {node.get('pid', '?')}, up {_dur(node.get('uptime_s'))}"
@@ -56,15 +62,22 @@ def render_status(st: dict, console: Console) -> None:
         for col in ("peer", "name", *(("role",) if roles else ()), "state", "path (local->remote candidate)",
                     "remote address", "RTT", "tx / rx", "drops", "handshake", "uptime"):
             t.add_column(col)
+        names = {p["node_id"]: _cn(p.get("subject")) for p in ov.get("peers", [])}
         for p in ov.get("peers", []):
             state = p.get("state", "?")
-            color = {"up": "green", "connecting": "yellow"}.get(state, "red")
+            color = {"up": "green", "connecting": "yellow", "backoff": "yellow", "waiting": "yellow"}.get(state, "red")
             path = p.get("path") or "-"
             if p.get("candidates") and path != "-":
                 path = f"{path} ({p['candidates']})"
+            if p.get("reach") == "peer-assisted":         # no link of its own: through another member
+                via = p.get("via") or "?"
+                path = f"peer-assisted via {names.get(via) or via[:12]} ({p.get('hops')} hops)"
+            elif p.get("reach") == "unreachable":
+                path = "[red]unreachable[/]"
+            if (p.get("direct_failed") or {}).get("retry_in_s"):
+                path += f", direct again in {p['direct_failed']['retry_in_s']:.0f}s"
             drops = ", ".join(f"{k} {v}" for k, v in sorted((p.get("drops") or {}).items()) if v) or "-"
-            subject = p.get("subject", "") or ""
-            name = subject.split("CN=", 1)[1].split(",")[0] if "CN=" in subject else subject or "-"
+            name = names[p["node_id"]] or "-"
             remote = (p.get("remote_addr") or "-").split()[-1]
             t.add_row(
                 p["node_id"][:12], name, *((p.get("role") or "-",) if roles else ()), f"[{color}]{state}[/]", path, remote,

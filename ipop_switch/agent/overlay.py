@@ -285,6 +285,7 @@ class Overlay:
             mtu=self.cfg.mtu + 8,  # flood frames carry two VLAN tags between nodes (docs/switch.md)
             stun=ice.stun_addr(), turn=turn,
             exclude_interfaces=tuple(ice.ignore_interfaces) + tuple(o.bridge for o in self.node.cfg.overlay) + ("ipt*",),
+            ipv6=ice.ipv6,
             timers=self.timers,
         )
         self.links[peer.node_id] = link
@@ -435,6 +436,8 @@ class Overlay:
                 "port": link.tap if link.port else None, "ups": link.ups, "last_reason": link.last_reason,
                 "role": roles.get(link.node_id),
             })
+        if isinstance(self.topology, OverlayTopology) and sig is not None:   # reach, via, direct failures
+            self.topology.annotate(peers, lambda n: getattr(sig.peer(n), "subject", None))
         return {
             "name": self.cfg.name, "kind": self.cfg.kind, "bridge": self.cfg.bridge,
             "address": self.cfg.address, "address6": self.cfg.address6,

@@ -10,10 +10,19 @@ The overlay owns the links; this class decides which ones, through four callable
   cap: the requester backs off from it and, for a long link, draws another target).
 - ``link_release``: "I no longer need our link" (the peer keeps it while it wants it;
   if it does not either, it drops it).
-- ``link_drop``: "I closed our link": the peer closes its end too.
+- ``link_drop {reason?}``: "I closed our link": the peer closes its end too. With
+  ``reason: "no_path"`` the link never came up within ``request_timeout`` (no direct path
+  and no relay): the peer backs off too, so neither end retries before its back-off ends.
 - ``lsa {origin, epoch, seq, neighbours}``: the sender's up links, sent to every member
   when they change and to each newcomer; merged by (epoch, seq), so stale or replayed
   ones are ignored, and one whose origin is not its (verified) sender is dropped.
+
+Peer-assisted traversal (docs/topology.md): a pair that finds no path between them (both
+behind hard NATs without TURN, UDP blocked between them) is recorded as failed directly,
+retried only after a back-off that doubles (``retry_backoff`` x1..x8), and meanwhile
+reaches each other through a member linked to both: the link never enters an LSA, so the
+switch app's graph lacks it and its routes and flood trees go around it. ``annotate`` puts
+"peer-assisted via <node>" (or "unreachable") in the status rows of such peers.
 
 Nothing here blocks the event loop for long: ``decide`` runs every ``cycle`` seconds and
 shortly after an event (member joined or left, refusal, link up or gone), and the graph
@@ -37,6 +46,7 @@ log = logging.getLogger("ipop_switch.agent")
 REQUEST, ACCEPT, REFUSE, RELEASE, DROP, LSA_TYPE = (
     "link_request", "link_accept", "link_refuse", "link_release", "link_drop", "lsa")
 MESSAGE_TYPES = (REQUEST, ACCEPT, REFUSE, RELEASE, DROP, LSA_TYPE)
+NO_PATH = "no_path"      # link_drop reason: the link never came up (no direct path, no relay)
 DECIDE_SOON = 0.2        # s after an event before deciding (events come in bursts)
 GRAPH_DEBOUNCE = 0.2     # s: graph changes within this are pushed together
 
@@ -73,6 +83,9 @@ class OverlayTopology:
         self._task: asyncio.Task | None = None
         self._busy = asyncio.Lock()
         self._recent: deque[float] = deque(maxlen=64)   # decide() durations (status)
+        # peers we found no path to (a link that never came up): peer -> failure record,
+        # forgotten once a link with it is up or it leaves (status: "direct_failed")
+        self.direct_failed: dict[str, dict] = {}
 
     # -- lifecycle --------------------------------------------------------------------
     def start(self) -> None:
@@ -135,8 +148,16 @@ class OverlayTopology:
             for peer in d.release:
                 await self._send(peer, RELEASE, {})
             for peer in d.close:
+                if peer in d.timed_out:
+                    self._direct_failed(peer, now, f"no path within {self.params.request_timeout:g}s")
+                    await self.hooks.close_link(peer, "topology: no path")
+                    await self._send(peer, DROP, {"reason": NO_PATH})
+                    continue
                 await self.hooks.close_link(peer, "topology: not needed")
                 await self._send(peer, DROP, {})
+            for peer in [q for q in self.direct_failed   # a failed peer we no longer try to link
+                         if q not in d.roles and not self.policy.backoff(q, now)]:
+                del self.direct_failed[peer]
             if d.changed:
                 log.info("event=topology_decision open=%s release=%s close=%s",
                          ",".join(f"{p[:8]}:{r}" for p, r in d.open) or "-",
@@ -212,10 +233,23 @@ class OverlayTopology:
                 await self.hooks.close_link(peer, "topology: released by both")
                 await self._send(peer, DROP, {})
         elif type_ == DROP:
+            no_path = payload.get("reason") == NO_PATH and peer in self.policy.roles() \
+                and peer not in self.policy.up_links()
             async with self._busy:
-                self.policy.link_down(peer, now)
-            await self.hooks.close_link(peer, "topology: dropped by peer")
+                self.policy.link_down(peer, now, failed=no_path)
+            if no_path and self.policy.backoff(peer, now):      # we wanted it: retried after the back-off
+                self._direct_failed(peer, now, "the peer found no path")
+            await self.hooks.close_link(peer, "topology: no path (peer)" if no_path else "topology: dropped by peer")
             self.poke()
+
+    def _direct_failed(self, peer: str, now: float, reason: str) -> None:
+        """Record that no path to ``peer`` was found (the policy backed off from it)."""
+        rec = self.direct_failed.setdefault(peer, {"since": now, "failures": 0})
+        rec["failures"] += 1
+        rec["reason"] = reason
+        b = self.policy.backoff(peer, now)
+        log.info("event=direct_path_failed peer=%s failures=%d retry_in=%s reason=%s", peer, rec["failures"],
+                 f"{b[0]:.0f}s" if b else "-", reason)
 
     async def drop_stale(self, peer: str) -> None:
         """A link message for a link we do not have nor want: the peer's end is stale."""
@@ -231,12 +265,15 @@ class OverlayTopology:
 
     def member_left(self, peer: str) -> None:
         self.db.remove(peer)
+        self.direct_failed.pop(peer, None)
         self.policy.link_down(peer, self.clock())
         self.graph_changed()
         self.poke()
 
     def link_up(self, peer: str) -> None:
         self.policy.link_up(peer, self.clock())
+        if self.direct_failed.pop(peer, None) is not None:
+            log.info("event=direct_path_found peer=%s", peer)
         self.links_changed()
 
     def link_down(self, peer: str) -> None:
@@ -304,14 +341,17 @@ class OverlayTopology:
         self.graph_changed()
 
     # -- status ----------------------------------------------------------------------------
-    def hops(self) -> dict[str, int]:
-        """Hops to every member reachable in the graph (BFS from me)."""
+    def _adj(self) -> dict[str, set[str]]:
         adj: dict[str, set[str]] = {}
         for a, b in self.edges():
             adj.setdefault(a, set()).add(b)
             adj.setdefault(b, set()).add(a)
-        dist = {self.me: 0}
-        frontier = [self.me]
+        return adj
+
+    @staticmethod
+    def _bfs(adj: dict[str, set[str]], src: str) -> dict[str, int]:
+        dist = {src: 0}
+        frontier = [src]
         while frontier:
             nxt = []
             for u in frontier:
@@ -320,8 +360,68 @@ class OverlayTopology:
                         dist[v] = dist[u] + 1
                         nxt.append(v)
             frontier = nxt
+        return dist
+
+    def hops(self) -> dict[str, int]:
+        """Hops to every member reachable in the graph (BFS from me)."""
+        dist = self._bfs(self._adj(), self.me)
         dist.pop(self.me)
         return dist
+
+    def routes(self, targets: Iterable[str]) -> dict[str, tuple[int, str]]:
+        """target -> (hops, next hop) for the reachable ``targets``. The next hop is the one the
+        switch app sends to: its parent in the target's flood tree, the neighbour w with the
+        smallest (hops from the target, w) (ryu_apps/flood.py ``tree_parent``, the rule its
+        learned MACs follow). One BFS per target: status asks only for the few peers that have
+        no link of their own."""
+        adj = self._adj()
+        mine = adj.get(self.me, set())
+        out: dict[str, tuple[int, str]] = {}
+        for t in targets:
+            if t == self.me or t not in adj:
+                continue
+            dist = self._bfs(adj, t)
+            if self.me not in dist:
+                continue
+            best = min(((dist[w], w) for w in mine if w in dist), default=None)
+            if best is not None:
+                out[t] = (dist[self.me], best[1])
+        return out
+
+    def annotate(self, peers: list[dict], subject: Callable[[str], str | None] = lambda _: None) -> list[dict]:
+        """How each peer is reached, for the status rows (``peers`` from the overlay: one per
+        link, any state). ``reach``: "direct" (its link is up), "peer-assisted" (through
+        ``via``, ``hops`` >= 2: path "peer-assisted") or "unreachable"; ``direct_failed``: no
+        path found to it, the failures in a row and when it is tried again. Rows are added
+        for peers without a link that we want one with (every member while all-to-all) or
+        found no path to: state "backoff" (waiting to try again) or "waiting"."""
+        now = self.clock()
+        n = len(self.members())
+        rows = {p["node_id"]: p for p in peers}
+        extra = set(self.direct_failed)
+        if not self.params.structured(n):
+            extra |= set(self.hooks.members())
+        for peer in sorted(extra - set(rows) - {self.me}):
+            rows[peer] = {"node_id": peer, "subject": subject(peer) or "",
+                          "state": "backoff" if self.policy.backoff(peer, now) else "waiting",
+                          "path": None, "role": self.policy.roles().get(peer)}
+            peers.append(rows[peer])
+        routes = self.routes(p for p, r in rows.items() if r.get("state") != "up")
+        for peer, row in rows.items():
+            if row.get("state") == "up":
+                row.update(reach="direct", hops=1, via=None)
+            elif peer in routes:
+                hops, via = routes[peer]
+                row.update(reach="peer-assisted", path="peer-assisted", hops=hops, via=via)
+            else:
+                row.update(reach="unreachable", hops=None, via=None)
+            rec = self.direct_failed.get(peer)
+            if rec is not None:
+                b = self.policy.backoff(peer, now)
+                row["direct_failed"] = {"failures": rec["failures"], "reason": rec.get("reason", ""),
+                                        "for_s": round(now - rec["since"], 1),
+                                        "retry_in_s": round(b[0], 1) if b else 0.0}
+        return peers
 
     def snapshot(self) -> dict:
         members = self.members()
@@ -338,6 +438,7 @@ class OverlayTopology:
             "unreachable": sorted(m for m in members if m != self.me and m not in hops),
             "max_hops": max(hops.values(), default=0),
             "hops": hops,                            # member -> hops through the graph
+            "direct_failed": sorted(self.direct_failed),   # no path found to these: backed off
             "lsas": len(self.db),
             "lsa_seq": self.lsa.seq,
             "edges": len(self.edges()),

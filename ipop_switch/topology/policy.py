@@ -138,6 +138,8 @@ class Decision:
     held: tuple[str, ...] = ()               # no longer needed, kept: busy or too young
     waiting: bool = False                    # a wanted link waits for the rate limit or a back-off
     roles: dict[str, str] = field(default_factory=dict)  # every link kept or requested -> role
+    timed_out: tuple[str, ...] = ()          # of ``close``: wanted links not up within request_timeout
+                                             # (no path: the peer is backed off, the agent tells it so)
 
     @property
     def changed(self) -> bool:
@@ -260,6 +262,14 @@ class TopologyPolicy:
         b = self._backoff.get(peer)
         return b is not None and now < b[0]
 
+    def backoff(self, peer: str, now: float) -> tuple[float, int] | None:
+        """(seconds until this node asks ``peer`` again, failures in a row), or None when it
+        is not backed off from it (status shows when a failed pair is tried again)."""
+        b = self._backoff.get(peer)
+        if b is None or now >= b[0]:
+            return None
+        return b[0] - now, b[1]
+
     # -- the decision ----------------------------------------------------------------
     def _ring_of(self, members: Ring | Iterable[str]) -> Ring:
         if isinstance(members, Ring) and self.me in members:
@@ -285,6 +295,7 @@ class TopologyPolicy:
         release: list[str] = []
         close: list[str] = []
         held: list[str] = []
+        timed_out: list[str] = []
 
         # gone members and requests that never came up
         for peer in list(links):
@@ -292,6 +303,7 @@ class TopologyPolicy:
             if peer not in ring or (not l.up and now - l.since > p.request_timeout):
                 if l.mine is not None and peer in ring:
                     self._back_off(peer, now)
+                    timed_out.append(peer)
                 del links[peer]
                 close.append(peer)
         for peer in [q for q in self._backoff if q not in ring or now >= self._backoff[q][0] + 8 * p.retry_backoff]:
@@ -415,4 +427,4 @@ class TopologyPolicy:
                 held.append(q)
 
         return Decision(open=tuple(opens), release=tuple(release), close=tuple(close),
-                        held=tuple(held), waiting=waiting, roles=self.roles())
+                        held=tuple(held), waiting=waiting, roles=self.roles(), timed_out=tuple(timed_out))
