@@ -185,6 +185,10 @@ def test_dns_answers_this_nodes_view_and_listens_on_loopback_only():
     assert listen_addresses(only) == [(dns_loopback("soc"), 53)]
     grp = OverlayConfig(name="grp", address="100.81.0.1/16", xmpp=xmpp, dns={"enable": True})
     assert listen_addresses(grp) == [("100.81.0.1", 53), (dns_loopback("grp"), 53)]
+    from ipop_switch.cli.dns import advice     # 'ipop-switch dns' tells the same
+    a = advice(soc)
+    assert a["zone"] == "ipsw.internal" and a["listen"] == [f"{dns_loopback('soc')}:53"] and not a["resolved"]
+    assert a["names"] == ["<node>.<friend>.ipsw.internal"]
 
 
 def test_status_shows_the_social_block():

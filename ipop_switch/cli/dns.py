@@ -19,6 +19,8 @@ DEFAULT_CONFIG = "/etc/ipop-switch/node.toml"
 def _addresses(ov: OverlayConfig) -> list[str]:
     out = []
     for x in ov.dns.listen:
+        if x == "overlay" and ov.kind == "social":
+            continue      # a social overlay's responder is never on the overlay address (agent/dns.py)
         if x == "overlay":
             out.append(str(ipaddress.ip_interface(ov.address).ip))
         elif x == "overlay6" and ov.address6:
@@ -27,16 +29,19 @@ def _addresses(ov: OverlayConfig) -> list[str]:
             out.append(ov.dns.loopback or dns_loopback(ov.name))
         elif x not in ("overlay", "overlay6"):
             out.append(x)
+    if not out and ov.kind == "social":
+        out.append(ov.dns.loopback or dns_loopback(ov.name))
     return out
 
 
 def advice(ov: OverlayConfig) -> dict:
     """What to run for one overlay: systemd-resolved (per link, routing domain only) and the
     resolv.conf case (which has no per-domain servers)."""
-    zone = f"{ov.name}.{ov.dns.suffix}"
+    social = ov.kind == "social"      # this node's view of its friends: <node>.<friend>.<social suffix>
+    zone = ov.social.suffix if social else f"{ov.name}.{ov.dns.suffix}"
     addrs = _addresses(ov)
     overlay_ip = str(ipaddress.ip_interface(ov.address).ip)
-    on_bridge = overlay_ip if "overlay" in ov.dns.listen else None
+    on_bridge = overlay_ip if "overlay" in ov.dns.listen and not social else None
     port = ov.dns.port
     resolved = []
     if on_bridge and port == 53:
@@ -45,16 +50,17 @@ def advice(ov: OverlayConfig) -> dict:
     return {"overlay": ov.name, "zone": zone, "enabled": ov.dns.enable, "listen": [f"{a}:{port}" for a in addrs],
             "resolved": resolved, "dnsmasq": [f"server=/{zone}/{a}#{port}" for a in addrs[:1]],
             "namespace_resolv_conf": f"nameserver {loop or addrs[0]}" if port == 53 and addrs else None,
-            "forward": ov.dns.forward}
+            "forward": ov.dns.forward,
+            "names": [f"<node>.<friend>.{zone}"] if social else [f"<node>.{zone}", f"<guest>.<node>.{zone}"]}
 
 
 def _print(a: dict) -> None:
     z = a["zone"]
     if not a["enabled"]:
         click.echo(f"overlay {a['overlay']}: DNS is off; turn it on in the node config:\n"
-                   f"    [overlay.dns]\n    enable = true\n  then restart the agent (names: <node>.{z}).")
+                   f"    [overlay.dns]\n    enable = true\n  then restart the agent (names: {a['names'][0]}).")
         return
-    click.echo(f"overlay {a['overlay']}: names <node>.{z} and <guest>.<node>.{z}, served on {', '.join(a['listen'])}")
+    click.echo(f"overlay {a['overlay']}: names {' and '.join(a['names'])}, served on {', '.join(a['listen'])}")
     if a["resolved"]:
         click.echo("\n  systemd-resolved (only names under this domain go there; the rest of the host's "
                    "resolving is unchanged):")
@@ -62,6 +68,9 @@ def _print(a: dict) -> None:
             click.echo(f"    {c}")
         click.echo("  (per-link settings go with the bridge: run them again after the agent restarts, e.g. from "
                    "an ExecStartPost= line, see docs/service.md)")
+    elif a["names"][0].startswith("<node>.<friend>."):
+        click.echo("\n  a social overlay's responder listens on loopback only (on the overlay address friends could "
+                   "ask it who your other friends are): use a local forwarder, below.")
     else:
         click.echo("\n  systemd-resolved needs the responder on the overlay address, port 53 "
                    "([overlay.dns] listen = [\"overlay\", ...], port = 53).")
