@@ -122,7 +122,7 @@ def render_social(soc: dict, console: Console) -> None:
     """A social overlay's friends (what 'friends list' shows): each friend node's state, the
     address this node gave it, path and RTT, its pin; the refused keys and counted drops."""
     nodes = [(bare, f, node, n) for bare, f in soc.get("friends", {}).items() for node, n in f.get("nodes", {}).items()]
-    friends = [b for b, f in soc.get("friends", {}).items() if f.get("subscription") in ("both", "self")]
+    friends = [b for b, f in soc.get("friends", {}).items() if f.get("subscription") == "both"]   # not our own devices
     console.print(f"  social: {soc.get('jid')}/{soc.get('node')} at {soc.get('address')} (friends in {soc.get('range')}); "
                   f"{len(friends)} friends, {sum(1 for *_, n in nodes if n.get('state') == 'linked')} of "
                   f"{len(nodes)} nodes linked")
