@@ -47,6 +47,10 @@ REQUEST, ACCEPT, REFUSE, RELEASE, DROP, LSA_TYPE = (
     "link_request", "link_accept", "link_refuse", "link_release", "link_drop", "lsa")
 MESSAGE_TYPES = (REQUEST, ACCEPT, REFUSE, RELEASE, DROP, LSA_TYPE)
 NO_PATH = "no_path"      # link_drop reason: the link never came up (no direct path, no relay)
+# a status row for a member without a link: the keys of a link's row (readers index them)
+NO_LINK_ROW = {"path": None, "candidates": None, "remote_addr": None, "local_addr": None, "rtt_ms": None,
+               "tx_frames": 0, "tx_bytes": 0, "rx_frames": 0, "rx_bytes": 0, "drops": {}, "last_handshake_s": None,
+               "uptime_s": None, "port": None, "ups": 0, "last_reason": ""}
 DECIDE_SOON = 0.2        # s after an event before deciding (events come in bursts)
 GRAPH_DEBOUNCE = 0.2     # s: graph changes within this are pushed together
 
@@ -402,10 +406,11 @@ class OverlayTopology:
         if not self.params.structured(n):
             extra |= set(self.hooks.members())
         for peer in sorted(extra - set(rows) - {self.me}):
-            rows[peer] = {"node_id": peer, "subject": subject(peer) or "",
+            rows[peer] = {**NO_LINK_ROW, "drops": {}, "node_id": peer, "subject": subject(peer) or "",
                           "state": "backoff" if self.policy.backoff(peer, now) else "waiting",
-                          "path": None, "role": self.policy.roles().get(peer)}
+                          "role": self.policy.roles().get(peer)}
             peers.append(rows[peer])
+        peers.sort(key=lambda p: p["node_id"])
         routes = self.routes(p for p, r in rows.items() if r.get("state") != "up")
         for peer, row in rows.items():
             if row.get("state") == "up":
