@@ -46,7 +46,7 @@ import json
 import re
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, TypeAdapter, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, TypeAdapter, ValidationError, field_validator
 
 NODE_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 PORT_RE = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")  # Linux interface names
@@ -76,6 +76,22 @@ def _unicast_mac(v: str) -> str:
     return v
 
 
+def _host_v4(v: str) -> str:
+    try:
+        ip = ipaddress.IPv4Address(v)
+    except ValueError:
+        raise ValueError(f"{v!r} is not an IPv4 address") from None
+    if ip.is_multicast or ip.is_unspecified or ip == ipaddress.IPv4Address("255.255.255.255") or ip.is_loopback:
+        raise ValueError(f"{v} is not a host's (unicast) address")
+    return str(ip)
+
+# Fields checked on parse: a malformed request fails as a whole, with the field named.
+PortName = Annotated[str, AfterValidator(_port)]
+NodeId = Annotated[str, AfterValidator(_node_id)]
+UnicastMac = Annotated[str, AfterValidator(_unicast_mac)]
+HostV4 = Annotated[str, AfterValidator(_host_v4)]
+
+
 class _Msg(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -87,8 +103,7 @@ class SetDatapath(_Msg):
 
 class SetNodeId(_Msg):
     op: Literal["set_node_id"] = "set_node_id"
-    node_id: str
-    _v = field_validator("node_id")(classmethod(lambda cls, v: _node_id(v)))
+    node_id: NodeId
 
 
 class SetMtu(_Msg):
@@ -98,24 +113,20 @@ class SetMtu(_Msg):
 
 class AddPeerPort(_Msg):
     op: Literal["add_peer_port"] = "add_peer_port"
-    port: str
-    peer: str
-    _vp = field_validator("port")(classmethod(lambda cls, v: _port(v)))
-    _vn = field_validator("peer")(classmethod(lambda cls, v: _node_id(v)))
+    port: PortName
+    peer: NodeId
 
 
 class RemovePeerPort(_Msg):
     op: Literal["remove_peer_port"] = "remove_peer_port"
-    port: str
-    _vp = field_validator("port")(classmethod(lambda cls, v: _port(v)))
+    port: PortName
 
 
 class AddLocalPort(_Msg):
     op: Literal["add_local_port"] = "add_local_port"
-    port: str
+    port: PortName
     dhcp_trusted: StrictBool = False  # may answer DHCP / send router adverts (a guest running the DHCP server)
     allowed_macs: list[str] | None = Field(default=None, min_length=1, max_length=MAX_ALLOWED_MACS)  # None: any
-    _vp = field_validator("port")(classmethod(lambda cls, v: _port(v)))
 
     @field_validator("allowed_macs")
     @classmethod
@@ -125,54 +136,32 @@ class AddLocalPort(_Msg):
 
 class RemoveLocalPort(_Msg):
     op: Literal["remove_local_port"] = "remove_local_port"
-    port: str
-    _vp = field_validator("port")(classmethod(lambda cls, v: _port(v)))
+    port: PortName
 
 
-def _host_v4(v: str) -> str:
-    try:
-        ip = ipaddress.IPv4Address(v)
-    except ValueError:
-        raise ValueError(f"{v!r} is not an IPv4 address") from None
-    if ip.is_multicast or ip.is_unspecified or ip == ipaddress.IPv4Address("255.255.255.255") or ip.is_loopback:
-        raise ValueError(f"{v} is not a host's (unicast) address")
-    return str(ip)
 
 
 class SetSocial(_Msg):
     op: Literal["set_social"] = "set_social"
-    address: str
-    mac: str
-    _va = field_validator("address")(classmethod(lambda cls, v: _host_v4(v)))
-    _vm = field_validator("mac")(classmethod(lambda cls, v: _unicast_mac(v)))
+    address: HostV4
+    mac: UnicastMac
 
 
 class AddFriendPort(_Msg):
     op: Literal["add_friend_port"] = "add_friend_port"
-    port: str
-    peer: str
-    address: str
-    _vp = field_validator("port")(classmethod(lambda cls, v: _port(v)))
-    _vn = field_validator("peer")(classmethod(lambda cls, v: _node_id(v)))
-    _va = field_validator("address")(classmethod(lambda cls, v: _host_v4(v)))
+    port: PortName
+    peer: NodeId
+    address: HostV4
 
 
 class RemoveFriendPort(_Msg):
     op: Literal["remove_friend_port"] = "remove_friend_port"
-    port: str
-    _vp = field_validator("port")(classmethod(lambda cls, v: _port(v)))
+    port: PortName
 
 
 class SetTopology(_Msg):
     op: Literal["set_topology"] = "set_topology"
-    edges: list[tuple[str, str]] = Field(max_length=200_000)
-
-    @field_validator("edges")
-    @classmethod
-    def _ids(cls, v: list[tuple[str, str]]) -> list[tuple[str, str]]:
-        for a, b in v:
-            _node_id(a), _node_id(b)
-        return v
+    edges: list[tuple[NodeId, NodeId]] = Field(max_length=200_000)
 
 
 class Query(_Msg):
