@@ -15,6 +15,9 @@ class SignalingConfig(BaseModel):
     password: str = Field(repr=False)
     server: str | None = Field(None, description="host to connect to (default: the JID's domain)")
     port: int = Field(5222, ge=1, le=65535)
+    servers: list[str] = Field(default_factory=list, description="several servers of one cluster, 'host' or "
+                               "'host:port' (port default ``port``), tried in order: the session stays on one and "
+                               "moves to the next when it is lost or unreachable (``server`` is then unused)")
     ca_file: Path | None = Field(None, description="CA that must have signed the server certificate "
                                                    "(default: the system's CAs)")
     room: str | None = Field(None, description="MUC room name (default ipsw-<overlay>)")
@@ -41,6 +44,9 @@ class SignalingConfig(BaseModel):
     rejoin_grace: float = Field(20.0, gt=0, description="after a reconnect, peers not seen again within this "
                                                         "are reported as left")
     recheck_interval: float = Field(30.0, gt=0, description="re-verify known peers' certificates this often")
+    room_check: float = Field(60.0, ge=0, description="how often to compare the room's occupants as the server "
+                                                       "lists them with the presences we got (a split room: two "
+                                                       "rooms of one name on two cluster nodes); 0 = never")
 
     @field_validator("jid")
     @classmethod
@@ -50,9 +56,36 @@ class SignalingConfig(BaseModel):
             raise ValueError("must be user@domain (no resource)")
         return v
 
+    @field_validator("servers")
+    @classmethod
+    def _servers(cls, v: list[str]) -> list[str]:
+        for s in v:
+            split_hostport(s, 5222)
+        return v
+
+    def endpoints(self) -> list[tuple[str, int]]:
+        """The servers to try, in order: ``servers``, else ``server`` (or the JID's domain)."""
+        return [split_hostport(s, self.port) for s in self.servers] or [(self.server or self.domain, self.port)]
+
     @property
     def domain(self) -> str:
         return self.jid.partition("@")[2]
 
     def room_jid(self, overlay: str) -> str:
         return f"{(self.room or f'ipsw-{overlay}').lower()}@{self.muc_domain or 'conference.' + self.domain}"
+
+
+def split_hostport(v: str, default_port: int) -> tuple[str, int]:
+    """'host', 'host:port', '[v6]:port' or a bare IPv6 literal -> (host, port); ValueError if bad."""
+    if v.startswith("["):
+        host, sep, rest = v[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(f"server {v!r}: use [v6]:port")
+        port = rest[1:] if rest else str(default_port)
+    elif v.count(":") > 1:
+        host, port = v, str(default_port)
+    else:
+        host, sep, port = v.rpartition(":") if ":" in v else (v, "", str(default_port))
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"server {v!r}: use host, host:port or [v6]:port")
+    return host, int(port)

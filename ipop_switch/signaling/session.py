@@ -100,6 +100,15 @@ class SignalingSession:
         self._tasks: list[asyncio.Task] = []
         self._first: asyncio.Future | None = None
         self.last_error = ""
+        self._endpoint = cfg.endpoints()[0]
+        self._ep_index = 0
+        self._attempt = 0                 # connection attempts since we were last online
+        self._next_at: float | None = None
+        self._rejoin_same = False
+        self._repairs = 0                 # split-room repairs in a row (their pause grows)
+        self._last_repair = -1e9
+        self._repair_after = 0.0
+        self.last_repair = ""
 
     # -- public API ---------------------------------------------------------------------------
     @property
@@ -127,6 +136,12 @@ class SignalingSession:
             await self.stop()
             raise
         return True
+
+    async def first_online(self) -> None:
+        """Wait for the first login (however long): returns when online; raises SignalingError if
+        the first answer was a refused login or an untrusted server certificate."""
+        if self._first is not None:
+            await asyncio.shield(self._first)
 
     async def stop(self) -> None:
         for t in self._tasks:
@@ -195,35 +210,62 @@ class SignalingSession:
                        "caps": r.caps, "reachable": r.address is not None, "announces": r.announces}
                       for r in self._peers.values()],
             "queued": len(self._pending), "drops": self.drops.as_dict(), "stats": dict(self.stats),
-            "last_error": self.last_error,
+            "last_error": self.last_error, "server": "%s:%d" % self._endpoint, "connecting": self.connecting(),
+            "room_repairs": self.stats.get("room_repairs", 0), "last_repair": self.last_repair,
         }
+
+    def connecting(self) -> dict[str, Any] | None:
+        """While offline: the server being tried or next, the attempt number and seconds to the
+        next attempt (None while one runs); None when online."""
+        if self.online:
+            return None
+        next_in = None if self._next_at is None else max(0.0, round(self._next_at - time.monotonic(), 1))
+        host, port = self.cfg.endpoints()[self._ep_index]
+        return {"server": f"{host}:{port}", "attempt": self._attempt + (1 if next_in is not None else 0),
+                "next_in": next_in, "last_error": self.last_error}
 
     # -- connection loop ------------------------------------------------------------------------
     async def _run(self) -> None:
+        """Connect, stay online, reconnect. With several servers (a cluster), a lost or
+        unreachable one moves the session to the next at once (``backoff_min``); the back-off
+        grows only when a whole round of servers failed."""
+        endpoints = self.cfg.endpoints()
         backoff = self.cfg.backoff_min
+        tried = 0                       # servers tried since the last success or full round
         while True:
-            conn = XmppConnection(self.cfg, self._on_element)
+            host, port = self._endpoint = endpoints[self._ep_index]
+            conn = XmppConnection(self.cfg, self._on_element, (host, port))
             self._conn = conn
             online_at = None
+            self._rejoin_same = False
             try:
                 self.stats["connect_attempts"] += 1
+                self._attempt += 1
+                self._next_at = None
                 await conn.connect()
                 self._generation += 1
                 self._announced_to.clear()
                 self._disco = self._discovery_cls(self.room_jid, self.node_id)
                 await self._disco.start(conn, self._contact_seen, self._contact_gone)
                 online_at = self._online_since = time.monotonic()
+                self._attempt = 0
                 self._grace_pending = self._generation > 1 or bool(self._peers)
                 self.last_error = ""
-                log.info("signaling %s: online as %s in %s", self.overlay, conn.jid, self._disco.describe())
+                log.info("signaling %s: online as %s on %s:%d in %s", self.overlay, conn.jid, host, port,
+                         self._disco.describe())
                 self._emit(SessionState(True, self._disco.describe()))
                 if self._first and not self._first.done():
                     self._first.set_result(True)
                 self._wake.set()
                 self._flush_all()
-                reason = await conn.disconnected
+                watch = asyncio.ensure_future(self._room_watch(conn, self._disco))
+                try:
+                    reason = await conn.disconnected
+                finally:
+                    watch.cancel()
                 self.last_error = f"session lost: {reason}"
-                log.warning("signaling %s: XMPP session lost (%s); reconnecting", self.overlay, reason)
+                log.warning("signaling %s: XMPP session with %s:%d lost (%s); reconnecting", self.overlay, host, port,
+                            reason)
             except (AuthFailed, TlsFailed) as e:
                 self.last_error = str(e)
                 log.error("signaling %s: %s", self.overlay, e)
@@ -233,10 +275,8 @@ class SignalingSession:
                 backoff = self.cfg.backoff_max      # configuration trouble: retry, but rarely
             except ConnectFailed as e:
                 self.last_error = str(e)
-                log.warning("signaling %s: %s", self.overlay, e)
             except asyncio.TimeoutError:
                 self.last_error = f"no answer from room {self.room_jid}"
-                log.warning("signaling %s: joining %s timed out", self.overlay, self.room_jid)
             except asyncio.CancelledError:
                 conn.close()
                 raise
@@ -247,10 +287,60 @@ class SignalingSession:
                 conn.close()
                 self._went_offline()
             if online_at is not None and time.monotonic() - online_at > 10:
-                backoff = self.cfg.backoff_min
-            await asyncio.sleep(backoff * random.uniform(0.75, 1.25))
+                backoff, tried = self.cfg.backoff_min, 0
+            if self._rejoin_same:               # a split room: the same server, a fresh join
+                delay = self.cfg.backoff_min
+            else:
+                tried += 1
+                if tried < len(endpoints):      # another server of the cluster may answer now
+                    delay = self.cfg.backoff_min
+                else:
+                    delay, tried = backoff, 0
+                    backoff = min(self.cfg.backoff_max, backoff * 2)
+                self._ep_index = (self._ep_index + 1) % len(endpoints)
+            delay *= random.uniform(0.75, 1.25)
+            self._next_at = time.monotonic() + delay
+            if online_at is None:
+                nh, np_ = endpoints[self._ep_index]
+                log.warning("signaling %s: %s (attempt %d); next: %s:%d in %.1fs", self.overlay, self.last_error,
+                            self._attempt, nh, np_, delay)
+            await asyncio.sleep(delay)
             self.stats["reconnects"] += 1
-            backoff = min(self.cfg.backoff_max, backoff * 2)
+
+    async def _room_watch(self, conn: XmppConnection, disco: Discovery) -> None:
+        """Now and then, ask the server who is in the room and compare with the presences we
+        got. Two cluster nodes that each created the room (agents joining at once through
+        both) leave the overlay split for good; the server then routes to one room while we
+        sit in the other. Repair: drop the connection and join again (it lands in the room
+        the server routes to), with a growing pause between repairs."""
+        check = getattr(disco, "check", None)
+        if check is None or self.cfg.room_check <= 0:
+            return
+        for delay in (3.0, 10.0, 30.0, *([self.cfg.room_check] * 1_000_000)):
+            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+            try:
+                reason = await check(conn)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:            # no answer, an error reply: nothing to conclude
+                log.debug("signaling %s: room check failed: %s", self.overlay, e)
+                continue
+            if not reason:
+                continue
+            now = time.monotonic()
+            if now < self._repair_after:
+                log.info("signaling %s: room looks split (%s); next repair allowed in %.0fs", self.overlay, reason,
+                         self._repair_after - now)
+                continue
+            self._repairs = self._repairs + 1 if now - self._last_repair < 600 else 1
+            self._last_repair = now
+            self._repair_after = now + min(300.0, 5.0 * 2 ** (self._repairs - 1))
+            self.stats["room_repairs"] += 1
+            self.last_repair = reason
+            log.warning("signaling %s: split room (%s): joining again", self.overlay, reason)
+            self._rejoin_same = True
+            conn.close()
+            return
 
     def _went_offline(self) -> None:
         was = self.online

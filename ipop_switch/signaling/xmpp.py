@@ -55,8 +55,10 @@ ElementHandler = Callable[[slixmpp.JID, str | None, str | None], None]
 
 
 class XmppConnection:
-    def __init__(self, cfg: SignalingConfig, on_element: ElementHandler) -> None:
+    def __init__(self, cfg: SignalingConfig, on_element: ElementHandler,
+                 endpoint: tuple[str, int] | None = None) -> None:
         self.cfg = cfg
+        self.endpoint = endpoint or cfg.endpoints()[0]     # (host, port) this connection goes to
         self.client = slixmpp.ClientXMPP(f"{cfg.jid}/{cfg.resource}" if cfg.resource else cfg.jid, cfg.password)
         c = self.client
         c.enable_direct_tls = False      # STARTTLS on 5222, as XMPP servers do by default
@@ -83,12 +85,16 @@ class XmppConnection:
             f"XMPP server {self.host}: TLS certificate not trusted"
             f"{' by ' + str(cfg.ca_file) if cfg.ca_file else ''} ({getattr(e, 'reason', e)})")))
         c.add_event_handler("connection_failed", lambda e: self._fail(ConnectFailed(
-            f"XMPP server {self.host}:{cfg.port} unreachable ({e})")))
+            f"XMPP server {self.where} unreachable ({e})")))
         c.add_event_handler("disconnected", self._disconnected)
 
     @property
     def host(self) -> str:
-        return self.cfg.server or self.cfg.domain
+        return self.endpoint[0]
+
+    @property
+    def where(self) -> str:
+        return f"{self.endpoint[0]}:{self.endpoint[1]}"
 
     @property
     def jid(self) -> slixmpp.JID:
@@ -123,12 +129,12 @@ class XmppConnection:
 
     async def connect(self) -> None:
         """Connect, STARTTLS, log in; raise AuthFailed / TlsFailed / ConnectFailed."""
-        self.client.connect(self.host, self.cfg.port)
+        self.client.connect(*self.endpoint)
         try:
             await asyncio.wait_for(asyncio.shield(self._outcome), self.cfg.connect_timeout)
         except asyncio.TimeoutError:
             self.close()
-            raise ConnectFailed(f"XMPP server {self.host}:{self.cfg.port}: no session within "
+            raise ConnectFailed(f"XMPP server {self.where}: no session within "
                                 f"{self.cfg.connect_timeout:.0f}s") from None
         if self.cfg.initial_presence:
             self.client.send_presence()
@@ -136,6 +142,11 @@ class XmppConnection:
     async def join_room(self, room: str, nick: str) -> None:
         await self.client.plugin["xep_0045"].join_muc_wait(slixmpp.JID(room), nick, maxstanzas=0,
                                                           timeout=self.cfg.connect_timeout)
+
+    async def room_occupants(self, room: str) -> set[str]:
+        """The occupants' nicks a MUC room lists (XEP-0045 6.5: disco#items on the room)."""
+        iq = await self.client.plugin["xep_0030"].get_items(jid=slixmpp.JID(room), timeout=self.cfg.connect_timeout)
+        return {slixmpp.JID(j).resource for j, _node, _name in iq["disco_items"]["items"] if slixmpp.JID(j).resource}
 
     def on(self, event: str, handler) -> None:
         self.client.add_event_handler(event, handler)
