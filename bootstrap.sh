@@ -24,7 +24,8 @@ APT_PKGS=(openvswitch-switch prosody coturn nftables conntrack iproute2 iperf3 i
           clang libclang-rt-14-dev                # the C loops under libFuzzer + ASan/UBSan (bench --fuzz)
           nebula openvpn n2n                      # bench peers, so CI sets each up (tests/test_bench_smoke.py)
           chromium fonts-dejavu-core              # the overlay view's page tested in a real browser (tests/test_web_lab.py)
-          bind9-dnsutils)                         # dig: the demo tells how to ask a node's DNS responder
+          bind9-dnsutils                          # dig: the demo tells how to ask a node's DNS responder
+          ejabberd)                               # the lab's XMPP cluster (lab up --xmpp ejabberd; tests/test_xmpp_cluster_lab.py)
 
 missing=()
 for p in "${APT_PKGS[@]}"; do
@@ -33,7 +34,7 @@ done
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "bootstrap: installing Debian packages: ${missing[*]}"
   # Keep the packages' own system services from starting: the lab runs
-  # private instances of OVS, Prosody and coturn inside namespaces.
+  # private instances of OVS, Prosody, ejabberd and coturn inside namespaces.
   made_policy=0
   if [ ! -e /usr/sbin/policy-rc.d ]; then
     printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
