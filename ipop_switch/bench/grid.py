@@ -90,10 +90,11 @@ def classify(peer: dict | None) -> str:
     """The path kind of one peer entry of ``status``."""
     if not peer or peer.get("state") != "up" or not peer.get("path"):
         return "none"
-    path = peer["path"]
-    if path in ("relay", "prediction"):
-        return path
+    if peer["path"] == "relay":
+        return "relay"
     cands = peer.get("candidates") or ""
+    if "prediction" in cands:
+        return "prediction"
     return "host" if cands == "host->host" else "srflx"
 
 
