@@ -28,6 +28,14 @@ class _Strict(BaseModel):
 
 
 def _hostport(v: str, default_port: int) -> tuple[str, int]:
+    """'host', 'host:port', '[v6]:port' or a bare IPv6 literal (default port) -> (host, port)."""
+    if v.startswith("[") and "]" in v:
+        host, _, rest = v[1:].partition("]")
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"bad address {v!r} (use [v6]:port)")
+        return host, (_hostport("x" + rest, default_port)[1] if rest else default_port)
+    if v.count(":") > 1:
+        return v, default_port
     host, sep, port = v.rpartition(":")
     if not sep:
         return v, default_port
@@ -67,6 +75,7 @@ class IceConfig(_Strict):
     turn_password: str | None = None
     turn_transport: Literal["udp", "tcp"] = "udp"
     ignore_interfaces: list[str] = Field(default_factory=list, description="interfaces left out of candidate gathering")
+    ipv6: bool = Field(True, description="IPv6 candidates from the host's global and ULA addresses (never link-local)")
 
     @field_validator("stun", "turn")
     @classmethod

@@ -69,6 +69,8 @@ def render_status(st: dict, console: Console) -> None:
             path = p.get("path") or "-"
             if p.get("candidates") and path != "-":
                 path = f"{path} ({p['candidates']})"
+            if p.get("family") and path != "-":     # the underlay the link's datagrams take
+                path = f"{path} {'IPv6' if p['family'] == 'ipv6' else 'IPv4'}"
             if p.get("reach") == "peer-assisted":         # no link of its own: through another member
                 via = p.get("via") or "?"
                 path = f"peer-assisted via {names.get(via) or via[:12]} ({p.get('hops')} hops)"

@@ -73,15 +73,17 @@ def make_server_ca(dirpath: Path, *, addr: str, days: int = 30) -> None:
     _write_private(dirpath / "server.key", key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
 
 
-def prosody_config(root: Path, ca_dir: Path, addr: str, *, pidfile: Path, run_as_root: bool) -> str:
-    """Prosody's config: c2s on ``addr`` only, TLS required, no registration, a MUC component."""
+def prosody_config(root: Path, ca_dir: Path, addr: str | list[str], *, pidfile: Path, run_as_root: bool) -> str:
+    """Prosody's config: c2s on ``addr`` only (or each of a list), TLS required, no registration,
+    a MUC component."""
+    interfaces = ", ".join(f'"{a}"' for a in ([addr] if isinstance(addr, str) else addr))
     return f'''-- written by ipop-switch
 run_as_root = {'true' if run_as_root else 'false'}
 daemonize = false
 pidfile = "{pidfile}"
 data_path = "{root / 'data'}"
 log = {{ {{ levels = {{ min = "info" }}, to = "file", filename = "{root / 'prosody.log'}" }} }}
-interfaces = {{ "{addr}" }}
+interfaces = {{ {interfaces} }}
 c2s_ports = {{ {XMPP_PORT} }}
 c2s_direct_tls_ports = {{ }}
 modules_enabled = {{ "roster", "saslauth", "tls", "disco", "ping", "posix", "presence" }}

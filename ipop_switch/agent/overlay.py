@@ -286,6 +286,8 @@ class Overlay:
             stun=ice.stun_addr(), turn=turn,
             exclude_interfaces=tuple(ice.ignore_interfaces) + tuple(o.bridge for o in self.node.cfg.overlay) + ("ipt*",),
             ipv6=ice.ipv6,
+            ipv6=ice.ipv6,
+            ipv6=ice.ipv6,
             timers=self.timers,
         )
         self.links[peer.node_id] = link
@@ -428,7 +430,8 @@ class Overlay:
             peers.append({
                 "node_id": link.node_id, "subject": link.subject, "state": link.state,
                 "path": link.path if link.state == "up" else None,
-                "candidates": s.get("candidates"), "remote_addr": link.remote, "local_addr": link.local,
+                "candidates": s.get("candidates"), "family": s.get("family"),
+                "remote_addr": link.remote, "local_addr": link.local,
                 "rtt_ms": s.get("rtt_ms"), "tx_frames": s.get("tx_frames", 0), "tx_bytes": s.get("tx_bytes", 0),
                 "rx_frames": s.get("rx_frames", 0), "rx_bytes": s.get("rx_bytes", 0), "drops": s.get("drops", {}),
                 "last_handshake_s": s.get("last_handshake_s"),

@@ -15,8 +15,8 @@ figures are its own: started together at t0, the table shows
   relayed first (an upgrade or a predicted port), else the link's up time.
 
 Rows are ``ROW_KINDS``; a kind is a function of the lab's site options (``KIND_SITES``). The
-IPv6 underlay's row belongs in both once the lab has IPv6 sites (another change): add its
-``SiteSpec`` options there and it joins every pair.
+IPv6 underlay's rows: ``dual`` (IPv4 behind an easy NAT, IPv6 routed) and ``ipv6`` (IPv6 only,
+behind a routed site's firewall); a path over IPv6 is marked ``v6`` in the table.
 """
 
 from __future__ import annotations
@@ -41,14 +41,15 @@ KIND_SITES: dict[str, dict] = {
     "hard": {"nat": "hard"},
     "cgnat": {"nat": "easy", "cgnat": True},
     "udp_blocked": {"nat": "easy", "udp_blocked": True},
-    # "ipv6": {...}   the IPv6 underlay's row, once lab/spec.py has IPv6 sites
+    "dual": {"nat": "easy", "ip": "dual"},
+    "ipv6": {"nat": "easy", "ip": "v6"},
 }
 ROW_KINDS: list[str] = list(KIND_SITES)
 # two hosts on one LAN, behind one router: hairpinning or not
 LAN_CASES: dict[str, dict] = {"lan hairpin": {"nat": "easy", "hairpin": True},
                               "lan": {"nat": "easy"}}
 SHORT = {"none": "n", "one2one": "o", "easy": "e", "hard": "h", "cgnat": "c", "udp_blocked": "u",
-         "ipv6": "v", "lan hairpin": "lh", "lan": "ln"}
+         "ipv6": "v", "dual": "d", "lan hairpin": "lh", "lan": "ln"}
 LINK_TIMEOUT = 30.0        # from start to the link up
 SETTLE = 8.0               # a relayed link: how long to wait for a direct path after it is up
 
@@ -63,6 +64,7 @@ class PairResult:
     up_s: float | None
     direct_s: float | None  # until the final direct path (None: never direct)
     first_path: str | None
+    family: str | None = None  # the underlay of the final path: ipv4 | ipv6
 
 
 def grid_spec(name: str = "grid") -> LabSpec:
@@ -138,7 +140,8 @@ def run_pair(lab: Lab, n: int, ka: str, kb: str, a: str, b: str, *, env: dict | 
         peer = _peer(group, a) or peer
         return PairResult(ka, kb, classify(peer), (peer or {}).get("candidates"), first_frame,
                           None if up_s is None else round(up_s, 2),
-                          None if direct_s is None else round(direct_s, 2), first_path)
+                          None if direct_s is None else round(direct_s, 2), first_path,
+                          (peer or {}).get("family"))
     finally:
         group.stop_all()
 
@@ -168,7 +171,8 @@ def print_grid(report: dict, console: Console) -> None:
     def cell(p: dict | None) -> str:
         if p is None:
             return ""
-        s = f"{p['path']} {p['first_frame_s'] if p['first_frame_s'] is not None else '-'}"
+        v6 = " v6" if p.get("family") == "ipv6" else ""
+        s = f"{p['path']}{v6} {p['first_frame_s'] if p['first_frame_s'] is not None else '-'}"
         if p["direct_s"] is not None and p["first_path"] == "relay":
             s += f" [{p['direct_s']}]"
         return s

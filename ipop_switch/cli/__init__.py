@@ -88,12 +88,12 @@ def lab() -> None:
     """A small internet with NATs in network namespaces, for tests, demos and benchmarks."""
 
 
-def _spec(name, sites, nat, hosts, hairpin, cgnat, loss, udp_blocked, config):
+def _spec(name, sites, nat, hosts, hairpin, cgnat, loss, udp_blocked, config, ip="v4"):
     from ..lab import LabSpec
     if config:
         return LabSpec.from_toml(Path(config), name=name)
     return LabSpec.from_flags(name=name, sites=sites, nat=nat, hosts=hosts, hairpin=hairpin,
-                              cgnat=cgnat, loss=loss, udp_blocked=udp_blocked)
+                              cgnat=cgnat, loss=loss, udp_blocked=udp_blocked, ip=ip)
 
 
 _lab_opts = [
@@ -106,6 +106,8 @@ _lab_opts = [
     click.option("--cgnat/--no-cgnat", default=False, help="a second, carrier-grade NAT in front of each NATed site"),
     click.option("--loss", default=0.0, show_default=True, type=click.FloatRange(0, 100), help="packet loss in percent at each site's edge"),
     click.option("--udp-blocked/--udp-allowed", default=False, help="no UDP in or out of the sites (TURN over TCP only)"),
+    click.option("--ip", default="v4", show_default=True,
+                 help="underlay per site, comma separated: v4, dual (IPv4 as --nat says, IPv6 routed), v6 (IPv6 only)"),
     click.option("-c", "--config", type=click.Path(dir_okay=False), help="lab topology TOML (overrides the flags)"),
 ]
 

@@ -7,6 +7,8 @@ Layout (site i, host j):
 - NATed site: router ``ipsw-<lab>-<site>r`` (WAN 198.18.i.1, LAN 100.64.i.1/24)
   and hosts on 100.64.i.(10+j); with CGNAT a carrier NAT ``ipsw-<lab>-<site>c``
   (WAN 198.18.i.1) in front, the router's WAN then on 100.100.i.2/24.
+With IPv6 (a site's ``ip`` dual or v6) every part above also gets ULA addresses, routed,
+not translated (``ipv6.py``); a v6 site has no IPv4 outside its hosts' loopback.
 The root namespace gets no interface and no route into any of it. Everything the
 lab makes is named with its prefix and listed in ``state.json``, so ``down``
 finds it again after a crash.
@@ -24,7 +26,7 @@ from pathlib import Path
 from .. import proc
 from ..errors import IpopError
 from ..progress import stage
-from . import nat, services
+from . import ipv6, nat, services
 from .netns import NS_PREFIX, Namespaces, ip as _ip, list_namespaces, ns_name, sysctl as _sysctl
 from .spec import LabSpec, SiteSpec
 
@@ -48,6 +50,8 @@ class HostInfo:
     gateway: str | None
     xmpp_user: str
     xmpp_password: str
+    ip: str = "v4"                 # the site's underlay family: v4 | dual | v6
+    ip6: str | None = None         # the host's IPv6 address (routed: its LAN and public one)
 
 
 class Lab:
@@ -85,9 +89,11 @@ class Lab:
     def services(self) -> dict[str, dict]:
         return {
             "xmpp": {"address": services.XMPP_ADDR, "port": services.XMPP_PORT, "domain": services.XMPP_DOMAIN,
-                     "muc": services.MUC_DOMAIN, "ca": str(self.ca_cert), "pid": self.pids.get("prosody")},
+                     "muc": services.MUC_DOMAIN, "ca": str(self.ca_cert), "pid": self.pids.get("prosody"),
+                     "address6": ipv6.XMPP_ADDR6 if self.spec.has_v6 else None},
             "turn": {"address": services.TURN_ADDR, "port": services.TURN_PORT, "stun2": services.STUN_ADDR2,
-                     "user": TURN_USER, "password": self.turn_password, "pid": self.pids.get("coturn")},
+                     "user": TURN_USER, "password": self.turn_password, "pid": self.pids.get("coturn"),
+                     "address6": ipv6.TURN_ADDR6 if self.spec.has_v6 else None},
         }
 
     def up(self) -> "Lab":
@@ -225,6 +231,11 @@ class Lab:
         _ip(core, "link", "set", "pub", "up")
         for a in (services.XMPP_ADDR, services.TURN_ADDR, services.STUN_ADDR2):
             _ip(core, "addr", "add", f"{a}/{PUBLIC_PREFIX}", "dev", "pub")
+        if self.spec.has_v6:            # the core routes IPv6 to the sites' prefixes
+            _sysctl(core, "net.ipv6.conf.all.forwarding", "1")
+            _no_mcast_snooping(core, "pub")
+            for a in (ipv6.XMPP_ADDR6, ipv6.TURN_ADDR6, ipv6.STUN_ADDR6_2, ipv6.CORE_GW):
+                _addr6(core, "pub", a)
 
     def _build_site(self, i: int, site: SiteSpec) -> None:
         if site.nat == "none":
@@ -232,7 +243,13 @@ class Lab:
                 ns = self._add_ns(hname)
                 pub = f"198.18.{i}.{10 + j}"
                 self._uplink(ns, "eth0", f"s{i}h{j}")
-                _ip(ns, "addr", "add", f"{pub}/{PUBLIC_PREFIX}", "dev", "eth0")
+                if site.has_v4:
+                    _ip(ns, "addr", "add", f"{pub}/{PUBLIC_PREFIX}", "dev", "eth0")
+                ip6 = ipv6.public_host(i, j) if site.has_v6 else None
+                if ip6:
+                    _addr6(ns, "eth0", ip6)
+                    _ip(ns, "-6", "route", "add", "default", "via", ipv6.CORE_GW)
+                    pub = pub if site.has_v4 else ip6
                 if self._lossy:         # bursts reach the core as single datagrams
                     self._udp_gso_off(ns, "eth0")
                 if site.loss > 0:       # per-datagram loss both ways at the core's port, then GRO
@@ -244,11 +261,14 @@ class Lab:
                 if site.loss > 0:
                     proc.run(["nft", "-f", "-"], netns=self.core_ns,
                              input=nat.core_port_loss_ruleset(f"s{i}h{j}", site.loss))
-                self._add_host(hname, site, ns, pub, pub, None)
+                self._add_host(hname, site, ns, pub, pub, None, ip6)
             return
         wan_ip = f"198.18.{i}.1"
         router = self._add_ns(f"{site.name}r")
         _sysctl(router, "net.ipv4.ip_forward", "1")
+        if not site.has_v4:
+            self._build_v6_site(i, site, router)
+            return
         if site.cgnat:
             carrier = self._add_ns(f"{site.name}c")
             _sysctl(carrier, "net.ipv4.ip_forward", "1")
@@ -295,20 +315,66 @@ class Lab:
             else:
                 pub = router_wan
             pairs.append((lan_ip, pub))
-            self._add_host(hname, site, ns, lan_ip, wan_ip if site.cgnat else pub, f"100.64.{i}.1")
+            ip6 = self._host_v6(i, j, site, ns)
+            self._add_host(hname, site, ns, lan_ip, wan_ip if site.cgnat else pub, f"100.64.{i}.1", ip6)
         plan = nat.RouterPlan(nat=site.nat, wan_if="wan", lan_if="lan", lan_net=f"100.64.{i}.0/24",
                               wan_ip=router_wan, hosts=tuple(pairs), hairpin=site.hairpin,
                               loss=site.loss, udp_blocked=site.udp_blocked)
         proc.run(["nft", "-f", "-"], netns=router, input=nat.router_ruleset(plan))
+        if site.has_v6:
+            self._router_v6(i, site, router)
 
-    def _add_host(self, name: str, site: SiteSpec, ns: str, lan: str, pub: str, gw: str | None) -> None:
+    def _router_v6(self, i: int, site: SiteSpec, router: str) -> None:
+        """IPv6 on a site's router (its ``wan`` and ``lan`` exist): routed, the core routes the
+        site's prefix to it, the stateful firewall of ``ipv6.firewall_ruleset``."""
+        _sysctl(router, "net.ipv6.conf.all.forwarding", "1")
+        _addr6(router, "wan", ipv6.router_wan(i))
+        _addr6(router, "lan", ipv6.router_lan(i))
+        _no_mcast_snooping(router, "lan")
+        _ip(router, "-6", "route", "add", "default", "via", ipv6.CORE_GW)
+        _ip(self.core_ns, "-6", "route", "add", ipv6.site_net(i), "via", ipv6.router_wan(i))
+        proc.run(["nft", "-f", "-"], netns=router,
+                 input=ipv6.firewall_ruleset(wan_if="wan", loss=site.loss, udp_blocked=site.udp_blocked))
+
+    def _host_v6(self, i: int, j: int, site: SiteSpec, ns: str) -> str | None:
+        """A NATed site's host's IPv6 address and route (None on an IPv4-only site)."""
+        if not site.has_v6:
+            return None
+        ip6 = ipv6.site_host(i, j)
+        _addr6(ns, "eth0", ip6)
+        _ip(ns, "-6", "route", "add", "default", "via", ipv6.router_lan(i))
+        return ip6
+
+    def _build_v6_site(self, i: int, site: SiteSpec, router: str) -> None:
+        """An IPv6-only site behind its router: no IPv4 anywhere on it (the ``nat`` kind
+        names the router, which only routes and filters)."""
+        self._uplink(router, "wan", f"s{i}r")
+        _ip(router, "link", "add", "lan", "type", "bridge")
+        _ip(router, "link", "set", "lan", "up")
+        if site.loss > 0:
+            self._udp_gso_off(self.core_ns, f"s{i}r")
+        for j, hname in enumerate(site.host_names(), start=1):
+            ns = self._add_ns(hname)
+            self._veth(ns, "eth0", router, f"h{j}")
+            _ip(router, "link", "set", f"h{j}", "master", "lan", "up")
+            _ip(ns, "link", "set", "eth0", "up")
+            if self._lossy:
+                self._udp_gso_off(ns, "eth0")
+            if site.loss > 0:
+                self._gro_into_host(router, f"h{j}", ns)
+            ip6 = self._host_v6(i, j, site, ns)
+            self._add_host(hname, site, ns, ip6, ip6, ipv6.router_lan(i), ip6)
+        self._router_v6(i, site, router)
+
+    def _add_host(self, name: str, site: SiteSpec, ns: str, lan: str, pub: str, gw: str | None,
+                  ip6: str | None = None) -> None:
         self.hosts[name] = HostInfo(name=name, site=site.name, nat=site.nat + ("+cgnat" if site.cgnat else ""),
                                     netns=ns, lan_ip=lan, public_ip=pub, gateway=gw,
-                                    xmpp_user=name, xmpp_password=services.new_password())
+                                    xmpp_user=name, xmpp_password=services.new_password(), ip=site.ip, ip6=ip6)
 
     def _start_services(self) -> None:
         services.make_lab_ca(self.dir / "ca")
-        pros = services.Prosody(self.dir / "prosody", self.core_ns, self.dir / "ca")
+        pros = services.Prosody(self.dir / "prosody", self.core_ns, self.dir / "ca", v6=self.spec.has_v6)
         pros.write_config()
         stage(f"XMPP accounts for {len(self.hosts)} hosts")
         for h in self.hosts.values():
@@ -319,7 +385,7 @@ class Lab:
         self.pids["prosody"] = pros.start(tied=self.tied)
         self._save()
         stage("starting coturn")
-        turn = services.Coturn(self.dir / "coturn", self.core_ns, TURN_USER, self.turn_password)
+        turn = services.Coturn(self.dir / "coturn", self.core_ns, TURN_USER, self.turn_password, v6=self.spec.has_v6)
         self.pids["coturn"] = turn.start(tied=self.tied)
         self._save()
 
@@ -341,7 +407,7 @@ class Lab:
             self.pids["prosody"] = services.Prosody(self.dir / "prosody", self.core_ns, self.dir / "ca").start(tied=self.tied)
         elif which == "coturn":
             self.pids["coturn"] = services.Coturn(self.dir / "coturn", self.core_ns, TURN_USER,
-                                                  self.turn_password).start(tied=self.tied)
+                                                  self.turn_password, v6=self.spec.has_v6).start(tied=self.tied)
         else:
             raise LabError(f"unknown service {which!r}")
         self._save()
@@ -353,6 +419,18 @@ class Lab:
             "hosts": [asdict(h) | {"up": h.netns in list_namespaces()} for h in self.hosts.values()],
             "services": {k: v | {"running": bool(v["pid"]) and proc.alive(v["pid"])} for k, v in self.services().items()},
         }
+
+
+def _addr6(ns: str, dev: str, addr: str) -> None:
+    """An IPv6 address usable at once: no duplicate address detection (the lab's plan has no
+    duplicates), which would hold it tentative for a second or more."""
+    _ip(ns, "-6", "addr", "add", f"{addr}/{ipv6.PREFIX}", "dev", dev, "nodad")
+
+
+def _no_mcast_snooping(ns: str, bridge: str) -> None:
+    """Neighbour discovery's multicast flooded on a lab bridge: with snooping on and no MLD
+    querier, the bridge's group entries from the hosts' reports expire after some minutes."""
+    _ip(ns, "link", "set", bridge, "type", "bridge", "mcast_snooping", "0")
 
 
 def list_labs(state_root: Path = STATE_ROOT) -> list[str]:

@@ -21,6 +21,7 @@ from ..identity.store import NodeIdentity
 from ..status_client import query
 from .lab import Lab, LabError
 from . import services
+from .ipv6 import TURN_ADDR6, XMPP_ADDR6
 
 
 @dataclass
@@ -54,6 +55,17 @@ WEB_PORT = 9466       # [node.web]'s default port, in each host's own namespace
 def overlay_address(index: int, *, net: int = 99) -> tuple[str, str]:
     """Node ``index`` (1-based) of a lab overlay: 100.<net>.0.<index>/16 and fd00:<net>::<index>/64."""
     return f"100.{net}.0.{index}/16", f"fd00:{net}::{index:x}/64"
+
+
+def _services_over_v6(ov: dict) -> None:
+    """An overlay table of an IPv6-only host: XMPP, STUN and TURN at the core's IPv6
+    addresses (lab/ipv6.py); the TURN server still relays on IPv4 (lab/services.py)."""
+    if "server" in ov["xmpp"]:
+        ov["xmpp"]["server"] = XMPP_ADDR6
+    at = f"[{TURN_ADDR6}]:{services.TURN_PORT}"
+    ov["ice"]["stun"] = at
+    if "turn" in ov["ice"]:
+        ov["ice"]["turn"] = at
 
 
 class LabGroup:
@@ -102,6 +114,8 @@ class LabGroup:
                          "password": h.xmpp_password, "ca_file": self.lab.ca_cert},
                 "ice": ice,
             })
+            if h.ip == "v6":     # an IPv6-only host reaches the core's services on their IPv6 addresses
+                _services_over_v6(overlays[-1])
             if self.extra.get("topology"):
                 overlays[-1]["topology"] = dict(self.extra["topology"])
             if dns:

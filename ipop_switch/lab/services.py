@@ -15,6 +15,7 @@ from .. import proc
 from ..errors import IpopError
 from ..servers import (MUC_DOMAIN, TURN_PORT, XMPP_DOMAIN, XMPP_PORT, coturn_argv, coturn_options,  # noqa: F401
                        make_server_ca, prosody_config)
+from .ipv6 import STUN_ADDR6_2, TURN_ADDR6, XMPP_ADDR6   # the same services' IPv6 addresses
 
 XMPP_ADDR = "198.18.0.1"
 TURN_ADDR = "198.18.0.2"
@@ -28,11 +29,13 @@ def make_lab_ca(dirpath: Path) -> None:
 
 @dataclass
 class Prosody:
-    """Prosody configured by us, listening on the core's XMPP address only."""
+    """Prosody configured by us, listening on the core's XMPP address only (and its IPv6
+    address when ``v6``)."""
 
     root: Path
     netns: str
     ca_dir: Path
+    v6: bool = False
 
     @property
     def config(self) -> Path:
@@ -44,7 +47,8 @@ class Prosody:
 
     def write_config(self) -> None:
         (self.root / "data").mkdir(parents=True, exist_ok=True)
-        self.config.write_text(prosody_config(self.root, self.ca_dir, XMPP_ADDR, pidfile=self.pidfile, run_as_root=True))
+        self.config.write_text(prosody_config(self.root, self.ca_dir, [XMPP_ADDR, XMPP_ADDR6] if self.v6 else XMPP_ADDR,
+                                                pidfile=self.pidfile, run_as_root=True))
 
     def register(self, user: str, password: str) -> None:
         proc.run(["prosodyctl", "--config", str(self.config), "register", user, XMPP_DOMAIN, password], timeout=30)
@@ -62,12 +66,16 @@ class Prosody:
 
 @dataclass
 class Coturn:
-    """coturn with long-term credentials: STUN on two addresses, TURN over UDP and TCP."""
+    """coturn with long-term credentials: STUN on two addresses, TURN over UDP and TCP; with
+    ``v6`` on the two IPv6 addresses as well. Relayed addresses stay IPv4 (coturn's default
+    family for an allocation that asks for none, which is what aioice sends): a client on
+    IPv6 gets an IPv4 relay, so an IPv6-only host can reach IPv4-only peers through it."""
 
     root: Path
     netns: str
     user: str
     password: str
+    v6: bool = False
 
     @property
     def pidfile(self) -> Path:
@@ -76,7 +84,8 @@ class Coturn:
     def start(self, *, tied: bool = False) -> int:
         proc.require("turnserver", "coturn")
         self.root.mkdir(parents=True, exist_ok=True)
-        opts = coturn_options(listen=[TURN_ADDR, STUN_ADDR2], relay=TURN_ADDR, user=self.user, password=self.password)
+        listen = [TURN_ADDR, STUN_ADDR2] + ([TURN_ADDR6, STUN_ADDR6_2] if self.v6 else [])
+        opts = coturn_options(listen=listen, relay=TURN_ADDR, user=self.user, password=self.password)
         opts += [("min-port", "49152"), ("max-port", "65535"), ("pidfile", str(self.pidfile)), ("log-file", "stdout")]
         argv = ["turnserver", "-n", *coturn_argv(opts)]
         p = proc.spawn(argv, netns=self.netns, log=self.root / "turnserver.log", die_with_parent=tied)

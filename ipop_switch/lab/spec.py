@@ -13,6 +13,10 @@ from ..errors import IpopError
 # easy = endpoint-independent mapping + address-and-port-dependent filtering
 # (Linux masquerade), hard = endpoint-dependent mapping (random ports).
 NAT_KINDS = ("none", "one2one", "easy", "hard")
+# Underlay families of a site: IPv4 only (NATed as ``nat`` says), dual-stack (IPv4 as
+# ``nat`` says, IPv6 routed), IPv6 only (no IPv4 outside the host). IPv6 is never NATed:
+# a NATed site's router forwards it behind a stateful firewall that filters like ``easy``.
+IP_KINDS = ("v4", "dual", "v6")
 NAME_RE = re.compile(r"^[a-z][a-z0-9]{0,9}$")
 
 
@@ -29,6 +33,7 @@ class SiteSpec:
     cgnat: bool = False          # a second (carrier-grade, easy) NAT in front of the site's router
     loss: float = 0.0            # percent of packets dropped each way at the site's edge
     udp_blocked: bool = False    # no UDP leaves or enters the site (TURN over TCP only)
+    ip: str = "v4"               # underlay family: v4 | dual | v6 (IP_KINDS)
 
     def __post_init__(self) -> None:
         if not NAME_RE.match(self.name):
@@ -41,6 +46,18 @@ class SiteSpec:
             raise LabSpecError(f"site {self.name}: loss must be a percentage 0..100, not {self.loss}")
         if self.nat == "none" and (self.hairpin or self.cgnat):
             raise LabSpecError(f"site {self.name}: hairpin and cgnat need a NAT (nat is none)")
+        if self.ip not in IP_KINDS:
+            raise LabSpecError(f"site {self.name}: ip {self.ip!r} is not one of {', '.join(IP_KINDS)}")
+        if self.ip != "v4" and self.cgnat:
+            raise LabSpecError(f"site {self.name}: cgnat is IPv4 only (IPv6 is routed): use ip = \"v4\"")
+
+    @property
+    def has_v4(self) -> bool:
+        return self.ip != "v6"
+
+    @property
+    def has_v6(self) -> bool:
+        return self.ip != "v4"
 
     def host_names(self) -> list[str]:
         return [f"{self.name}h{j}" for j in range(1, self.hosts + 1)]
@@ -65,6 +82,11 @@ class LabSpec:
         if "core" in names:
             raise LabSpecError("'core' is reserved for the services namespace")
 
+    @property
+    def has_v6(self) -> bool:
+        """Some site has IPv6: the core then carries IPv6 too (its services listen on both)."""
+        return any(s.has_v6 for s in self.sites)
+
     @classmethod
     def from_flags(
         cls,
@@ -77,17 +99,20 @@ class LabSpec:
         cgnat: bool = False,
         loss: float = 0.0,
         udp_blocked: bool = False,
+        ip: str = "v4",
     ) -> "LabSpec":
-        """``nat`` is a comma list, one per site (the last repeats if there are fewer)."""
+        """``nat`` and ``ip`` are comma lists, one per site (the last repeats if there are fewer)."""
         kinds = [k.strip() for k in nat.split(",") if k.strip()] or ["easy"]
+        fams = [k.strip() for k in ip.split(",") if k.strip()] or ["v4"]
         out = []
         for i in range(sites):
             kind = kinds[min(i, len(kinds) - 1)]
+            fam = fams[min(i, len(fams) - 1)]
             out.append(
                 SiteSpec(
                     name=f"s{i + 1}", nat=kind, hosts=hosts,
                     hairpin=hairpin and kind != "none", cgnat=cgnat and kind != "none",
-                    loss=loss, udp_blocked=udp_blocked,
+                    loss=loss, udp_blocked=udp_blocked, ip=fam,
                 )
             )
         return cls(name=name, sites=tuple(out))
@@ -117,7 +142,7 @@ class LabSpec:
             if bad:
                 raise LabSpecError(f"{where}: site[{i}]: unknown key(s) {sorted(bad)}; allowed: {sorted(fields)}")
             s = {"name": f"s{i + 1}", **s}
-            for key, typ in (("hosts", int), ("loss", (int, float)), ("hairpin", bool), ("cgnat", bool), ("udp_blocked", bool), ("nat", str), ("name", str)):
+            for key, typ in (("hosts", int), ("loss", (int, float)), ("hairpin", bool), ("cgnat", bool), ("udp_blocked", bool), ("nat", str), ("name", str), ("ip", str)):
                 if key in s and (not isinstance(s[key], typ) or (typ is int and isinstance(s[key], bool))):
                     raise LabSpecError(f"{where}: site[{i}].{key}: wrong type {type(s[key]).__name__}")
             sites.append(SiteSpec(**s))

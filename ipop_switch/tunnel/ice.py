@@ -90,7 +90,9 @@ def random_credential(n: int) -> str:
 
 
 def host_addresses(exclude: tuple[str, ...] | list[str], use_ipv6: bool) -> list[str]:
-    """Addresses of interfaces not matching any pattern in ``exclude`` (fnmatch)."""
+    """Addresses of interfaces not matching any pattern in ``exclude`` (fnmatch); with
+    ``use_ipv6`` also their global and ULA IPv6 addresses. Link-local ones never: a candidate
+    of one would need the interface's scope, which means nothing on the peer's host."""
     out = []
     for ad in ifaddr.get_adapters():
         if any(fnmatch.fnmatch(ad.nice_name, p) for p in exclude):
@@ -99,8 +101,10 @@ def host_addresses(exclude: tuple[str, ...] | list[str], use_ipv6: bool) -> list
             if isinstance(ip.ip, str):
                 if not ipaddress.ip_address(ip.ip).is_loopback:
                     out.append(ip.ip)
-            elif use_ipv6 and ip.ip[2] == 0 and not ipaddress.ip_address(ip.ip[0]).is_loopback:
-                out.append(ip.ip[0])
+            elif use_ipv6 and ip.ip[2] == 0:
+                a = ipaddress.ip_address(ip.ip[0])
+                if not (a.is_loopback or a.is_link_local or a.is_multicast or a.ipv4_mapped):
+                    out.append(ip.ip[0])
     return out
 
 
@@ -168,7 +172,19 @@ class Path:
     channel: int | None = None
 
     def describe(self) -> dict:
-        return {"path": self.kind, "local": self.local, "remote": self.remote}
+        return {"path": self.kind, "local": self.local, "remote": self.remote, "family": self.family}
+
+    @property
+    def family(self) -> str:
+        """The underlay's family where our datagrams leave: "ipv6" or "ipv4". Through our own
+        TURN allocation that is the way to the TURN server (the relayed address may differ)."""
+        addr = self.remote_addr[0]
+        inner = _turn_inner(self.protocol) if getattr(self.protocol, "local_candidate", None) is not None \
+            and self.protocol.local_candidate.type == "relay" else None   # type: ignore[attr-defined]
+        server = getattr(inner, "server", None)     # aioice's TURN client: (host, port) of its server
+        if isinstance(server, tuple) and server:
+            addr = server[0]
+        return "ipv6" if ":" in str(addr) else "ipv4"
 
     def candidates(self) -> str:
         """The pair's candidate types, as ``status`` shows them: "host->srflx"."""
@@ -437,7 +453,7 @@ class IceConfig:
     turn_password: str | None
     turn_transport: str
     exclude: list[str]
-    use_ipv6: bool = False
+    use_ipv6: bool = True         # IPv6 host candidates where the host has global or ULA addresses
     relay_delay: float = 1.0
     direct_only: bool = False     # an upgrade probe gathers no relay
 

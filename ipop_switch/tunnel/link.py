@@ -280,7 +280,7 @@ class LinkWorker:
             stun=tuple(self.spec.stun) if self.spec.stun else None,
             turn=(t.host, t.port) if t else None, turn_user=t.user if t else None,
             turn_password=t.password if t else None, turn_transport=t.transport if t else "udp",
-            exclude=list(self.spec.exclude_interfaces) + [self.spec.tap],
+            exclude=list(self.spec.exclude_interfaces) + [self.spec.tap], use_ipv6=self.spec.ipv6,
             relay_delay=self.timers.relay_delay, direct_only=direct_only)
 
     def _new_ice(self, attempt: int, direct_only: bool = False) -> IceSession:
@@ -448,7 +448,7 @@ class LinkWorker:
         if self._addr_changed or (self.poll_addresses and now - self._last_addr >= t.addr_poll):
             self._last_addr, self._addr_changed = now, False
             cur_addrs = set(host_addresses(list(DEFAULT_EXCLUDE) + list(self.spec.exclude_interfaces)
-                                           + [self.spec.tap], False))
+                                           + [self.spec.tap], self.spec.ipv6))
             if self._addrs and not self._addrs <= cur_addrs:
                 raise AttemptEnded("local addresses changed: ICE restart")
         if self.poll_addresses:                  # only where the process has no netlink watch

@@ -39,6 +39,7 @@ class LinkSpec:
     stun: tuple[str, int] | None = None
     turn: TurnServer | None = None
     exclude_interfaces: tuple[str, ...] = ()
+    ipv6: bool = True                # IPv6 host candidates (the host's global and ULA addresses)
     timers: dict[str, float] = field(default_factory=dict)
     # The bridge takes GSO frames and partial checksums on this TAP (OVS userspace datapath
     # with userspace-tso-enable, or the kernel datapath): only then is the batched format
