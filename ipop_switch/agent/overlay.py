@@ -286,8 +286,6 @@ class Overlay:
             stun=ice.stun_addr(), turn=turn,
             exclude_interfaces=tuple(ice.ignore_interfaces) + tuple(o.bridge for o in self.node.cfg.overlay) + ("ipt*",),
             ipv6=ice.ipv6,
-            ipv6=ice.ipv6,
-            ipv6=ice.ipv6,
             timers=self.timers,
         )
         self.links[peer.node_id] = link
