@@ -20,6 +20,7 @@ import pytest
 from conftest import helper, unique_name
 from helpers.wait import wait_until
 from ipop_switch import proc
+from ipop_switch.config import dns_loopback
 from ipop_switch.config_writer import write_config
 from ipop_switch.identity import GroupCA, NodeIdentity
 from ipop_switch.lab import Lab, LabSpec, SiteSpec
@@ -53,7 +54,7 @@ class SocialNode:
         ice = {"stun": f"{services.TURN_ADDR}:{services.TURN_PORT}", "turn": f"{services.TURN_ADDR}:{services.TURN_PORT}",
                "turn_user": turn["user"], "turn_password": turn["password"]}
         overlays = [{"name": OVERLAY, "kind": "social", "address": f"{OWN}/16", "mtu": 1400, "xmpp": xmpp,
-                     "ice": ice, "social": {"node": self.device}}]
+                     "ice": ice, "social": {"node": self.device}, "dns": {"enable": True}}]
         if self.group:   # the same account in a group's room: both modes at once, each on its bridge
             overlays.append({"name": GROUP, "address": f"{GROUP_NET}.{self.group}/16", "mtu": 1400, "xmpp": xmpp,
                              "ice": ice})
@@ -174,8 +175,10 @@ def test_friends_reach_each_other_at_their_own_views(world):
         addr = a.addr_of(b)
         assert addr != OWN and addr.startswith("100.80.")
         assert wait_until(lambda: a.ping(addr, count=1), 10, f"{a.key} -> {b.key} at {addr}")
-    # the relay carries the hard-NAT friend's link to the easy-NAT phone
+    # the relay carries the hard-NAT friend's link to the easy-NAT phone (both ends see it so;
+    # the pings above went over it both ways)
     assert phone.social()["friends"][carol.jid]["nodes"][carol.device]["path"] == "relay"
+    assert carol.social()["friends"][phone.jid]["nodes"][phone.device]["path"] == "relay"
     # bob and carol are not friends: nothing of one is known to the other
     assert carol.jid not in bob.social()["friends"] and bob.jid not in carol.social()["friends"]
 
@@ -292,12 +295,28 @@ def test_reinitialised_friend_refused_until_forgotten(world):
     assert wait_until(lambda: laptop.ping(addr, count=1), 10, "bob again")
 
 
+def ask(lab: Lab, host: str, name: str, server: str = dns_loopback(OVERLAY)) -> dict:
+    r = lab.exec(host, [*helper("dns_ask"), server, "53", name, "A"], check=False, timeout=20)
+    assert r.returncode == 0, f"dns_ask on {host} {name}: {r.stdout}{r.stderr}"
+    return json.loads(r.stdout)
+
+
 def test_hosts_and_verify(world):
     lab, n = world
     laptop, bob = n["laptop"], n["bob"]
     linked(laptop, bob)
     lines = laptop.friends("hosts").splitlines()
     assert f"{laptop.addr_of(bob)}\t{bob.device}.bob.ipsw.internal" in lines
+    # the node's DNS responder serves the same names, each node its own view
+    for line in lines:
+        addr, name = line.split("\t")
+        assert ask(lab, laptop.host, name)["answers"] == [{"type": "A", "data": addr}], name
+    assert ask(lab, laptop.host, "laptop.alice.ipsw.internal")["answers"] == [{"type": "A", "data": OWN}]
+    assert ask(lab, bob.host, "laptop.alice.ipsw.internal")["answers"] == [{"type": "A", "data": bob.addr_of(laptop)}]
+    assert ask(lab, bob.host, "pc.carol.ipsw.internal")["rcode"] == "NXDOMAIN"    # not bob's friend
+    r = lab.exec(laptop.host, [*helper("dns_ask"), OWN, "53", "desk.bob.ipsw.internal"], check=False, timeout=20)
+    assert r.returncode != 0, "a social responder answered on the overlay address (friends would see our friends)"
+    assert laptop.overlay()["dns"]["answers"] >= len(lines) + 1
     fp = laptop.node_of(bob)["fingerprint"]
     # bob reads his own fingerprint out to alice (his own certificate)
     own = bob.status()["overlays"][0]
