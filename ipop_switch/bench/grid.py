@@ -110,7 +110,9 @@ def _peer(group: LabGroup, host: str) -> dict | None:
 
 def run_pair(lab: Lab, n: int, ka: str, kb: str, a: str, b: str, *, env: dict | None = None) -> PairResult:
     """Two fresh agents on ``a`` and ``b``; the path they end on and the times."""
-    group = LabGroup(lab, f"grid{n}", net=99)
+    # a UDP-blocked site reaches the TURN server over TCP only (as its user would configure)
+    tcp = "udp_blocked" in (ka, kb)
+    group = LabGroup(lab, f"grid{n}", net=99, extra={"turn_transport": "tcp"} if tcp else None)
     group.add(a)
     group.add(b)
     t0 = time.monotonic()
