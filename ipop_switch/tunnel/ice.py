@@ -108,22 +108,101 @@ def host_addresses(exclude: tuple[str, ...] | list[str], use_ipv6: bool) -> list
     return out
 
 
+def local_networks(exclude: tuple[str, ...] | list[str]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """The networks (address/prefix) of the interfaces ``host_addresses`` gathers from: a
+    peer's host candidate inside one of them is probably on our LAN."""
+    out = []
+    for ad in ifaddr.get_adapters():
+        if any(fnmatch.fnmatch(ad.nice_name, p) for p in exclude):
+            continue
+        for ip in ad.ips:
+            addr = ip.ip if isinstance(ip.ip, str) else ip.ip[0]
+            try:
+                out.append(ipaddress.ip_network(f"{addr}/{ip.network_prefix}", strict=False))
+            except ValueError:
+                continue
+    return out
+
+
+_S = aioice_ice.CandidatePair.State
+_PENDING = (_S.FROZEN, _S.WAITING, _S.IN_PROGRESS)
+
+
 class Connection(aioice.Connection):
-    """aioice Connection with our gathering filter, relay-last checks and no data queue."""
+    """aioice Connection with our gathering filter, relay-last checks, host pairs first on a
+    shared LAN, and no data queue."""
 
     server_timeout = 3       # STUN/TURN answers during gathering (aioice's default is 5 s)
+    prefer_host_wait = 0.6   # a nominated non-host pair waits this long for a LAN host pair
 
     def __init__(self, *, exclude: list[str], relay_delay: float, on_stray: Callable[[], None], **kw) -> None:
         super().__init__(**kw)
         self._exclude = tuple(exclude)
         self._relay_delay = relay_delay
         self._on_stray = on_stray
+        self._lan_nets: list = []
+        self._held: list = []                   # nominated pairs waiting for a LAN host pair
+        self._held_timer: asyncio.TimerHandle | None = None
+
+    # -- host pairs first (issue 19 item 1) --------------------------------------------
+    # aioice nominates aggressively: the first pair to succeed wins. Between two hosts on one
+    # LAN the host pair is checked first and normally wins, but a lost first request, or a
+    # peer that answers the router's hairpinned srflx check first, let the pair through the
+    # router win for the link's whole life. So a nominated pair that is not host to host is
+    # held (at most ``prefer_host_wait``) while a host pair to an address on one of our own
+    # networks is still pending; it wins if that pair fails or the time runs out.
+    def _lan_host_pair(self, p) -> bool:
+        if p.local_candidate.type != "host" or p.remote_candidate.type != "host":
+            return False
+        try:
+            a = ipaddress.ip_address(p.remote_candidate.host)
+        except ValueError:
+            return False
+        return any(a in n for n in self._lan_nets)
+
+    def _better_pending(self, component: int) -> bool:
+        return any(p.component == component and p.state in _PENDING and self._lan_host_pair(p)
+                   for p in self._check_list)
+
+    def check_complete(self, pair) -> None:  # type: ignore[override]
+        if self._check_list_done or self.prefer_host_wait <= 0:
+            super().check_complete(pair)
+            return
+        if (pair.state == _S.SUCCEEDED and pair.nominated and not self._lan_host_pair(pair)
+                and self._better_pending(pair.component)):
+            pair.nominated = False              # an un-nominated success: the checks go on
+            if pair not in self._held:
+                self._held.append(pair)
+            if self._held_timer is None:
+                self._held_timer = asyncio.get_running_loop().call_later(self.prefer_host_wait, self._release)
+            super().check_complete(pair)
+            return
+        if self._held and not (pair.state == _S.SUCCEEDED and pair.nominated):
+            pair.task = None
+            if not self._better_pending(pair.component):
+                self._release()                 # the LAN pair failed: the held one wins now
+            return                              # (aioice would call the check list failed)
+        super().check_complete(pair)
+
+    def _release(self) -> None:
+        """Nominate the best held pair (time is up, or no LAN host pair is left)."""
+        if self._held_timer is not None:
+            self._held_timer.cancel()
+            self._held_timer = None
+        held, self._held = self._held, []
+        if self._check_list_done or not held:
+            return
+        best = max(held, key=lambda p: aioice_ice.candidate_pair_priority(
+            p.local_candidate, p.remote_candidate, self.ice_controlling))
+        best.nominated = True
+        super().check_complete(best)
 
     async def gather_candidates(self) -> None:
         if self._local_candidates_start:
             return
         self._local_candidates_start = True
         addresses = host_addresses(self._exclude, self._use_ipv6)
+        self._lan_nets = local_networks(self._exclude)
         for cands in await asyncio.gather(*[
                 self.get_component_candidates(component=c, addresses=addresses, timeout=self.server_timeout)
                 for c in self._components]):
@@ -250,6 +329,7 @@ OnOurs = Callable[[bytes, int, tuple, object, "Callable[[bytes, tuple], None] | 
 _LO, _HI = codec.TYPE_INIT, codec.TYPE_DATA
 _DATA, _DATA_MIN = codec.TYPE_DATA, codec.DATA_MIN_LEN
 _CHAN = struct.Struct("!HH")            # TURN ChannelData header: channel number, length
+_PROBE = 0xE8                           # predict.PROBE: port prediction's messages
 BATCH_BYTES = 65536
 
 
@@ -298,13 +378,14 @@ class _Hook:
     rekey) fail the whole burst (security review, finding 7). Pieces of a buffer that
     are not data packets go back through ``route`` (ours to us, STUN to aioice)."""
 
-    __slots__ = ("protocol", "orig", "on_ours", "gro", "batch")
+    __slots__ = ("protocol", "orig", "on_ours", "gro", "batch", "side")
 
     def __init__(self, protocol, on_ours: OnOurs) -> None:
         self.protocol = protocol
         self.orig = protocol.datagram_received
         self.on_ours = on_ours
         self.gro = False
+        self.side: Callable[[object, bytes, tuple], None] | None = None   # port prediction's messages
         self.batch = _Batch(self._burst)
         protocol.datagram_received = self.received
         protocol._ipsw_hook = self
@@ -315,6 +396,9 @@ class _Hook:
     def received(self, data: bytes, addr: tuple) -> None:
         """One datagram (also a piece of a GRO buffer that is not a data packet)."""
         if not data or not _LO <= data[0] <= _HI:
+            if data and data[0] == _PROBE and self.side is not None:
+                self.side(self.protocol, data, addr)
+                return
             self.orig(data, addr)
             return
         self.on_ours(data, len(data), addr, self.protocol, None)
@@ -427,6 +511,27 @@ def install_hook(protocol, on_ours: OnOurs) -> None:
     _Hook(protocol, on_ours).take_over()
 
 
+def set_side_handler(protocol, fn: Callable[[object, bytes, tuple], None] | None) -> bool:
+    """Hand port prediction's messages (first byte 0xE8) arriving on a hooked socket to
+    ``fn(protocol, data, addr)`` (None: to aioice again, which counts them as stray)."""
+    hook = getattr(protocol, "_ipsw_hook", None)
+    if hook is None:
+        return False
+    hook.side = fn
+    return True
+
+
+def predicted_path(protocol, remote_addr: tuple[str, int]) -> Path:
+    """A direct path found by port prediction, on ``protocol``'s socket (the hard side's
+    winning socket, or the easy side's ICE host socket). Its candidates read
+    "host->prediction" in ``status``."""
+    sock = protocol.transport.get_extra_info("sockname") or ("?", 0)
+    sendto = protocol.transport.sendto
+    local = f"host {sock[0]}:{sock[1]}"
+    remote = f"prediction {remote_addr[0]}:{remote_addr[1]}"
+    return Path(lambda d: sendto(d, remote_addr), "direct", local, remote, protocol, tuple(remote_addr))
+
+
 def enable_gro(protocol) -> bool:
     """UDP GRO on the socket behind ``protocol`` (hooked by ``install_hook``): its hook then
     splits glued bursts at the kernel's segment size. Only on a socket the hook reads
@@ -522,6 +627,22 @@ class IceSession:
         if task is not None and not task.done():
             task.cancel()
         self.conn._query_consent_task = None
+
+    def candidates(self) -> tuple[list[Candidate], list[Candidate]]:
+        """(ours, the peer's) as exchanged: port prediction plans from them."""
+        return list(self.conn.local_candidates), list(self.conn.remote_candidates)
+
+    @property
+    def remote_pwd(self) -> str:
+        return self.conn.remote_password or ""
+
+    def protocol_at(self, host: str, port: int):
+        """The (hooked) host socket bound to ``host:port``, or None."""
+        for p in self.conn._protocols:
+            c = p.local_candidate
+            if c is not None and c.type == "host" and c.port == port and same_addr((c.host, c.port), (host, port)):
+                return p
+        return None
 
     def local_addresses(self) -> set[str]:
         return {c.host for c in self.conn.local_candidates if c.type == "host"}

@@ -28,10 +28,10 @@ from typing import Callable
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from . import codec
+from . import codec, predict
 from .datapath import Datapath
 from .ice import (DEFAULT_EXCLUDE, TURN_CHANNEL_REFRESH, IceConfig, IceSession, Path, host_addresses,
-                  reply, same_addr)
+                  install_hook, predicted_path, reply, same_addr, set_side_handler)
 from .keys import Keys
 from .messages import LinkSpec
 from .session import Session
@@ -94,6 +94,10 @@ class LinkWorker:
         self._probe_every = jitter(self.timers.upgrade_interval)
         self.upgrades = 0
         self._retired: set[IceSession] = set()   # old relayed sessions still receiving (path_linger)
+        # port prediction beside a relayed path (predict.py): the run, its task, what it found
+        self._predict: predict.Prediction | None = None
+        self._predict_task: asyncio.Task | None = None
+        self.prediction: dict = {}
         # the host's addresses: compared when the pool's netlink watch says they changed, or
         # every addr_poll seconds where there is no watch
         self.poll_addresses = True
@@ -367,6 +371,8 @@ class LinkWorker:
         self._emit({"kind": "up", "link_id": self.spec.link_id, "peer_id": self.spec.peer_id,
                     "tap": self.spec.tap, "attempt": self.attempt, **self.path.describe()})  # type: ignore[union-attr]
         self._last_probe = self._last_addr = time.monotonic()   # the first direct probe one interval after up
+        if self.path is not None and self.path.kind == "relay" and self.spec.port_prediction:
+            self._predict_task = self._spawn(self._run_prediction(self.attempt))
         self._addrs = self.ice.local_addresses() if self.ice else set()
         self._up_done = done = asyncio.get_running_loop().create_future()
         st.check_within = self.timers.keepalive
@@ -480,6 +486,11 @@ class LinkWorker:
     async def _end_attempt(self, reason: str) -> None:
         if self._probe_task is not None and not self._probe_task.done():
             self._probe_task.cancel()
+        if self._predict_task is not None and not self._predict_task.done():
+            self._predict_task.cancel()
+        if self._predict is not None:
+            self._predict.close_all()
+        self._predict_task = self._predict = None
         self._probe_task = self._probe_answer = None
         was_up = self.up_since > 0
         self.up_since = 0.0
@@ -577,6 +588,51 @@ class LinkWorker:
             self.probe = None
         await probe.close()
 
+    # -- port prediction ---------------------------------------------------------------
+    # Beside a relayed path that came up between a hard and an easy NAT, both sides run
+    # their part of one birthday-probing run at once (roles from the candidates both have);
+    # the relay carries the frames meanwhile. A win swaps the send function as an upgrade
+    # does; the predicted socket (hard side) lives until the attempt ends.
+    async def _run_prediction(self, attempt: int) -> None:
+        ice = self.ice
+        if ice is None:
+            return
+        local, remote = ice.candidates()
+        p = predict.plan(local, remote)
+        if p is None:
+            return
+        mine, theirs = (ice.ufrag, ice.pwd), (ice.remote_ufrag, ice.remote_pwd)
+        k = predict.key(*((mine, theirs) if self.spec.controlling else (theirs, mine)))
+        easy_proto = None
+        if p.role == predict.EASY:
+            easy_proto = ice.protocol_at(*p.easy_base)
+            if easy_proto is None:
+                return
+        run = self._predict = predict.Prediction(p, k, easy_protocol=easy_proto)
+        if easy_proto is not None:      # for the ICE session's life: late requests still answered
+            set_side_handler(easy_proto, run.received)
+        self.prediction = {"role": "hard" if p.role == predict.HARD else "easy", "result": "running"}
+        t0 = time.monotonic()
+        win = await run.run()
+        self.prediction.update(result="found" if win else "none", sent=run.sent, bad=run.bad,
+                               after_s=round(time.monotonic() - t0, 3))
+        if win is None:
+            log.info("link %s: port prediction found no path (%d sent)", self.spec.link_id, run.sent)
+            return
+        if attempt != self.attempt or self.state != State.UP or self.dp is None:
+            run.close_all()
+            return
+        if p.role == predict.HARD:
+            install_hook(win.protocol, self.dp.receive)
+        path = predicted_path(win.protocol, win.addr)
+        self._use_path(path)
+        self.upgrades += 1
+        log.info("link %s: predicted path %s -> %s after %.2fs (%d sent)", self.spec.link_id,
+                 path.local, path.remote, win.after, win.probes)
+        self._emit({"kind": "path", "link_id": self.spec.link_id, "peer_id": self.spec.peer_id,
+                    "tap": self.spec.tap, "attempt": attempt, **path.describe()})
+        self._check_soon()
+
     # -- handshake messages ----------------------------------------------------------
     def _on_handshake_packet(self, data: bytes, protocol, addr: tuple) -> None:
         """A handshake message from ``addr``. While the link is up, only the selected pair's
@@ -656,7 +712,7 @@ class LinkWorker:
         d = {"link_id": self.spec.link_id, "peer_id": self.spec.peer_id, "tap": self.spec.tap,
              "state": self.state.value, "attempt": self.attempt, "controlling": self.spec.controlling,
              "up_for": round(time.monotonic() - self.up_since, 3) if self.up_since else 0.0,
-             "upgrades": self.upgrades,
+             "upgrades": self.upgrades, "prediction": self.prediction or None,
              **self.stats.as_dict()}
         if self.path:
             d.update(self.path.describe())

@@ -46,6 +46,7 @@ class LinkSpec:
     # accepted from the peer (docs/tunnel.md, "Offload negotiation").
     bridge_tso: bool = True
     offload: bool = True             # False: always the per-packet datapath (tests, trouble-shooting)
+    port_prediction: bool = True     # a relayed hard<->easy link tries birthday probing (predict.py)
 
     def __post_init__(self) -> None:
         for name in ("local_static", "peer_static"):
