@@ -221,9 +221,11 @@ def print_footprint(rows: dict[str, dict], console: Console, title: str) -> None
                       f"PSS sum {r['pss_mb']}, swap {r['swap_mb']})")
 
 
-def run_footprint(*, console: Console, seconds: float = 3.0, worker_processes: int = 1) -> dict:
+def run_footprint(*, console: Console, seconds: float = 3.0, worker_processes: int = 1,
+                  env: dict[str, str] | None = None) -> dict:
     """Two public hosts, one GroupVPN link between them (as the bench runs it: TURN configured,
-    the path direct); the first node measured once linked and again after ``seconds`` of TCP."""
+    the path direct); the first node measured once linked and again after ``seconds`` of TCP.
+    ``env`` goes to both agents and so to every process they start (e.g. MALLOC_ARENA_MAX)."""
     lab = Lab(LabSpec(name=f"fp{int(time.time()) % 10000}", sites=(SiteSpec("f1", "none"), SiteSpec("f2", "none"))))
     group = None
     rows: dict[str, dict] = {}
@@ -236,7 +238,7 @@ def run_footprint(*, console: Console, seconds: float = 3.0, worker_processes: i
             group.add(h)
         with console.status("starting two nodes until their link is up ..."):
             for h in (a, b):
-                group.start(h)
+                group.start(h, env=env)
             deadline = time.monotonic() + STEP_TIMEOUT
             while (_links_up(group, a) < 1 or _links_up(group, b) < 1) and time.monotonic() < deadline:
                 time.sleep(0.5)
