@@ -17,6 +17,7 @@ command is ~0.5 s, so accounts are registered by one RPC script, not one command
 
 from __future__ import annotations
 
+import re
 import secrets
 import subprocess
 import time
@@ -29,7 +30,7 @@ from ..progress import stage
 from ..servers import MUC_DOMAIN, XMPP_DOMAIN, XMPP_PORT
 
 ERL_LIBS = "/usr/lib/x86_64-linux-gnu"      # where Debian puts ejabberd's own applications
-START_TIMEOUT = 40.0                        # one node's start measured ~3 s; slow CI machines vary
+START_TIMEOUT = 40.0                        # two nodes start at once in ~3 s here; slow machines vary
 EPMD_PORT = 4369
 XMPP_MORE = ("198.18.0.4", "198.18.0.5", "198.18.0.6")   # the core's addresses of nodes 2..4
 
@@ -189,7 +190,8 @@ class EjabberdCluster:
     def create_room(self, room: str) -> None:
         """The overlay's room made in advance (persistent), so agents that join at once through
         different nodes cannot each create one of their own."""
-        self.ctl(1, "create_room_with_opts", room, MUC_DOMAIN, XMPP_DOMAIN, "persistent:true")
+        self.ctl(1, "create_room_with_opts", room, MUC_DOMAIN, XMPP_DOMAIN,
+                 '[{"name": "persistent", "value": "true"}]')      # ejabberd_ctl reads list arguments as JSON
 
     def start(self, accounts: list[tuple[str, str]], rooms: list[str], *, tied: bool = False) -> dict[str, int]:
         """epmd, every node at once, the others joined to the first, accounts and rooms made.
@@ -215,7 +217,7 @@ class EjabberdCluster:
         want = len(self.addrs)
         def joined() -> bool:
             out = self.ctl(1, "list_cluster", timeout=20)
-            return len([ln for ln in out.split() if ln.startswith("ejabberd")]) >= want
+            return len(set(re.findall(r"ejabberd\d+@[\d.]+", out))) >= want     # one node name a line, quoted
         proc.wait_for(joined, timeout=timeout, interval=0.5, what=f"{want} ejabberd nodes in one cluster")
         for i in range(2, want + 1):      # join_cluster restarts the joiner's ejabberd: wait for its c2s
             proc.wait_for(lambda i=i: _listening(self.netns, XMPP_PORT, self.addrs[i - 1]), timeout=START_TIMEOUT,

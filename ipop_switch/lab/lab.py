@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import time
 from dataclasses import asdict, dataclass
@@ -57,9 +58,15 @@ class HostInfo:
 class Lab:
     """A running (or to-be-built) lab. ``with Lab(spec) as lab:`` builds and always tears down."""
 
-    def __init__(self, spec: LabSpec, *, state_root: Path = STATE_ROOT, tied: bool = True) -> None:
+    def __init__(self, spec: LabSpec, *, state_root: Path = STATE_ROOT, tied: bool = True,
+                 xmpp: str = "prosody", xmpp_nodes: int = 1) -> None:
         """``tied``: the lab's daemons end with the thread that built the lab (a test run, the demo,
-        a bench), even on kill -9; ``lab up`` builds an untied lab that stays until ``lab down``."""
+        a bench), even on kill -9; ``lab up`` builds an untied lab that stays until ``lab down``.
+        ``xmpp``: the signaling server, ``prosody`` (one) or ``ejabberd`` (a cluster of
+        ``xmpp_nodes`` nodes, lab/ejabberd.py)."""
+        if xmpp not in ("prosody", "ejabberd") or not 1 <= xmpp_nodes <= 4 or (xmpp == "prosody" and xmpp_nodes != 1):
+            raise LabError(f"xmpp {xmpp!r} with {xmpp_nodes} node(s): use prosody (1 node) or ejabberd (1-4 nodes)")
+        self.xmpp, self.xmpp_nodes = xmpp, xmpp_nodes
         self.spec = spec
         self.tied = tied
         self.owner = os.getpid() if tied else None   # whose end ends a tied lab's daemons
@@ -86,11 +93,19 @@ class Lab:
         except KeyError:
             raise LabError(f"no host {name!r} in lab {self.spec.name}; hosts: {', '.join(self.hosts)}") from None
 
+    @property
+    def xmpp_addrs(self) -> tuple[str, ...]:
+        """The XMPP servers' addresses (one per ejabberd node; the first is Prosody's too)."""
+        from .ejabberd import xmpp_addrs
+        return xmpp_addrs(self.xmpp_nodes)
+
     def services(self) -> dict[str, dict]:
         return {
             "xmpp": {"address": services.XMPP_ADDR, "port": services.XMPP_PORT, "domain": services.XMPP_DOMAIN,
-                     "muc": services.MUC_DOMAIN, "ca": str(self.ca_cert), "pid": self.pids.get("prosody"),
-                     "address6": ipv6.XMPP_ADDR6 if self.spec.has_v6 else None},
+                     "muc": services.MUC_DOMAIN, "ca": str(self.ca_cert),
+                     "pid": self.pids.get("prosody") or self.pids.get("ejabberd1"),
+                     "address6": ipv6.XMPP_ADDR6 if self.spec.has_v6 else None,
+                     "kind": self.xmpp, "addresses": list(self.xmpp_addrs)},
             "turn": {"address": services.TURN_ADDR, "port": services.TURN_PORT, "stun2": services.STUN_ADDR2,
                      "user": TURN_USER, "password": self.turn_password, "pid": self.pids.get("coturn"),
                      "address6": ipv6.TURN_ADDR6 if self.spec.has_v6 else None},
@@ -98,7 +113,8 @@ class Lab:
 
     def up(self) -> "Lab":
         proc.require_root()
-        for b, pkg in (("ip", "iproute2"), ("nft", "nftables"), ("prosody", "prosody"), ("turnserver", "coturn")):
+        xmpp_bin = ("prosody", "prosody") if self.xmpp == "prosody" else ("erl", "ejabberd")
+        for b, pkg in (("ip", "iproute2"), ("nft", "nftables"), xmpp_bin, ("turnserver", "coturn")):
             proc.require(b, pkg)
         if (self.dir / "state.json").exists() or any(n.startswith(ns_name(self.spec.name, "")) for n in list_namespaces()):
             raise LabError(f"lab {self.spec.name} already exists: run 'ipop-switch lab down --name {self.spec.name}' first")
@@ -153,7 +169,10 @@ class Lab:
     def add_account(self, user: str) -> str:
         """Register one more XMPP account (Prosody reads accounts from disk on login)."""
         pw = services.new_password()
-        services.Prosody(self.dir / "prosody", self.core_ns, self.dir / "ca").register(user, pw)
+        if self.xmpp == "ejabberd":
+            self._ejabberd().register([(user, pw)])
+        else:
+            services.Prosody(self.dir / "prosody", self.core_ns, self.dir / "ca").register(user, pw)
         return pw
 
     # -- loading ------------------------------------------------------------
@@ -165,7 +184,7 @@ class Lab:
         except FileNotFoundError:
             raise LabError(f"no lab named {name!r} is up (no {path})") from None
         spec = LabSpec.from_dict({"site": data["spec"]["sites"], "accounts": list(data["spec"]["accounts"])}, name=name)
-        lab = cls(spec, state_root=state_root)
+        lab = cls(spec, state_root=state_root, xmpp=data.get("xmpp", "prosody"), xmpp_nodes=data.get("xmpp_nodes", 1))
         lab.hosts = {h["name"]: HostInfo(**h) for h in data["hosts"]}
         lab.pids = data["pids"]
         lab._ns.names[:] = data["namespaces"]
@@ -180,6 +199,7 @@ class Lab:
             "pids": self.pids,
             "namespaces": self.namespaces,
             "turn_password": self.turn_password,
+            "xmpp": self.xmpp, "xmpp_nodes": self.xmpp_nodes,
             "created": time.time(),
             "tied": self.tied,
             "owner": self.owner,
@@ -229,7 +249,7 @@ class Lab:
         core = self._add_ns("core")
         _ip(core, "link", "add", "pub", "type", "bridge")
         _ip(core, "link", "set", "pub", "up")
-        for a in (services.XMPP_ADDR, services.TURN_ADDR, services.STUN_ADDR2):
+        for a in (*self.xmpp_addrs, services.TURN_ADDR, services.STUN_ADDR2):
             _ip(core, "addr", "add", f"{a}/{PUBLIC_PREFIX}", "dev", "pub")
         if self.spec.has_v6:            # the core routes IPv6 to the sites' prefixes
             _sysctl(core, "net.ipv6.conf.all.forwarding", "1")
@@ -374,6 +394,45 @@ class Lab:
 
     def _start_services(self) -> None:
         services.make_lab_ca(self.dir / "ca")
+        if self.xmpp == "ejabberd":
+            self._start_ejabberd()
+        else:
+            self._start_prosody()
+        stage("starting coturn")
+        turn = services.Coturn(self.dir / "coturn", self.core_ns, TURN_USER, self.turn_password)
+        self.pids["coturn"] = turn.start(tied=self.tied)
+        self._save()
+
+    def _ejabberd(self):
+        from .ejabberd import EjabberdCluster
+        return EjabberdCluster(self.dir / "ejabberd", self.core_ns, self.dir / "ca", self.xmpp_addrs)
+
+    def _start_ejabberd(self) -> None:
+        """The cluster, its accounts (one per host and extra) and the overlays' rooms made in advance."""
+        self.turn_password = services.new_password()
+        stage(f"starting ejabberd ({self.xmpp_nodes} node(s))")
+        accounts = [(h.xmpp_user, h.xmpp_password) for h in self.hosts.values()]
+        self.pids.update(self._ejabberd().start(accounts, [], tied=self.tied))
+        self._save()
+
+    def create_room(self, room: str) -> None:
+        """A MUC room made in advance (ejabberd; Prosody's rooms appear on the first join)."""
+        if self.xmpp == "ejabberd":
+            self._ejabberd().create_room(room)
+
+    def kill_xmpp_node(self, i: int) -> None:
+        """SIGKILL one ejabberd node (a server lost without a goodbye; its TCP peers see the reset)."""
+        pid = self.pids.pop(f"ejabberd{i}", None)
+        if pid and proc.alive(pid):
+            os.kill(pid, signal.SIGKILL)
+            proc.terminate(pid)          # reaps it
+        self._save()
+
+    def start_xmpp_node(self, i: int) -> None:
+        self.pids[f"ejabberd{i}"] = self._ejabberd().restart_node(i, tied=self.tied)
+        self._save()
+
+    def _start_prosody(self) -> None:
         pros = services.Prosody(self.dir / "prosody", self.core_ns, self.dir / "ca", v6=self.spec.has_v6)
         pros.write_config()
         stage(f"XMPP accounts for {len(self.hosts)} hosts")
@@ -496,6 +555,7 @@ def _runs_a_lab_daemon(pid: int) -> bool:
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except FileNotFoundError:
         return False
-    names = {b"ovsdb-server", b"ovs-vswitchd", b"turnserver", b"lua5.4", b"lua5.3", b"lua5.2", b"lua5.1", b"prosody"}
+    names = {b"ovsdb-server", b"ovs-vswitchd", b"turnserver", b"lua5.4", b"lua5.3", b"lua5.2", b"lua5.1", b"prosody",
+             b"beam.smp", b"epmd"}
     text = b" ".join(cmd)
     return any(n in text for n in names) or b"ipop" in text or b"ipop_switch" in text

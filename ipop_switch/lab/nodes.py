@@ -85,6 +85,9 @@ class LabGroup:
         self.buffer_note = host_buffer_note("netdev")
         self.cas = {ov: GroupCA.create(self.dir / f"ca-{ov}", ov, force=True) for ov in self.overlays}
         self.nodes: dict[str, LabNode] = {}
+        if not self.extra.get("no_room_in_advance"):   # a cluster's room made before anyone joins
+            for ov in self.overlays:
+                lab.create_room(f"ipsw-{ov}".lower())
 
     def add(self, host: str, *, index: int | None = None, attach: list[dict] | None = None,
             ovs: dict | None = None, dns: bool = False, web: bool = False) -> LabNode:
@@ -110,7 +113,7 @@ class LabGroup:
                            turn_password=turn["password"], turn_transport=self.extra.get("turn_transport", "udp"))
             overlays.append({
                 "name": ov, "address": addr, "address6": addr6, "mtu": self.mtu,
-                "xmpp": {"server": services.XMPP_ADDR, "jid": f"{h.xmpp_user}@{services.XMPP_DOMAIN}",
+                "xmpp": {**self._xmpp_servers(index), "jid": f"{h.xmpp_user}@{services.XMPP_DOMAIN}",
                          "password": h.xmpp_password, "ca_file": self.lab.ca_cert},
                 "ice": ice,
             })
@@ -136,6 +139,15 @@ class LabGroup:
                        web=f"http://127.0.0.1:{WEB_PORT}/" if web else None)
         self.nodes[host] = node
         return node
+
+    def _xmpp_servers(self, index: int) -> dict:
+        """One server, or a cluster's nodes in an order that starts node ``index`` on node
+        ``index`` mod N (the lab's agents spread over the cluster, each moving on when it is lost)."""
+        addrs = list(getattr(self.lab, "xmpp_addrs", ()) or (services.XMPP_ADDR,))
+        if len(addrs) == 1:
+            return {"server": addrs[0]}
+        k = (index - 1) % len(addrs)
+        return {"servers": [f"{a}:{services.XMPP_PORT}" for a in addrs[k:] + addrs[:k]]}
 
     def address(self, host: str, overlay: str, v6: bool = False) -> str:
         """A node's overlay address (without prefix) in one of the overlays."""
