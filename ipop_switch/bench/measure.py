@@ -8,6 +8,7 @@ import re
 import subprocess
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from .. import proc
 from ..lab import Lab
@@ -27,6 +28,25 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / CLK_TCK
 
 
+def agent_pids(agent: subprocess.Popen | None, node_dir: Path) -> list[int]:
+    """An agent's pid and those of the processes that run for it, whose CPU the bench charges
+    to it: workers, switch app, ovsdb-server, ovs-vswitchd (its node directory in their command
+    line, or a child of one of them)."""
+    pids = [agent.pid] if agent else []
+    needle = str(node_dir).encode()
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                cmd = (d / "cmdline").read_bytes()
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            pid = int(d.name)
+            if pid not in pids and (needle in cmd or ppid in pids) and proc.alive(pid):
+                pids.append(pid)
+    return pids
+
+
 @dataclass
 class Throughput:
     mbit: float
@@ -36,13 +56,15 @@ class Throughput:
 
 
 def iperf3(lab: Lab, a: str, b: str, addr_b: str, *, streams: int = 1, seconds: float = 10,
-           pids_a: list[int] = (), pids_b: list[int] = (), port: int = 5201) -> Throughput:
-    """TCP from a to b for ``seconds``; the server lives only for this run."""
-    server = lab.popen(b, ["iperf3", "-s", "-1", "-B", addr_b, "-p", str(port)],
+           pids_a: list[int] = (), pids_b: list[int] = (), port: int = 5201, bind_b: str | None = None) -> Throughput:
+    """TCP from a to b for ``seconds``; the server lives only for this run. ``bind_b``: the
+    address the server binds when b sees itself elsewhere than a sees it (SocialVPN)."""
+    bind_b = bind_b or addr_b
+    server = lab.popen(b, ["iperf3", "-s", "-1", "-B", bind_b, "-p", str(port)],
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         ns_b = lab.netns_of(b)
-        proc.wait_for(lambda: bool(proc.run(["ss", "-H", "-ltn", "src", f"{addr_b}:{port}"], netns=ns_b, check=False).stdout.strip()),
+        proc.wait_for(lambda: bool(proc.run(["ss", "-H", "-ltn", "src", f"{bind_b}:{port}"], netns=ns_b, check=False).stdout.strip()),
                       timeout=10, what="iperf3 server")
         ca, cb = cpu_seconds(list(pids_a)), cpu_seconds(list(pids_b))
         r = lab.exec(a, ["iperf3", "-c", addr_b, "-p", str(port), "-t", str(seconds), "-P", str(streams), "-J",
@@ -79,19 +101,21 @@ def rss_mb(pids: list[int]) -> float:
     return total / 1024
 
 
-def tcp_under_udp_flood(lab: Lab, a: str, b: str, addr_b: str, *, seconds: float = 10) -> dict:
+def tcp_under_udp_flood(lab: Lab, a: str, b: str, addr_b: str, *, seconds: float = 10,
+                        bind_b: str | None = None) -> dict:
     """One TCP stream a -> b while an unthrottled UDP flood (iperf3 -u -b 0) runs a -> b too."""
-    flood_srv = lab.popen(b, ["iperf3", "-s", "-1", "-B", addr_b, "-p", "5202"],
+    bind_b = bind_b or addr_b
+    flood_srv = lab.popen(b, ["iperf3", "-s", "-1", "-B", bind_b, "-p", "5202"],
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     flood = None
     try:
         ns_b = lab.netns_of(b)
-        proc.wait_for(lambda: bool(proc.run(["ss", "-H", "-ltn", "src", f"{addr_b}:5202"], netns=ns_b, check=False).stdout.strip()),
+        proc.wait_for(lambda: bool(proc.run(["ss", "-H", "-ltn", "src", f"{bind_b}:5202"], netns=ns_b, check=False).stdout.strip()),
                       timeout=10, what="iperf3 flood server")
         flood = lab.popen(a, ["iperf3", "-c", addr_b, "-p", "5202", "-u", "-b", "0", "-l", "1300",
                               "-t", str(seconds + 2), "-J"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         time.sleep(1.0)
-        t = iperf3(lab, a, b, addr_b, streams=1, seconds=seconds)
+        t = iperf3(lab, a, b, addr_b, streams=1, seconds=seconds, bind_b=bind_b)
         out, _ = flood.communicate(timeout=seconds + 30)
         try:
             udp = json.loads(out)["end"]["sum"]

@@ -25,10 +25,11 @@ from .peer_n2n import N2nEdge
 from .peer_nebula import Nebula
 from .peer_openvpn import OpenVpnTap
 from .peers import System, TincSwitch, Underlay, WireguardGo
+from .social import social_line, social_vs_group
 
 PEERS: dict[str, type[System]] = {"underlay": Underlay, "wireguard-go": WireguardGo, "tinc": TincSwitch,
                                   "nebula": Nebula, "openvpn": OpenVpnTap, "n2n": N2nEdge}
-NOT_PEERS = ("underlay", "ipop-switch", "ipop-switch guest-to-guest")   # not in the "best peer"
+NOT_PEERS = ("underlay", "ipop-switch", "ipop-switch guest-to-guest", "ipop-switch social")   # not in the "best peer"
 
 
 def ensure_packages(console: Console, systems: list[str], registry: dict[str, type[System]]) -> dict[str, str]:
@@ -63,6 +64,7 @@ class Result:
     tcp4: list[float] = field(default_factory=list)
     cpu: list[float] = field(default_factory=list)    # CPU seconds (both sides) per second of transfer
     ping_ms: float | None = None
+    pings: list[float] = field(default_factory=list)   # average RTT of each round's pings
     rss_mb: float | None = None
     extra: dict = field(default_factory=dict)
 
@@ -76,7 +78,9 @@ class Result:
 
 def run_bench(*, systems: list[str], runs: int = 3, seconds: float = 10.0, console: Console,
               extra_systems: dict[str, type[System]] | None = None,
-              variants: tuple[str, ...] = ("relay", "loss1")) -> dict:
+              variants: tuple[str, ...] = ("relay", "loss1"), guests: bool = True, flood: bool = True) -> dict:
+    """``guests``: ipop-switch guest-to-guest measured too; ``flood``: TCP under a UDP flood,
+    RSS and each system's extras after the rounds (off: a quick comparison, e.g. bench --social)."""
     proc.require_root()
     registry = {**PEERS, **(extra_systems or {})}
     unknown = [s for s in systems if s not in registry]
@@ -87,7 +91,9 @@ def run_bench(*, systems: list[str], runs: int = 3, seconds: float = 10.0, conso
         console.print(f"[yellow]skipping {name}: {why}[/]")
     systems = [s for s in systems if s not in skipped]
     workdir = Path(tempfile.mkdtemp(prefix="ipsw-bench-"))
-    lab = Lab(LabSpec.from_flags(name=f"bench{int(time.time()) % 10000}", sites=2, nat="none"))
+    # a second host per site for the SocialVPN pair (bench/social.py says why not the same hosts)
+    lab = Lab(LabSpec.from_flags(name=f"bench{int(time.time()) % 10000}", sites=2, nat="none",
+                                 hosts=2 if "ipop-switch social" in systems else 1))
     started: list[System] = []
     results = {n: Result(n) for n in systems}
     try:
@@ -101,7 +107,7 @@ def run_bench(*, systems: list[str], runs: int = 3, seconds: float = 10.0, conso
                 try:
                     s.start()
                 except IpopError as e:
-                    if name in ("underlay", "ipop-switch"):
+                    if name in ("underlay", "ipop-switch", "ipop-switch social"):
                         raise
                     # a peer that does not come up here is a note, not the end of the run
                     s.stop()
@@ -110,7 +116,7 @@ def run_bench(*, systems: list[str], runs: int = 3, seconds: float = 10.0, conso
                     del results[name]
                     continue
                 started.append(s)
-                if getattr(s, "guests", None) is not None:      # ours, guest to guest too
+                if guests and getattr(s, "guests", None) is not None:      # ours, guest to guest too
                     started.append(s.guests)
                     results[s.guests.name] = Result(s.guests.name)
                 if name not in ("underlay",):
@@ -123,21 +129,29 @@ def run_bench(*, systems: list[str], runs: int = 3, seconds: float = 10.0, conso
                     done += 1
                     ha, hb = getattr(s, "hosts", (a, b))
                     with console.status(f"[{done}/{total}] round {r + 1}: {s.name}, TCP {streams} stream(s), {seconds:.0f} s"):
-                        t = iperf3(lab, ha, hb, s.addr_b, streams=streams, seconds=seconds, pids_a=s.pids_a, pids_b=s.pids_b)
+                        t = iperf3(lab, ha, hb, s.addr_b, streams=streams, seconds=seconds, pids_a=s.pids_a, pids_b=s.pids_b,
+                                   bind_b=getattr(s, "bind_b", None))
                     res = results[s.name]
                     (res.tcp1 if streams == 1 else res.tcp4).append(t.mbit)
                     if s.pids_a or s.pids_b:
                         res.cpu.append((t.cpu_a + t.cpu_b) / seconds)
+            for s in started:      # RTT in every round too, interleaved: the machine drifts
+                with console.status(f"round {r + 1}: ping {s.name} ..."):
+                    rtt = ping_rtt(lab, getattr(s, "hosts", (a, b))[0], s.addr_b, count=50, interval=0.02)
+                if rtt is not None:
+                    results[s.name].pings.append(rtt)
         for s in started:
             res = results[s.name]
-            with console.status(f"ping {s.name} ..."):
-                res.ping_ms = ping_rtt(lab, getattr(s, "hosts", (a, b))[0], s.addr_b)
-            if getattr(s, "light", False):
+            res.ping_ms = round(statistics.median(res.pings), 3) if res.pings else None
+            if getattr(s, "light", False) or not flood:
+                if hasattr(s, "extra_results") and not getattr(s, "light", False):
+                    res.extra.update(s.extra_results(lab))
                 continue
             if s.pids_a:
                 res.rss_mb = round(rss_mb(s.pids_a), 1)
             with console.status(f"{s.name}: TCP during an unthrottled UDP flood ({seconds:.0f} s) ..."):
-                fl = tcp_under_udp_flood(lab, a, b, s.addr_b, seconds=seconds)
+                fl = tcp_under_udp_flood(lab, *getattr(s, "hosts", (a, b)), s.addr_b, seconds=seconds,
+                                         bind_b=getattr(s, "bind_b", None))
             res.extra["tcp1_under_flood_mbit"] = fl["tcp_mbit"]
             if res.tcp1 and fl["tcp_mbit"] is not None:
                 res.extra["flood_keeps_pct"] = round(100 * fl["tcp_mbit"] / statistics.median(res.tcp1))
@@ -176,7 +190,11 @@ def run_bench(*, systems: list[str], runs: int = 3, seconds: float = 10.0, conso
             lab.down()
         shutil.rmtree(workdir, ignore_errors=True)
     summary = {n: r.summary() for n, r in results.items()}
-    return {"runs": runs, "seconds": seconds, "results": summary, "skipped": skipped, "vs_best_peer": ratios(summary)}
+    report = {"runs": runs, "seconds": seconds, "results": summary, "skipped": skipped, "vs_best_peer": ratios(summary)}
+    cmp = social_vs_group(summary)
+    if cmp:
+        report["social_vs_group"] = cmp
+    return report
 
 
 def print_table(report: dict, console: Console) -> None:
@@ -216,6 +234,9 @@ def print_table(report: dict, console: Console) -> None:
     for name, why in report.get("skipped", {}).items():
         console.print(f"[yellow]{name} skipped: {why}[/]")
     for line in ratio_lines(res):
+        console.print(line)
+    line = social_line(report.get("social_vs_group"))
+    if line:
         console.print(line)
 
 

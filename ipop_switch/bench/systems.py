@@ -7,13 +7,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .. import proc
 from ..lab import Lab, LabSpec, SiteSpec
 from ..lab.probes import first_ping, wait_links
 from ..lab.nodes import LabGroup
 from . import turn_limit
-from .measure import iperf3
+from .measure import agent_pids, iperf3
 from .peers import BenchError, System
+from .social import IpopSocial
 
 SETUP_TIMEOUT = 60.0
 
@@ -21,20 +21,7 @@ SETUP_TIMEOUT = 60.0
 def node_pids(group: LabGroup, host: str) -> list[int]:
     """The agent and every process it started: workers, switch app, ovsdb-server, ovs-vswitchd."""
     node = group.nodes[host]
-    pids = [node.proc.pid] if node.proc else []
-    needle = str(node.dir).encode()
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                cmd = (d / "cmdline").read_bytes()
-                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            pid = int(d.name)
-            if pid not in pids and (needle in cmd or ppid in pids) and proc.alive(pid):
-                pids.append(pid)
-    # children of children (pool processes are the agent's, the app's threads are one process)
-    return pids
+    return agent_pids(node.proc, node.dir)
 
 
 class GuestView(System):
@@ -134,4 +121,4 @@ def variant_throughput(kind: str, *, seconds: float, workdir: Path) -> dict:
 
 
 def available() -> dict[str, type[System]]:
-    return {"ipop-switch": IpopSwitch}
+    return {"ipop-switch": IpopSwitch, "ipop-switch social": IpopSocial}
