@@ -311,12 +311,19 @@ def _ovs_of(group, host: str) -> Ovs:
 def ovs_knobs(knobs: dict[str, str]) -> Callable[[list[Ovs]], Callable[[], None]]:
     """A variant that sets ``other_config`` keys on every OVS (live) and returns their undo."""
     def apply(instances: list[Ovs]) -> Callable[[], None]:
+        before = {}
         for o in instances:
+            before[o.rundir] = {k: o.vsctl("--if-exists", "get", "Open_vSwitch", ".", f"other_config:{k}").strip()
+                                for k in knobs}
             o.vsctl("set", "Open_vSwitch", ".", *[f"other_config:{k}={v}" for k, v in knobs.items()])
 
         def undo() -> None:
             for o in instances:
-                o.vsctl("remove", "Open_vSwitch", ".", "other_config", *knobs)
+                for k, v in before[o.rundir].items():
+                    if v:
+                        o.vsctl("set", "Open_vSwitch", ".", f"other_config:{k}={v}")
+                    else:
+                        o.vsctl("remove", "Open_vSwitch", ".", "other_config", k)
         return undo
     return apply
 
@@ -382,7 +389,8 @@ VARIANTS: dict[str, tuple[str, object]] = {
     # poll/epoll, what uvloop and OVS wait in): spin on the socket's NAPI context before sleeping
     "busy-poll-50us": ("sys", sysctls({"net.core.busy_read": "50", "net.core.busy_poll": "50"})),
     # other_config of the userspace datapath that apply to non-PMD (TAP, veth, internal) ports
-    "emc-always": ("ovs", ovs_knobs({"emc-insert-inv-prob": "1"})),
+    "emc-always": ("ovs", ovs_knobs({"emc-insert-inv-prob": "1"})),       # kept: bridge/ovs.py sets it
+    "emc-default": ("ovs", ovs_knobs({"emc-insert-inv-prob": "100"})),    # OVS's own default, to compare
     "smc": ("ovs", ovs_knobs({"smc-enable": "true"})),
     "threads-1": ("ovs", ovs_knobs({"n-handler-threads": "1", "n-revalidator-threads": "1"})),
     "max-idle-60s": ("ovs", ovs_knobs({"max-idle": "60000"})),
