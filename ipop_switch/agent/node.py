@@ -38,6 +38,7 @@ class Node:
         self.notes: list[str] = []
         self.status_server = StatusServer(cfg.status_socket, self._async_snapshot, self._control)
         self._stop = asyncio.Event()
+        self.fatal = ""                  # set by fail(): the node ends with this error
         self._metrics = None
         self.web = None                  # the overlay view ([node.web], ipop_switch/web/)
         self._tasks: list[asyncio.Task] = []
@@ -56,10 +57,17 @@ class Node:
             await self.start()
             log.info("event=node_up node=%s overlays=%s", self.node_id, ",".join(o.cfg.name for o in self.overlays))
             await self._stop.wait()
+            if self.fatal:
+                raise IpopError(self.fatal)
         finally:
             await self.stop()
 
     def request_stop(self) -> None:
+        self._stop.set()
+
+    def fail(self, message: str) -> None:
+        """Stop the node with an error (one line, non-zero exit): a part found it cannot work."""
+        self.fatal = self.fatal or message
         self._stop.set()
 
     async def start(self) -> None:
