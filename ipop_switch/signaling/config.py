@@ -44,9 +44,10 @@ class SignalingConfig(BaseModel):
     rejoin_grace: float = Field(20.0, gt=0, description="after a reconnect, peers not seen again within this "
                                                         "are reported as left")
     recheck_interval: float = Field(30.0, gt=0, description="re-verify known peers' certificates this often")
-    room_check: float = Field(60.0, ge=0, description="how often to compare the room's occupants as the server "
+    room_check: float = Field(10.0, ge=0, description="how often to compare the room's occupants as the server "
                                                        "lists them with the presences we got (a split room: two "
-                                                       "rooms of one name on two cluster nodes); 0 = never")
+                                                       "rooms of one name on two cluster nodes, or a room lost "
+                                                       "with the cluster node that held it); 0 = never")
 
     @field_validator("jid")
     @classmethod

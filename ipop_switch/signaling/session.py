@@ -316,7 +316,7 @@ class SignalingSession:
         check = getattr(disco, "check", None)
         if check is None or self.cfg.room_check <= 0:
             return
-        for delay in (3.0, 10.0, 30.0, *([self.cfg.room_check] * 1_000_000)):
+        for delay in (3.0, *([self.cfg.room_check] * 10_000_000)):
             await asyncio.sleep(delay * random.uniform(0.8, 1.2))
             try:
                 reason = await check(conn)
