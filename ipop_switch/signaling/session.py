@@ -323,7 +323,7 @@ class SignalingSession:
             except asyncio.CancelledError:
                 raise
             except Exception as e:            # no answer, an error reply: nothing to conclude
-                log.debug("signaling %s: room check failed: %s", self.overlay, e)
+                log.info("signaling %s: room check failed: %s: %s", self.overlay, type(e).__name__, e)
                 continue
             if not reason:
                 continue
