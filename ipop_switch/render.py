@@ -73,11 +73,13 @@ def render_status(st: dict, console: Console) -> None:
                 path = f"{path} {'IPv6' if p['family'] == 'ipv6' else 'IPv4'}"
             if p.get("reach") == "peer-assisted":         # no link of its own: through another member
                 via = p.get("via") or "?"
-                path = f"peer-assisted via {names.get(via) or via[:12]} ({p.get('hops')} hops)"
+                path = f"peer-assisted via {names.get(via) or via[:12]}"
+                if (p.get("hops") or 2) > 2:
+                    path += f" ({p['hops']} hops)"
             elif p.get("reach") == "unreachable":
                 path = "[red]unreachable[/]"
-            if (p.get("direct_failed") or {}).get("retry_in_s"):
-                path += f", direct again in {p['direct_failed']['retry_in_s']:.0f}s"
+            if (p.get("direct_failed") or {}).get("retry_in_s"):   # no path found: tried again then
+                state += f" {p['direct_failed']['retry_in_s']:.0f}s"
             drops = ", ".join(f"{k} {v}" for k, v in sorted((p.get("drops") or {}).items()) if v) or "-"
             name = names[p["node_id"]] or "-"
             remote = (p.get("remote_addr") or "-").split()[-1]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 
 from rich.console import Console
 
@@ -188,7 +189,7 @@ def test_the_pair_is_unreachable_once_the_middle_member_leaves():
             console = Console(width=200, record=True, color_system=None)
             render_status({"node": {"node_id": a}, "overlays": [{"name": "g", "peers": rows, "topology": snap}]}, console)
             text = console.export_text()
-            assert "unreachable" in text and "direct again in" in text, text
+            assert "unreachable" in text and re.search(r"backoff \d+s", text), text
         finally:
             await net.stop()
 
@@ -205,7 +206,7 @@ def test_status_table_shows_via_the_middle_members_name():
             console = Console(width=220, record=True, color_system=None)
             render_status({"node": {"node_id": a}, "overlays": [{"name": "g", "peers": status_rows(net, a)}]}, console)
             text = console.export_text()
-            assert f"peer-assisted via n{net.ids.index(c)} (2 hops)" in text, text
+            assert f"peer-assisted via n{net.ids.index(c)} " in text and "hops" not in text, text
         finally:
             await net.stop()
 
