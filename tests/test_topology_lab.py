@@ -80,6 +80,9 @@ def unlinked_pair(g: LabGroup) -> tuple[str, str]:
 
 def test_ten_nodes_form_a_ring_with_long_links_not_all_to_all(ring):
     lab, g = ring
+    # reachable everywhere comes first; a successor displaced by a later joiner is released just after
+    wait_until(lambda: all(list(linked(g, h).values()).count("successor") == 2 for h in g.nodes), 30,
+               "every node to keep exactly its two successors", interval=1.0)
     edges = set()
     for h, node in g.nodes.items():
         t = topo(g, h)["topology"]
