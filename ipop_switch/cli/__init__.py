@@ -224,9 +224,14 @@ def lab_demo(keep: bool, json_path: str | None, guests: int, **kw) -> None:
               help="instead: CPU of one idle node with this many links (default 32), per process")
 @click.option("--scale", "scale_nodes", type=click.IntRange(9, 64), default=None, is_flag=False, flag_value=32,
               help="instead: this many real nodes (default 32) in the structured overlay: convergence, idle CPU, RSS, on-demand")
+@click.option("--latency", is_flag=True,
+              help="instead: RTT of ipop-switch, n2n and the OVS floor (0/2/4 crossings), the stage-by-stage capture, idle CPU")
+@click.option("--variants", default="", help="with --latency: comma list of variants A/B'd against the base "
+              "(emc-always, emc-default, smc, threads-1, max-idle-60s, one-cpu, busy-poll-50us, no-halt)")
 def bench(runs: int, seconds: float, systems: str | None, json_path: str | None, memory: bool, one_peer: bool,
           fuzz_minutes: float | None, update: bool, faults: bool, only: str | None,
-          soak_minutes: float | None, idle_links: int | None, scale_nodes: int | None) -> None:
+          soak_minutes: float | None, idle_links: int | None, scale_nodes: int | None,
+          latency: bool = False, variants: str = "") -> None:
     """Measure ipop-switch beside the underlay, wireguard-go, tinc, nebula, OpenVPN and n2n, in one lab,
     interleaved; a peer that is not installed is skipped with a note."""
     if fuzz_minutes is not None:        # no lab, no root: a local build and one process
@@ -257,6 +262,10 @@ def bench(runs: int, seconds: float, systems: str | None, json_path: str | None,
     elif scale_nodes is not None:
         from ..bench.scale import run_scale
         report = run_scale(nodes=scale_nodes, console=out)
+    elif latency:
+        from ..bench.latency import print_latency, run_latency
+        report = run_latency(console=out, rounds=runs, variants=tuple(v for v in variants.split(",") if v))
+        print_latency(report, out)
     elif idle_links is not None:
         from ..bench.idle import run_idle
         report = run_idle(links=idle_links, console=out)
