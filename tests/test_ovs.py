@@ -37,6 +37,9 @@ def test_private_ovs_forwards_between_namespaces_and_leaves_nothing(scratch_lab_
         assert ovs.datapath in ("netdev", "system")
         if ovs.datapath == "netdev":
             assert "userspace-tso-enable" in ovs.vsctl("get", "Open_vSwitch", ".", "other_config")
+            # every flow into the exact-match cache: lower ping RTT (docs/benchmarks.md, latency round 2)
+            emc = ovs.vsctl("get", "Open_vSwitch", ".", "other_config:emc-insert-inv-prob")
+            assert emc.strip().strip('"') == "1", emc
         ovs.add_bridge("br0", fail_mode="standalone")
         p1, p2 = ovs.add_port("br0", "p1"), ovs.add_port("br0", "p2")
         assert p1 > 0 and p2 > 0 and p1 != p2
