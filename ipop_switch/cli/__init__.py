@@ -208,7 +208,10 @@ def lab_demo(keep: bool, json_path: str | None, guests: int, **kw) -> None:
 @click.option("--runs", default=3, show_default=True, type=click.IntRange(1, 20), help="rounds (each system measured once per round)")
 @click.option("--seconds", default=10.0, show_default=True, type=click.FloatRange(1, 120), help="length of each iperf3 run")
 @click.option("--systems", default=None,
-              help="comma list of underlay, wireguard-go, tinc, nebula, openvpn, n2n, ipop-switch (default: all)")
+              help="comma list of underlay, wireguard-go, tinc, nebula, openvpn, n2n, ipop-switch, "
+                   "'ipop-switch social' (default: all)")
+@click.option("--social", is_flag=True, help="instead: only the SocialVPN path (with translation) beside the GroupVPN "
+              "path between the same two sites, TCP and RTT (quick: no guests, flood or variants)")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="also write the results as JSON to this file ('-': stdout)")
 @click.option("--memory", is_flag=True, help="instead: memory of one node with 1, 8, 16 and 32 peers (33 nodes, minutes)")
 @click.option("--one-peer", is_flag=True, help="with --memory: one node pair instead, RSS/PSS/USS per process")
@@ -231,7 +234,7 @@ def lab_demo(keep: bool, json_path: str | None, guests: int, **kw) -> None:
 def bench(runs: int, seconds: float, systems: str | None, json_path: str | None, memory: bool, one_peer: bool,
           fuzz_minutes: float | None, update: bool, faults: bool, only: str | None,
           soak_minutes: float | None, idle_links: int | None, scale_nodes: int | None,
-          latency: bool = False, variants: str = "") -> None:
+          latency: bool = False, variants: str = "", social: bool = False) -> None:
     """Measure ipop-switch beside the underlay, wireguard-go, tinc, nebula, OpenVPN and n2n, in one lab,
     interleaved; a peer that is not installed is skipped with a note."""
     if fuzz_minutes is not None:        # no lab, no root: a local build and one process
@@ -278,8 +281,12 @@ def bench(runs: int, seconds: float, systems: str | None, json_path: str | None,
     else:
         from ..bench.run import PEERS, print_table, run_bench
         from ..bench import systems as extra
-        names = systems.split(",") if systems else [*PEERS, *extra.available()]
-        report = run_bench(systems=names, runs=runs, seconds=seconds, console=out, extra_systems=extra.available())
+        if social:
+            report = run_bench(systems=["ipop-switch", "ipop-switch social"], runs=runs, seconds=seconds, console=out,
+                               extra_systems=extra.available(), variants=(), guests=False, flood=False)
+        else:
+            names = systems.split(",") if systems else [*PEERS, *extra.available()]
+            report = run_bench(systems=names, runs=runs, seconds=seconds, console=out, extra_systems=extra.available())
         print_table(report, out)
     if json_path == "-":
         click.echo(json.dumps(report, indent=1))
