@@ -75,6 +75,8 @@ class IceConfig(_Strict):
     turn_password: str | None = None
     turn_transport: Literal["udp", "tcp"] = "udp"
     ignore_interfaces: list[str] = Field(default_factory=list, description="interfaces left out of candidate gathering")
+    port_prediction: bool = Field(True, description="a link relayed between a hard and an easy NAT tries birthday "
+                                  "probing for a direct path (docs/nat.md); false: it stays relayed")
     ipv6: bool = Field(True, description="IPv6 candidates from the host's global and ULA addresses (never link-local)")
 
     @field_validator("stun", "turn")

@@ -286,7 +286,7 @@ class Overlay:
             stun=ice.stun_addr(), turn=turn,
             exclude_interfaces=tuple(ice.ignore_interfaces) + tuple(o.bridge for o in self.node.cfg.overlay) + ("ipt*",),
             ipv6=ice.ipv6,
-            timers=self.timers,
+            timers=self.timers, port_prediction=ice.port_prediction,
         )
         self.links[peer.node_id] = link
         self.by_link_id[link_id] = link

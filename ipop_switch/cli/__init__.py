@@ -231,10 +231,11 @@ def lab_demo(keep: bool, json_path: str | None, guests: int, **kw) -> None:
               help="instead: RTT of ipop-switch, n2n and the OVS floor (0/2/4 crossings), the stage-by-stage capture, idle CPU")
 @click.option("--variants", default="", help="with --latency: comma list of variants A/B'd against the base "
               "(emc-always, emc-default, smc, threads-1, max-idle-60s, one-cpu, busy-poll-50us, no-halt)")
+@click.option("--grid", is_flag=True, help="instead: every pair of NAT kinds: the path each ends on, time to first frame (--only: kinds)")
 def bench(runs: int, seconds: float, systems: str | None, json_path: str | None, memory: bool, one_peer: bool,
           fuzz_minutes: float | None, update: bool, faults: bool, only: str | None,
           soak_minutes: float | None, idle_links: int | None, scale_nodes: int | None,
-          latency: bool = False, variants: str = "", social: bool = False) -> None:
+          latency: bool = False, variants: str = "", social: bool = False, grid: bool = False) -> None:
     """Measure ipop-switch beside the underlay, wireguard-go, tinc, nebula, OpenVPN and n2n, in one lab,
     interleaved; a peer that is not installed is skipped with a note."""
     if fuzz_minutes is not None:        # no lab, no root: a local build and one process
@@ -252,7 +253,11 @@ def bench(runs: int, seconds: float, systems: str | None, json_path: str | None,
     require_root()
     out = json_console(console, json_path == "-")     # '--json -': tables and stage lines on stderr
     failed = False
-    if faults:
+    if grid:
+        from ..bench.grid import print_grid, run_grid
+        report = run_grid(console=out, only=only.split(",") if only else None)
+        print_grid(report, out)
+    elif faults:
         from ..bench.faults import print_faults, run_faults
         report = run_faults(console=out, only=only.split(",") if only else None)
         print_faults(report, out)
