@@ -254,7 +254,7 @@ def test_broken_config_is_one_line_error(tmp_path):
     assert r.returncode == 1 and "no such config file" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
-def test_missing_ovs_and_unreachable_xmpp_are_one_line_errors(lab_factory, tmp_path):
+def test_missing_ovs_and_a_refused_xmpp_login_are_one_line_errors(lab_factory, tmp_path):
     lab = lab_factory(LabSpec(name=unique_name(), sites=(SiteSpec("a", "none"),)))
     g = LabGroup(lab, "solo")
     node = g.add("ah1")
@@ -265,14 +265,16 @@ def test_missing_ovs_and_unreachable_xmpp_are_one_line_errors(lab_factory, tmp_p
                         "up", "-c", str(node.config)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1, r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("ipop-switch: error: ovsdb-server not found"), r.stderr
-    # unreachable XMPP server: Prosody stopped
-    lab.stop_service("prosody")
+    # a refused login ends the node with one line (an unreachable server is retried instead:
+    # tests/test_xmpp_cluster_lab.py)
+    bad = node.config.with_name("bad-password.toml")
+    bad.write_text(node.config.read_text().replace(lab.host("ah1").xmpp_password, "not-the-password"))
     t0 = time.monotonic()
-    r = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-m", "ipop_switch.cli", "up", "-c", str(node.config)],
+    r = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-m", "ipop_switch.cli", "up", "-c", str(bad)],
                        capture_output=True, text=True, timeout=90)
     assert r.returncode == 1
     err = [l for l in r.stderr.splitlines() if l.startswith("ipop-switch: error:")]
-    assert len(err) == 1 and "cannot reach the XMPP server 198.18.0.1:5222" in err[0], r.stderr
+    assert len(err) == 1 and "XMPP login as ah1@ipsw.test refused" in err[0], r.stderr
     assert "Traceback" not in r.stderr
     assert time.monotonic() - t0 < 60
     # and it left nothing running: no OVS of its own
