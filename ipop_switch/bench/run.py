@@ -29,6 +29,7 @@ from .social import social_line, social_vs_group
 
 PEERS: dict[str, type[System]] = {"underlay": Underlay, "wireguard-go": WireguardGo, "tinc": TincSwitch,
                                   "nebula": Nebula, "openvpn": OpenVpnTap, "n2n": N2nEdge}
+PING_SLICES = 6      # per round and system: 10 pings at 20 ms each, the systems' order alternating
 NOT_PEERS = ("underlay", "ipop-switch", "ipop-switch guest-to-guest", "ipop-switch social")   # not in the "best peer"
 
 
@@ -64,7 +65,7 @@ class Result:
     tcp4: list[float] = field(default_factory=list)
     cpu: list[float] = field(default_factory=list)    # CPU seconds (both sides) per second of transfer
     ping_ms: float | None = None
-    pings: list[float] = field(default_factory=list)   # average RTT of each round's pings
+    pings: list[float] = field(default_factory=list)   # average RTT of each slice of 10 pings
     rss_mb: float | None = None
     extra: dict = field(default_factory=dict)
 
@@ -135,11 +136,14 @@ def run_bench(*, systems: list[str], runs: int = 3, seconds: float = 10.0, conso
                     (res.tcp1 if streams == 1 else res.tcp4).append(t.mbit)
                     if s.pids_a or s.pids_b:
                         res.cpu.append((t.cpu_a + t.cpu_b) / seconds)
-            for s in started:      # RTT in every round too, interleaved: the machine drifts
-                with console.status(f"round {r + 1}: ping {s.name} ..."):
-                    rtt = ping_rtt(lab, getattr(s, "hosts", (a, b))[0], s.addr_b, count=50, interval=0.02)
-                if rtt is not None:
-                    results[s.name].pings.append(rtt)
+            # RTT in every round too, in short slices whose order alternates (ABBA): the machine
+            # drifts within seconds, and the system pinged right after the TCP runs is not favoured
+            for k in range(PING_SLICES):
+                for s in (started if k % 2 == 0 else started[::-1]):
+                    with console.status(f"round {r + 1}: ping {s.name} ..."):
+                        rtt = ping_rtt(lab, getattr(s, "hosts", (a, b))[0], s.addr_b, count=10, interval=0.02)
+                    if rtt is not None:
+                        results[s.name].pings.append(rtt)
         for s in started:
             res = results[s.name]
             res.ping_ms = round(statistics.median(res.pings), 3) if res.pings else None
