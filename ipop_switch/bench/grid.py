@@ -9,7 +9,7 @@ figures are its own: started together at t0, the table shows
 - **path**: what the link settled on, as ``status`` reports it: ``host`` (host to host),
   ``srflx`` (direct through a NAT mapping: srflx/prflx candidates), ``prediction`` (a port
   found by birthday probing, docs/nat.md), ``relay`` (TURN), ``peer-assisted`` (no link of
-  its own, the frames go through a third member: never in a two-node pair), ``none``;
+  its own, the frames go through a third member: only in the ``HELPED_CASES`` below), ``none``;
 - **first frame**: seconds from t0 to the first ping answered over the overlay;
 - **direct**: seconds from t0 until the link showed the final direct path, when it was
   relayed first (an upgrade or a predicted port), else the link's up time.
@@ -50,6 +50,10 @@ LAN_CASES: dict[str, dict] = {"lan hairpin": {"nat": "easy", "hairpin": True},
                               "lan": {"nat": "easy"}}
 SHORT = {"none": "n", "one2one": "o", "easy": "e", "hard": "h", "cgnat": "c", "udp_blocked": "u",
          "ipv6": "v", "dual": "d", "lan hairpin": "lh", "lan": "ln"}
+# pairs with no direct path and no TURN server, plus a public third member linked to both:
+# their frames cross it (peer-assisted traversal, docs/topology.md)
+HELPED_CASES: dict[str, tuple[str, str]] = {"hard, no TURN, via a public member": ("hard", "hard")}
+HELPER_HOST = "n1h1"
 LINK_TIMEOUT = 30.0        # from start to the link up
 SETTLE = 8.0               # a relayed link: how long to wait for a direct path after it is up
 
@@ -90,6 +94,8 @@ def pairs() -> list[tuple[str, str, str, str]]:
 
 def classify(peer: dict | None) -> str:
     """The path kind of one peer entry of ``status``."""
+    if peer and peer.get("reach") == "peer-assisted":
+        return "peer-assisted"
     if not peer or peer.get("state") != "up" or not peer.get("path"):
         return "none"
     if peer["path"] == "relay":
@@ -100,30 +106,35 @@ def classify(peer: dict | None) -> str:
     return "host" if cands == "host->host" else "srflx"
 
 
-def _peer(group: LabGroup, host: str) -> dict | None:
+def _peer(group: LabGroup, host: str, other: str) -> dict | None:
+    """``host``'s status row for ``other`` (the pair may share the overlay with a helper)."""
     try:
         peers = group.status(host)["overlays"][0]["peers"]
+        want = group.nodes[other].node_id
     except (IpopError, LookupError, OSError):
         return None
-    return peers[0] if peers else None
+    return next((p for p in peers if p.get("node_id") == want), None)
 
 
-def run_pair(lab: Lab, n: int, ka: str, kb: str, a: str, b: str, *, env: dict | None = None) -> PairResult:
-    """Two fresh agents on ``a`` and ``b``; the path they end on and the times."""
+def run_pair(lab: Lab, n: int, ka: str, kb: str, a: str, b: str, *, env: dict | None = None,
+             helper: str | None = None) -> PairResult:
+    """Two fresh agents on ``a`` and ``b`` (with ``helper``: a third one there and no TURN);
+    the path they end on and the times."""
     # a UDP-blocked site reaches the TURN server over TCP only (as its user would configure)
-    tcp = "udp_blocked" in (ka, kb)
-    group = LabGroup(lab, f"grid{n}", net=99, extra={"turn_transport": "tcp"} if tcp else None)
-    group.add(a)
-    group.add(b)
+    extra = {"no_turn": True} if helper else {"turn_transport": "tcp"} if "udp_blocked" in (ka, kb) else None
+    group = LabGroup(lab, f"grid{n}", net=99, extra=extra)
+    hosts = [a, b] + ([helper] if helper else [])
+    for h in hosts:
+        group.add(h)
     t0 = time.monotonic()
-    group.start(a, env=env)
-    group.start(b, env=env)
+    for h in hosts:
+        group.start(h, env=env)
     try:
         up_s = first_path = None
         peer = None
         deadline = t0 + LINK_TIMEOUT
         while time.monotonic() < deadline:
-            peer = _peer(group, a)
+            peer = _peer(group, a, b)
             if classify(peer) != "none":
                 up_s, first_path = time.monotonic() - t0, classify(peer)
                 break
@@ -134,12 +145,12 @@ def run_pair(lab: Lab, n: int, ka: str, kb: str, a: str, b: str, *, env: dict | 
         if first_path == "relay":
             end = time.monotonic() + SETTLE
             while time.monotonic() < end:
-                peer = _peer(group, a)
+                peer = _peer(group, a, b)
                 if classify(peer) not in ("relay", "none"):
                     direct_s = time.monotonic() - t0
                     break
                 time.sleep(0.1)
-        peer = _peer(group, a) or peer
+        peer = _peer(group, a, b) or peer
         return PairResult(ka, kb, classify(peer), (peer or {}).get("candidates"), first_frame,
                           None if up_s is None else round(up_s, 2),
                           None if direct_s is None else round(direct_s, 2), first_path,
@@ -151,11 +162,13 @@ def run_pair(lab: Lab, n: int, ka: str, kb: str, a: str, b: str, *, env: dict | 
 def run_grid(*, console: Console, only: list[str] | None = None, env: dict | None = None,
              name: str = "grid") -> dict:
     """Every pair (or those whose kinds contain one of ``only``) in one lab."""
-    todo = [p for p in pairs() if not only or any(o in f"{p[0]}-{p[1]}" for o in only)]
+    todo = [p + (None,) for p in pairs()]
+    todo += [(case, case, f"{SHORT[ka]}1h1", f"{SHORT[kb]}2h1", HELPER_HOST) for case, (ka, kb) in HELPED_CASES.items()]
+    todo = [p for p in todo if not only or any(o in f"{p[0]}-{p[1]}" for o in only)]
     results = []
     with Lab(grid_spec(name)) as lab:
-        for n, (ka, kb, a, b) in enumerate(todo, 1):
-            r = run_pair(lab, n, ka, kb, a, b, env=env)
+        for n, (ka, kb, a, b, helper) in enumerate(todo, 1):
+            r = run_pair(lab, n, ka, kb, a, b, env=env, helper=helper)
             console.print(f"{ka:>12} - {kb:<12} {r.path:<11} first frame {r.first_frame_s}s  direct {r.direct_s}s")
             results.append(r)
     return {"pairs": [asdict(r) for r in results]}
@@ -181,8 +194,9 @@ def print_grid(report: dict, console: Console) -> None:
 
     for ka in kinds:
         t.add_row(ka, *[cell(by.get((ka, kb)) or by.get((kb, ka))) for kb in kinds])
-    console.print(t)
-    for case in LAN_CASES:
+    if kinds:
+        console.print(t)
+    for case in [*LAN_CASES, *HELPED_CASES]:
         p = by.get((case, case))
         if p:
             console.print(f"{case}: {cell(p)} ({p['candidates']})")
