@@ -92,73 +92,11 @@ class MucDiscovery:
             if not why:
                 return None
             if first is not None and why & first:
-                return sorted(why & first)[0] + (f" (+{len(why & first) - 1})" if len(why & first) > 1 else "")
+                both = sorted(why & first)
+                return both[0] + (f" (+{len(both) - 1})" if len(both) > 1 else "")
             first = why
             await asyncio.sleep(confirm_after)
         return None
-
-    def address_of(self, source: slixmpp.JID) -> str | None:
-        """The contact address a received stanza came from, or None if not from a contact."""
-
-    @property
-    def own_address(self) -> str:
-        """Our own address as contacts see it."""
-
-    def hint(self, address: str) -> str | None:
-        """The node id a contact address claims (untrusted; a signed announce must match it)."""
-
-    def describe(self) -> str: ...
-
-
-class MucDiscovery:
-    """One MUC room per overlay. Our nick is ``<node id>.<4 hex>``: the node id part is the
-    (untrusted) hint others address us by; the random part keeps a reconnecting node from
-    colliding with its own ghost still in the room."""
-
-    def __init__(self, room_jid: str, node_id: str) -> None:
-        self.room = slixmpp.JID(room_jid).bare
-        self.nick = f"{node_id}.{secrets.token_hex(2)}"
-        self.present: set[str] = set()       # occupants' nicks as the room's presences told us
-
-    async def start(self, conn: XmppConnection, seen: ContactSeen, gone: ContactGone) -> None:
-        def online(pres) -> None:
-            nick = pres["muc"]["nick"]
-            if nick:
-                self.present.add(nick)
-            if nick and nick != self.nick:
-                seen(f"{self.room}/{nick}", hint_of(nick))
-
-        def offline(pres) -> None:
-            nick = pres["muc"]["nick"]
-            self.present.discard(nick)
-            if nick and nick != self.nick:
-                gone(f"{self.room}/{nick}")
-
-        conn.on(f"muc::{self.room}::got_online", online)
-        conn.on(f"muc::{self.room}::got_offline", offline)
-        await conn.join_room(self.room, self.nick)
-
-    async def check(self, conn: XmppConnection) -> str | None:
-        """Is the room the server routes to the one we sit in? It lists its occupants (disco
-        items of a public room): we must be among them, and everyone it lists must have reached
-        us as a presence. The same difference twice in a row (presences may be on their way) is
-        a split room: a reason; else None. A server that lists nobody tells nothing."""
-        listed = await conn.room_occupants(self.room)
-        if not listed:
-            return None
-        if self.nick not in listed:
-            why = {f"not among the {len(listed)} occupants the server lists"}
-        else:
-            why = {f"occupant {n} never seen" for n in listed - self.present}
-        if not why:
-            self._suspect = None
-            return None
-        if self._suspect is None or not (why & self._suspect):
-            self._suspect = why               # confirm on the next look, a moment later
-            await asyncio.sleep(2.0)
-            return await self.check(conn)
-        self._suspect = None
-        return sorted(why)[0] + (f" (+{len(why) - 1})" if len(why) > 1 else "")
 
     def address_of(self, source: slixmpp.JID) -> str | None:
         if source.bare != self.room or not source.resource or source.resource == self.nick:
