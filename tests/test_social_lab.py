@@ -2,7 +2,8 @@
 Prosody with ordinary accounts, friendships made through the CLI (real subscriptions).
 
 alice has two devices (laptop on a public host, phone behind an easy NAT), bob is on a public
-host, carol behind a hard NAT (alice's phone reaches her over the TURN relay). alice is friends
+host, carol behind a hard NAT (alice's phone reaches her over the TURN relay: port prediction,
+which would find a direct path between easy and hard, is off on that pair). alice is friends
 with bob and with carol; bob and carol are not friends. Every node uses the SAME own address
 100.80.0.1: each reaches its friends at addresses it assigned itself.
 """
@@ -53,6 +54,8 @@ class SocialNode:
         xmpp = {"server": services.XMPP_ADDR, "jid": self.jid, "password": password, "ca_file": lab.ca_cert}
         ice = {"stun": f"{services.TURN_ADDR}:{services.TURN_PORT}", "turn": f"{services.TURN_ADDR}:{services.TURN_PORT}",
                "turn_user": turn["user"], "turn_password": turn["password"]}
+        if key in ("phone", "carol"):   # the hard-NAT friend stays on the relay (docs/nat.md: no prediction)
+            ice = {**ice, "port_prediction": False}
         overlays = [{"name": OVERLAY, "kind": "social", "address": f"{OWN}/16", "mtu": 1400, "xmpp": xmpp,
                      "ice": ice, "social": {"node": self.device}, "dns": {"enable": True}}]
         if self.group:   # the same account in a group's room: both modes at once, each on its bridge
