@@ -45,8 +45,10 @@ def _hostport(v: str, default_port: int) -> tuple[str, int]:
 
 
 class XmppConfig(_Strict):
-    server: str = Field(description="XMPP server host or address")
+    server: str | None = Field(None, description="XMPP server host or address")
     port: int = Field(5222, ge=1, le=65535)
+    servers: list[str] = Field(default_factory=list, description="instead of server: the nodes of a server cluster, "
+                               "'host' or 'host:port', tried in order; on loss the next (docs/signaling.md)")
     jid: str = Field(pattern=r"^[^@/\s]+@[^@/\s]+$", description="this node's account, user@domain")
     password: str | None = None
     password_file: Path | None = None
@@ -57,7 +59,15 @@ class XmppConfig(_Strict):
     def _one_password(self):
         if (self.password is None) == (self.password_file is None):
             raise ValueError("give exactly one of password and password_file")
+        if not self.server and not self.servers:
+            raise ValueError("give server (or servers, a list)")
+        for s in self.servers:
+            _hostport(s, self.port)
         return self
+
+    def where(self) -> str:
+        """The server(s) as the user wrote them, for messages."""
+        return ", ".join(self.servers) if self.servers else f"{self.server}:{self.port}"
 
     def secret(self) -> str:
         if self.password is not None:

@@ -145,9 +145,11 @@ class Overlay:
                 open_link=self._open_member, close_link=self._close_member,
                 up_links=self._my_neighbours, set_topology=self.switch.set_topology))
         if not await self.signaling.start(wait_online=SIGNALING_START_TIMEOUT):
-            err = self.signaling.status().get("last_error") or "no answer"
-            raise IpopError(f"overlay {self.cfg.name}: cannot reach the XMPP server "
-                            f"{self.cfg.xmpp.server}:{self.cfg.xmpp.port} within {SIGNALING_START_TIMEOUT:.0f}s ({err})")
+            # an unreachable server is not fatal for a VPN daemon: the session keeps trying with
+            # back-off (status says where and when); a refused login or TLS still ends the node
+            log.warning("event=signaling_connecting overlay=%s servers=%s error=%s (still trying)", self.cfg.name,
+                        self.cfg.xmpp.where(), self.signaling.status().get("last_error") or "no answer")
+            self._tasks.append(asyncio.create_task(self._signaling_first(), name=f"sig-first-{self.cfg.name}"))
         self._tasks.append(asyncio.create_task(self._signaling_loop(), name=f"sig-{self.cfg.name}"))
         self._tasks.append(asyncio.create_task(self._watch_switch(), name=f"switch-{self.cfg.name}"))
         self._tasks.append(asyncio.create_task(self._watch_traffic(), name=f"traffic-{self.cfg.name}"))
@@ -155,6 +157,16 @@ class Overlay:
         self.summaries = None if self.social else summaries_for(self)
         self.dns = await start_dns(self)
         log.info("event=overlay_up overlay=%s bridge=%s address=%s", self.cfg.name, self.cfg.bridge, self.cfg.address)
+
+    async def _signaling_first(self) -> None:
+        """The first login after a start that found no server: a refused password or an
+        untrusted server certificate then ends the node with one clear line, as at start."""
+        from ..signaling.xmpp import SignalingError
+        try:
+            await self.signaling.first_online()
+        except SignalingError as e:
+            log.error("event=signaling_failed overlay=%s error=%s", self.cfg.name, e)
+            self.node.fail(f"overlay {self.cfg.name}: {e}")
 
     async def stop(self) -> None:
         if self.dns:
@@ -442,8 +454,7 @@ class Overlay:
         return {
             "name": self.cfg.name, "kind": self.cfg.kind, "bridge": self.cfg.bridge,
             "address": self.cfg.address, "address6": self.cfg.address6,
-            "signaling": {"state": self.sig_state, "server": f"{self.cfg.xmpp.server}:{self.cfg.xmpp.port}",
-                          "drops": (sig.status().get("drops", {}) if sig else {})},
+            "signaling": self._signaling_snapshot(),
             "peers": peers,
             "guests": self.guests.snapshot(self.switch_ports) if self.guests else [],
             "switch": self.switch_counters,
@@ -453,6 +464,18 @@ class Overlay:
             "social": self.social.snapshot() if self.social else None,
             "summaries": self.summaries.status() if self.summaries else None,
         }
+
+    def _signaling_snapshot(self) -> dict:
+        """State for status: online, or which server is being tried and when the next attempt is."""
+        st = self.signaling.status() if self.signaling else {}
+        conn = st.get("connecting")
+        state = self.sig_state
+        if conn:
+            nxt = f", next in {conn['next_in']:.0f}s" if conn.get("next_in") is not None else ""
+            state = f"offline: connecting to {conn['server']} (attempt {conn['attempt']}{nxt})"
+        return {"state": state, "server": st.get("server") or self.cfg.xmpp.where(),
+                "servers": self.cfg.xmpp.where(), "drops": st.get("drops", {}),
+                "room_repairs": st.get("room_repairs", 0), "last_error": st.get("last_error", "")}
 
 
 def topology_params(cfg: OverlayConfig) -> TopologyParams:
@@ -474,6 +497,6 @@ def make_signaling(cfg: OverlayConfig, me):
     from ..signaling.config import SignalingConfig
     from ..signaling.session import SignalingSession
     scfg = SignalingConfig(jid=cfg.xmpp.jid, password=cfg.xmpp.secret(), server=cfg.xmpp.server,
-                           port=cfg.xmpp.port, ca_file=cfg.xmpp.ca_file, room=cfg.xmpp.room,
+                           port=cfg.xmpp.port, servers=cfg.xmpp.servers, ca_file=cfg.xmpp.ca_file, room=cfg.xmpp.room,
                            capabilities=dns_caps(cfg))
     return SignalingSession(me, scfg)

@@ -121,14 +121,18 @@ def lab_options(f):
 @lab.command("up")
 @lab_options
 @click.option("--json", "as_json", is_flag=True, help="print the lab's status as JSON (no stage lines)")
-def lab_up(as_json: bool, **kw) -> None:
+@click.option("--xmpp", type=click.Choice(["prosody", "ejabberd"]), default="prosody", show_default=True,
+              help="the signaling server: one Prosody, or an ejabberd cluster (--xmpp-nodes)")
+@click.option("--xmpp-nodes", type=click.IntRange(1, 4), default=2, show_default=True,
+              help="with --xmpp ejabberd: nodes in the cluster (198.18.0.1, .4, .5, .6)")
+def lab_up(as_json: bool, xmpp: str, xmpp_nodes: int, **kw) -> None:
     """Build the lab and start its services; it stays up until 'lab down'."""
     from ..lab import Lab
     from ..progress import spinner
     from ..render import render_lab
     t0 = time.monotonic()
     with spinner(Console(quiet=True) if as_json else console, "building the lab ..."):
-        lab_ = Lab(_spec(**kw), tied=False).up()
+        lab_ = Lab(_spec(**kw), tied=False, xmpp=xmpp, xmpp_nodes=xmpp_nodes if xmpp == "ejabberd" else 1).up()
     if as_json:
         click.echo(json.dumps({**lab_.status(), "up_s": round(time.monotonic() - t0, 1)}, indent=1))
         return
