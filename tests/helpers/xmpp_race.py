@@ -39,7 +39,14 @@ async def main(timeout: float, paths: list[str]) -> dict:
             took = time.monotonic() - t0
             break
         await asyncio.sleep(0.05)
-    out = {"took": took, "split_seen": split_seen,
+    views = []                        # each session's room by presence, and the room the server lists to it
+    for s in sessions:
+        try:
+            listed = await s._conn.room_occupants(s._disco.room)
+            views.append({"present": len(s._disco.present), "listed": len(listed), "self_listed": s._disco.nick in listed})
+        except Exception as e:
+            views.append({"error": f"{type(e).__name__}: {e}"})
+    out = {"took": took, "split_seen": split_seen, "views": views,
            "repairs": [s.stats.get("room_repairs", 0) for s in sessions],
            "servers": [s.status()["server"] for s in sessions],
            "last_repair": [s.last_repair for s in sessions]}
