@@ -91,8 +91,8 @@ class SocialPart:
         from ..signaling.social import SocialDiscovery, SocialRoster
         x = self.cfg.xmpp
         self.roster = SocialRoster(self.own_jid, self.cfg.name, on_change=self._roster_changed)
-        scfg = SignalingConfig(jid=x.jid, password=x.secret(), server=x.server, port=x.port, servers=x.servers, ca_file=x.ca_file,
-                               resource=self.name, initial_presence=False, leave_grace=LEAVE_GRACE)
+        scfg = SignalingConfig(jid=x.jid, password=x.secret(), server=x.server, port=x.port, servers=x.servers,
+                               ca_file=x.ca_file, resource=self.name, initial_presence=False, leave_grace=LEAVE_GRACE)
         roster = self.roster
         return SignalingSession(me, scfg, discovery=lambda _room, node_id: SocialDiscovery(roster, node_id))
 
