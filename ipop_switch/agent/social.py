@@ -19,6 +19,7 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
+from ..aio import cancel_and_wait
 from ..bridge.overlay_bridge import stable_mac
 from ..errors import IpopError
 from ..identity.selfsigned import social_dir, social_identity
@@ -271,12 +272,7 @@ class SocialTopology:
         self._task = asyncio.create_task(self._loop(), name=f"social-{self.part.cfg.name}")
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
+        await cancel_and_wait(self._task)
 
     async def _loop(self) -> None:
         while True:

@@ -27,6 +27,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Iterable
 
+from ..aio import cancel_and_wait
 from ..signaling.protocol import NODE_ID_RE, body_size
 
 log = logging.getLogger("ipop_switch.agent")
@@ -238,13 +239,7 @@ class LinkSummaries:
 
     # -- lifecycle ------------------------------------------------------------------------
     async def stop(self) -> None:
-        for t in (self._source, self._viewer):
-            if t is not None and not t.done():
-                t.cancel()
-                try:
-                    await t
-                except (asyncio.CancelledError, Exception):
-                    pass
+        await cancel_and_wait(self._source, self._viewer)
 
     async def _send(self, peer: str, type_: str, payload: dict) -> None:
         try:

@@ -39,6 +39,7 @@ from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Iterable
 
+from ..aio import cancel_and_wait
 from ..topology import LSA, LinkStateDB, LsaOriginator, ROLES, TopologyParams, TopologyPolicy
 
 log = logging.getLogger("ipop_switch.agent")
@@ -98,13 +99,7 @@ class OverlayTopology:
     async def stop(self) -> None:
         if self._decide_soon is not None:
             self._decide_soon.cancel()
-        for t in (self._task, self._graph_task):
-            if t is not None and not t.done():
-                t.cancel()
-                try:
-                    await t
-                except (asyncio.CancelledError, Exception):
-                    pass
+        await cancel_and_wait(self._task, self._graph_task)
 
     async def _cycle(self) -> None:
         while True:

@@ -12,8 +12,6 @@ friends pin and compare out of band -- changes only with the node's key.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
-from collections import OrderedDict
 from pathlib import Path
 
 from cryptography import x509
@@ -25,7 +23,7 @@ from .certs import (IdentityError, check_overlay_name, fingerprint, node_subject
                     utcnow)
 from .files import write_file
 from .store import NodeIdentity, OverlayIdentity
-from .verify import CertRejected, VerifiedPeer, check_dates, node_peer, parse_cert
+from .verify import CertRejected, StaticChecks, VerifiedPeer, check_dates, node_peer, parse_cert
 
 PEM = serialization.Encoding.PEM
 SOCIAL_DAYS = 3650  # the pin is the trust: the certificate's dates only bound a stolen one's life
@@ -60,16 +58,10 @@ class SelfSignedVerifier:
 
     def __init__(self, overlay: str) -> None:
         self.overlay = overlay
-        self._cache: OrderedDict[bytes, VerifiedPeer] = OrderedDict()
+        self._static = StaticChecks(self._verify_static, self.CACHE)
 
     def verify(self, cert_der: bytes, *, now: dt.datetime | None = None) -> VerifiedPeer:
-        key = hashlib.sha256(cert_der).digest()
-        peer = self._cache.get(key)
-        if peer is None:
-            peer = self._verify_static(cert_der)
-            self._cache[key] = peer
-            if len(self._cache) > self.CACHE:
-                self._cache.popitem(last=False)
+        peer = self._static(cert_der)
         check_dates(peer, now or utcnow())
         return peer
 

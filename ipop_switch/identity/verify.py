@@ -18,7 +18,7 @@ import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -108,6 +108,28 @@ def node_peer(cert: x509.Certificate, der: bytes, overlay: str) -> VerifiedPeer:
     )
 
 
+class StaticChecks:
+    """What cannot change over a certificate's life (parsing, the issuer's signature, the
+    contents), kept by the certificate's hash so a peer's every message costs one lookup;
+    least recently used first out."""
+
+    def __init__(self, check: Callable[[bytes], VerifiedPeer], size: int) -> None:
+        self._check = check
+        self._size = size
+        self._done: OrderedDict[bytes, VerifiedPeer] = OrderedDict()
+
+    def __call__(self, der: bytes) -> VerifiedPeer:
+        key = hashlib.sha256(der).digest()
+        peer = self._done.get(key)
+        if peer is None:
+            peer = self._done[key] = self._check(der)
+            if len(self._done) > self._size:
+                self._done.popitem(last=False)
+        else:
+            self._done.move_to_end(key)
+        return peer
+
+
 def check_dates(peer: VerifiedPeer, now: dt.datetime) -> None:
     if now < peer.not_before:
         raise CertRejected("not_yet_valid", f"node {peer.node_id}: valid only from {peer.not_before:%Y-%m-%d %H:%M}")
@@ -158,7 +180,7 @@ class GroupVerifier:
         self._crl_stamp: tuple[int, int] | None = None
         self._revoked: frozenset[int] = frozenset()
         self._crl_number = -1        # the highest CRL number seen: an older CRL never replaces a newer one
-        self._cache: OrderedDict[bytes, VerifiedPeer] = OrderedDict()
+        self._static = StaticChecks(self._verify_static, self.CACHE)
         if crl is not None:
             self._set_crl(crl, "given")
 
@@ -197,15 +219,7 @@ class GroupVerifier:
 
     # -- certificates ---------------------------------------------------------------------
     def verify(self, cert_der: bytes, *, now: dt.datetime | None = None) -> VerifiedPeer:
-        key = hashlib.sha256(cert_der).digest()
-        peer = self._cache.get(key)
-        if peer is None:
-            peer = self._verify_static(cert_der)
-            self._cache[key] = peer
-            if len(self._cache) > self.CACHE:
-                self._cache.popitem(last=False)
-        else:
-            self._cache.move_to_end(key)
+        peer = self._static(cert_der)
         self._verify_dynamic(peer, now or utcnow())
         return peer
 

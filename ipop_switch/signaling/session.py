@@ -30,6 +30,7 @@ from typing import Any, AsyncIterator
 
 import slixmpp
 
+from ..aio import cancel_and_wait
 from ..identity import CertRejected, OverlayIdentity, PeerVerifier, VerifiedPeer
 from .config import SignalingConfig
 from .discovery import Discovery, MucDiscovery
@@ -144,13 +145,7 @@ class SignalingSession:
             await asyncio.shield(self._first)
 
     async def stop(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            try:
-                await t
-            except (asyncio.CancelledError, Exception):
-                pass
+        await cancel_and_wait(*self._tasks)
         self._tasks.clear()
         if self._conn:
             await self._conn.aclose()
