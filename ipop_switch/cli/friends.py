@@ -27,46 +27,21 @@ def friends(ctx: click.Context, config_path: str, sock: str | None, overlay: str
     ctx.obj = {"config": config_path, "socket": sock, "overlay": overlay}
 
 
-@friends.command("add")
-@click.argument("jid")
-@click.pass_context
-def add(ctx: click.Context, jid: str) -> None:
-    """Ask JID to be friends (an XMPP presence subscription); they run 'friends accept'."""
-    click.echo(_ask(ctx, op="add", jid=jid)["text"])
+def _simple(op: str, doc: str, *args: str) -> None:
+    """A subcommand that hands its arguments to the agent and prints the agent's answer."""
+    def run(ctx: click.Context, **kw: str) -> None:
+        click.echo(_ask(ctx, op=op, **kw)["text"])
+    for name in reversed(args):
+        run = click.argument(name)(run)
+    friends.command(op, help=doc)(click.pass_context(run))
 
 
-@friends.command("accept")
-@click.argument("jid")
-@click.pass_context
-def accept(ctx: click.Context, jid: str) -> None:
-    """Accept JID's friend request (and ask back, so the subscription is mutual)."""
-    click.echo(_ask(ctx, op="accept", jid=jid)["text"])
-
-
-@friends.command("remove")
-@click.argument("jid")
-@click.pass_context
-def remove(ctx: click.Context, jid: str) -> None:
-    """End the friendship: subscriptions both ways and the roster entry; links go at once."""
-    click.echo(_ask(ctx, op="remove", jid=jid)["text"])
-
-
-@friends.command("verify")
-@click.argument("jid")
-@click.argument("fingerprint")
-@click.pass_context
-def verify(ctx: click.Context, jid: str, fingerprint: str) -> None:
-    """Mark JID's node pinned with FINGERPRINT as verified (compared out of band)."""
-    click.echo(_ask(ctx, op="verify", jid=jid, fingerprint=fingerprint)["text"])
-
-
-@friends.command("forget")
-@click.argument("jid")
-@click.argument("node")
-@click.pass_context
-def forget(ctx: click.Context, jid: str, node: str) -> None:
-    """Drop the pin of JID's NODE: its current key is pinned on next sight (after a re-install)."""
-    click.echo(_ask(ctx, op="forget", jid=jid, node=node)["text"])
+_simple("add", "Ask JID to be friends (an XMPP presence subscription); they run 'friends accept'.", "jid")
+_simple("accept", "Accept JID's friend request (and ask back, so the subscription is mutual).", "jid")
+_simple("remove", "End the friendship: subscriptions both ways and the roster entry; links go at once.", "jid")
+_simple("verify", "Mark JID's node pinned with FINGERPRINT as verified (compared out of band).", "jid", "fingerprint")
+_simple("forget", "Drop the pin of JID's NODE: its current key is pinned on next sight (after a re-install).",
+        "jid", "node")
 
 
 @friends.command("hosts")
