@@ -124,6 +124,36 @@ def local_networks(exclude: tuple[str, ...] | list[str]) -> list[ipaddress.IPv4N
     return out
 
 
+def _ip(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """An address (None for none, or for a name): candidates may spell one differently."""
+    try:
+        return ipaddress.ip_address(text) if text else None
+    except ValueError:
+        return None
+
+
+def unreachable_from_relay(remote: list[Candidate]) -> set[str]:
+    """The peer's host addresses that sit behind a NAT, as its own candidates show: the base
+    of a srflx candidate whose address differs from it, and, when the TURN server saw the
+    peer from an address that is none of its host addresses (its relay candidate's related
+    address: the peer is NATed even if it has no srflx, e.g. UDP blocked and TURN over TCP),
+    every host address of that family no server saw it from. Our relay is not paired with
+    them: the TURN server cannot reach them, and coturn drops an allocation whose send
+    fails (ENETUNREACH closes its relay socket), which left two UDP-blocked peers with no
+    relay<->relay path."""
+    out = {c.related_address for c in remote
+           if c.type == "srflx" and c.related_address and c.related_address != c.host}
+    hosts = {c.host: a for c in remote if c.type == "host" and (a := _ip(c.host)) is not None}
+    seen = {_ip(c.host) for c in remote if c.type == "srflx"}
+    seen |= {_ip(c.related_address) for c in remote if c.type == "relay"}
+    for c in remote:
+        mapped = _ip(c.related_address) if c.type == "relay" else None
+        if mapped is None or mapped.is_unspecified or mapped in hosts.values():
+            continue                    # not NATed, or hidden (aioice's relay-only policy)
+        out |= {h for h, a in hosts.items() if a.version == mapped.version and a not in seen}
+    return out
+
+
 _S = aioice_ice.CandidatePair.State
 _PENDING = (_S.FROZEN, _S.WAITING, _S.IN_PROGRESS)
 
@@ -221,9 +251,9 @@ class Connection(aioice.Connection):
     def data_received(self, data: bytes, component: int) -> None:
         self._on_stray()
 
-    # Host addresses of a NATed peer (those behind one of its srflx candidates) are not
-    # reachable from the TURN server. Pairing them with our relay makes coturn send to an
-    # unroutable address, and coturn then drops the whole allocation (seen in the lab).
+    # Host addresses of a NATed peer (``unreachable_from_relay``) are not reachable from the
+    # TURN server. Pairing them with our relay makes coturn send to an unroutable address,
+    # and coturn then drops the whole allocation (docs/nat.md, "UDP-blocked pair").
     unreachable_from_relay: set[str] = set()
 
     def _pair_remote_candidate(self, remote_candidate: Candidate) -> None:
@@ -603,8 +633,7 @@ class IceSession:
                 parsed.append(Candidate.from_sdp(sdp))
             except (ValueError, IndexError, TypeError):
                 continue
-        self.conn.unreachable_from_relay = {c.related_address for c in parsed
-                                            if c.type == "srflx" and c.related_address and c.related_address != c.host}
+        self.conn.unreachable_from_relay = unreachable_from_relay(parsed)
         n = 0
         for c in parsed:
             await self.conn.add_remote_candidate(c)
