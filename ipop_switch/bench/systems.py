@@ -43,8 +43,10 @@ class GuestView(System):
 class IpopSwitch(System):
     """Two ipop-switch nodes between the bench hosts, each with one guest (``guests``)."""
 
+    group_extra: dict | None = None      # LabGroup options (e.g. the relayed variant: no port prediction)
+
     def start(self) -> None:
-        self.group = LabGroup(self.lab, "bench", net=96)
+        self.group = LabGroup(self.lab, "bench", net=96, extra=self.group_extra)
         guests = []
         for i, h in enumerate((self.a, self.b), 1):
             ns = f"{h}bg"
@@ -94,6 +96,8 @@ def variant_throughput(kind: str, *, seconds: float, workdir: Path) -> dict:
         lab.up()
         a, b = list(lab.hosts)
         sysm = IpopSwitch("ipop-switch", lab, a, b, workdir / kind)
+        if kind == "relay":     # the relayed path itself: without prediction hard<->easy ends direct
+            sysm.group_extra = {"port_prediction": False}
         sysm.start()
         path = sysm.extra_results(lab)["path"]
         t = iperf3(lab, a, b, sysm.addr_b, streams=1, seconds=seconds)

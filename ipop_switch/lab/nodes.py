@@ -111,6 +111,8 @@ class LabGroup:
             if not self.extra.get("no_turn"):
                 ice.update(turn=f"{services.TURN_ADDR}:{services.TURN_PORT}", turn_user=turn["user"],
                            turn_password=turn["password"], turn_transport=self.extra.get("turn_transport", "udp"))
+            if self.extra.get("port_prediction") is False:     # keep hard<->easy on TURN (what the test shows)
+                ice["port_prediction"] = False
             overlays.append({
                 "name": ov, "address": addr, "address6": addr6, "mtu": self.mtu,
                 "xmpp": {**self._xmpp_servers(index), "jid": f"{h.xmpp_user}@{services.XMPP_DOMAIN}",
