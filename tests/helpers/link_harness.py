@@ -204,9 +204,11 @@ class Mesh:
         return TurnServer(t["address"], t["port"], t["user"], t["password"], transport)
 
     async def open(self, a: str, b: str, *, index: int, transport_a: str = "udp", transport_b: str = "udp",
-                   timers: dict | None = None, bridge: bool = True, mtu: int = 1400) -> LinkPair:
+                   timers: dict | None = None, bridge: bool = True, mtu: int = 1400,
+                   port_prediction: bool = True) -> LinkPair:
         """One link between hosts a and b, each end a port of its own bridge ipswb<index>
-        whose LOCAL port has 100.97.<index>.1 (a) / .2 (b)."""
+        whose LOCAL port has 100.97.<index>.1 (a) / .2 (b). ``port_prediction=False`` keeps a
+        relayed hard<->easy link on the relay (a test of the relayed path itself)."""
         na, nb = self.nodes[a], self.nodes[b]
         link_id = f"L{index}-{a}-{b}"
         br = f"ipswb{index}"
@@ -221,7 +223,7 @@ class Mesh:
             specs.append(LinkSpec(
                 link_id=link_id, peer_id=peer.node_id, controlling=me.node_id > peer.node_id,
                 local_static=me.key_priv, peer_static=peer.key_pub, tap=f"ipt{index}",
-                mtu=mtu, stun=stun, turn=self.turn(tr), timers=timers or {}))
+                mtu=mtu, stun=stun, turn=self.turn(tr), timers=timers or {}, port_prediction=port_prediction))
         lp.opened_at = time.monotonic()
         await asyncio.gather(na.req("open", spec=specs[0].to_json(), bridge=br if bridge else None),
                              nb.req("open", spec=specs[1].to_json(), bridge=br if bridge else None))
