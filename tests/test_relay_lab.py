@@ -6,6 +6,9 @@ relay), the other through its own TURN allocation (UDP GSO of ChannelData-framed
 to the TURN server); both read their sockets themselves and hand single datagrams on as
 bursts. Checked: the link is relayed, both ends send with GSO, TCP bytes arrive intact both
 ways, iperf3 runs both ways, and nothing is dropped as malformed, forged or refused.
+
+Two more sites block UDP: their hosts reach the TURN server over TCP only, and their one
+path is relay <-> relay through the same coturn (docs/nat.md, "The UDP-blocked pair").
 """
 
 from __future__ import annotations
@@ -28,14 +31,16 @@ BAD = ("offload", "auth", "malformed", "unknown_index", "not_ours", "gso_send_er
 
 @pytest.fixture(scope="module")
 def world():
-    lab = Lab(LabSpec(name=unique_name("r"), sites=(SiteSpec("e1", "easy"), SiteSpec("h1", "hard"))))
+    lab = Lab(LabSpec(name=unique_name("r"), sites=(SiteSpec("e1", "easy"), SiteSpec("h1", "hard"),
+                                                    SiteSpec("u1", "easy", udp_blocked=True),
+                                                    SiteSpec("u2", "easy", udp_blocked=True))))
     lt = LoopThread()
     mesh = None
     try:
         lab.up()
         mesh = Mesh(lab)
-        a, b = list(lab.hosts)
-        lt.run(mesh.start([a, b]), 60)
+        a, b = "e1h1", "h1h1"
+        lt.run(mesh.start(list(lab.hosts)), 60)
         lp = lt.run(mesh.open(a, b, index=1, port_prediction=False), 60)   # hard<->easy: stay relayed
         lt.run(mesh.wait_up(lp, 40), 60)
         yield lab, mesh, lt, lp
@@ -84,6 +89,25 @@ def test_relayed_link_carries_iperf3_both_ways(world):
         finally:
             srv.kill()
             srv.wait(5)
+    for end in (lp.a, lp.b):
+        s = stats(lt, end, lp.link_id)
+        assert s["path"] == "relay" and not _bad(s), s
+
+
+def test_two_udp_blocked_sites_link_relay_to_relay(world):
+    """Both ends on TURN over TCP, no srflx: each relay must not be paired with the other's
+    LAN address (coturn would drop the allocation at the unroutable send), so relay <-> relay
+    is left and wins."""
+    lab, mesh, lt, _ = world
+    lp = lt.run(mesh.open("u1h1", "u2h1", index=2, transport_a="tcp", transport_b="tcp"), 60)
+    lt.run(mesh.wait_up(lp, 40), 60)
+    sa, sb = stats(lt, lp.a, lp.link_id), stats(lt, lp.b, lp.link_id)
+    for s in (sa, sb):
+        assert s["path"] == "relay" and s["candidates"] == "relay->relay", s
+    r = lt.run(mesh.ping("u1h1", lp.addr_b, count=5), 30)
+    assert r.returncode == 0, r.stdout
+    sent, got = tcp_transfer(lab, "u2h1", "u1h1", lp.addr_a, 4_000_000, 7203)
+    assert got == sent
     for end in (lp.a, lp.b):
         s = stats(lt, end, lp.link_id)
         assert s["path"] == "relay" and not _bad(s), s
