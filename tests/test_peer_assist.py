@@ -8,92 +8,25 @@ third member is gone. The real agents, NATs and switch app run in tests/test_pee
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import re
 
 from rich.console import Console
 
-from ipop_switch.agent.topology import DROP, NO_PATH, REQUEST, Hooks, OverlayTopology
+from ipop_switch.agent.topology import DROP, NO_PATH
 from ipop_switch.render import render_status
 from ipop_switch.topology import TopologyParams
+from tests.helpers.topology_net import Net as _Net, node_id
 
 PARAMS = TopologyParams(request_timeout=30.0, retry_backoff=60.0, cycle=10.0)
 
 
 def nid(i: int) -> str:
-    return hashlib.md5(f"pa{i}".encode()).hexdigest()
+    return node_id("pa", i)
 
 
-class Net:
-    """Topology instances wired together on one fake clock; ``blocked`` pairs never come up."""
-
-    def __init__(self, n: int) -> None:
-        self.ids = [nid(i) for i in range(n)]
-        self.now = 1000.0
-        self.blocked: set[frozenset[str]] = set()
-        self.open: dict[str, set[str]] = {i: set() for i in self.ids}
-        self.graphs: dict[str, list] = {}
-        self.inbox: dict[str, asyncio.Queue] = {i: asyncio.Queue() for i in self.ids}
-        self.present = set(self.ids)
-        self.sent: list[tuple[str, str, str, dict]] = []
-        self.nodes = {me: OverlayTopology(me, PARAMS, self._hooks(me), clock=lambda: self.now) for me in self.ids}
-
-    def up(self, a: str, b: str) -> bool:
-        return b in self.open[a] and a in self.open[b] and frozenset((a, b)) not in self.blocked
-
-    def _hooks(self, me: str) -> Hooks:
-        async def send(to: str, type_: str, payload: dict) -> None:
-            self.sent.append((me, to, type_, payload))
-            if to in self.present:
-                self.inbox[to].put_nowait((me, type_, payload))
-
-        async def open_link(peer: str) -> bool:
-            if peer not in self.open[me]:
-                self.open[me].add(peer)
-                if self.up(me, peer):
-                    self.nodes[me].link_up(peer)
-                    self.nodes[peer].link_up(me)
-            return True
-
-        async def close_link(peer: str, reason: str) -> None:
-            if peer in self.open[me]:
-                was_up = self.up(me, peer)
-                self.open[me].discard(peer)
-                if was_up:
-                    self.nodes[peer].link_down(me)
-                self.nodes[me].link_closed(peer)
-
-        async def set_topology(edges: list) -> None:
-            self.graphs[me] = edges
-
-        return Hooks(members=lambda: [m for m in self.present if m != me], send=send, open_link=open_link,
-                     close_link=close_link, up_links=lambda: [p for p in self.open[me] if self.up(me, p)],
-                     set_topology=set_topology)
-
-    async def pump(self, rounds: int = 3) -> None:
-        for _ in range(rounds):
-            for me in list(self.present):
-                await self.nodes[me].decide()
-            for _ in range(50):
-                busy = False
-                for me in list(self.present):
-                    q = self.inbox[me]
-                    while not q.empty():
-                        busy = True
-                        frm, type_, payload = q.get_nowait()
-                        if frm in self.present:
-                            await self.nodes[me].on_message(frm, type_, payload)
-                await asyncio.sleep(0)
-                if not busy:
-                    break
-        await asyncio.sleep(0.3)          # the graphs are pushed (debounced)
-
-    def requests(self, a: str, b: str) -> int:
-        return sum(1 for f, t, ty, _ in self.sent if ty == REQUEST and {f, t} == {a, b})
-
-    async def stop(self) -> None:
-        for t in self.nodes.values():
-            await t.stop()
+def Net(n: int) -> _Net:
+    """On one fake clock; ``blocked`` pairs never come up."""
+    return _Net(n, PARAMS, prefix="pa", fake_clock=True)
 
 
 def row(peers: list[dict], node_id: str) -> dict:

@@ -7,96 +7,16 @@ links run the same code in tests/test_topology_lab.py."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import random
 
 import pytest
 
-from ipop_switch.agent.topology import DROP, LSA_TYPE, REQUEST, Hooks, OverlayTopology
+from ipop_switch.agent.topology import DROP, LSA_TYPE, REQUEST
 from ipop_switch.topology import TopologyParams
+from tests.helpers.topology_net import Net, node_id
 
 
 def nid(i: int) -> str:
-    return hashlib.md5(f"node{i}".encode()).hexdigest()
-
-
-class Net:
-    """N topology instances wired together: messages, link opening, graphs."""
-
-    def __init__(self, n: int, params: TopologyParams, *, open_fails: set[str] = frozenset()) -> None:
-        self.ids = [nid(i) for i in range(n)]
-        self.params = params
-        self.open: dict[str, set[str]] = {i: set() for i in self.ids}     # who opened a link to whom
-        self.graphs: dict[str, list] = {}
-        self.inbox: dict[str, asyncio.Queue] = {}
-        self.present = set(self.ids)
-        self.sent: list[tuple[str, str, str]] = []
-        self.nodes: dict[str, OverlayTopology] = {}
-        for me in self.ids:
-            self.inbox[me] = asyncio.Queue()
-            self.nodes[me] = OverlayTopology(me, params, self._hooks(me))
-
-    def _hooks(self, me: str) -> Hooks:
-        async def send(to: str, type_: str, payload: dict) -> None:
-            self.sent.append((me, to, type_))
-            if to in self.present:
-                self.inbox[to].put_nowait((me, type_, payload))
-
-        async def open_link(peer: str) -> bool:
-            if peer not in self.open[me]:
-                self.open[me].add(peer)
-                if me in self.open[peer]:           # both ends: the link is up at both
-                    self.nodes[me].link_up(peer)
-                    self.nodes[peer].link_up(me)
-            return True
-
-        async def close_link(peer: str, reason: str) -> None:
-            if peer in self.open[me]:
-                self.open[me].discard(peer)
-                if me in self.open[peer]:           # the other end sees the path go
-                    self.nodes[peer].link_down(me)
-                self.nodes[me].link_closed(peer)
-
-        async def set_topology(edges: list) -> None:
-            self.graphs[me] = edges
-
-        return Hooks(members=lambda: [m for m in self.present if m != me], send=send, open_link=open_link,
-                     close_link=close_link, up_links=lambda: [p for p in self.open[me] if me in self.open[p]],
-                     set_topology=set_topology)
-
-    async def pump(self, rounds: int) -> None:
-        """Deliver messages and run decisions until quiet (bounded)."""
-        for _ in range(rounds):
-            for me in list(self.present):
-                await self.nodes[me].decide()
-            for _ in range(50):
-                busy = False
-                for me in list(self.present):
-                    q = self.inbox[me]
-                    while not q.empty():
-                        busy = True
-                        frm, type_, payload = q.get_nowait()
-                        if frm in self.present:
-                            await self.nodes[me].on_message(frm, type_, payload)
-                await asyncio.sleep(0)
-                if not busy:
-                    break
-        await asyncio.sleep(0.5)                    # the graph pushes (debounced)
-
-    def up_edges(self) -> set[tuple[str, str]]:
-        return {tuple(sorted((a, b))) for a in self.present for b in self.open[a] if a in self.open[b] and b in self.present}
-
-    def leave(self, who: str) -> None:
-        self.present.discard(who)
-        for m in self.present:
-            if who in self.open[m]:
-                self.open[m].discard(who)
-                self.nodes[m].link_closed(who)
-            self.nodes[m].member_left(who)
-
-    async def stop(self) -> None:
-        for t in self.nodes.values():
-            await t.stop()
+    return node_id("node", i)
 
 
 def connected(nodes: set[str], edges: set[tuple[str, str]]) -> bool:
