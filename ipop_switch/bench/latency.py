@@ -40,6 +40,7 @@ from rich.console import Console
 from .. import proc
 from ..lab import Lab, LabSpec
 from .peer_n2n import N2nEdge
+from .peers import stop_all
 from .systems import IpopSwitch, node_pids
 
 FLOOR_NET = "100.66"            # the floor's subnets (100.64.0.0/10, apart from the lab's and the bench's)
@@ -476,11 +477,7 @@ def run_latency(*, console: Console, count: int = 200, interval: float = 0.02, r
             report["ratio_to_n2n"] = round(base["ipop-switch"]["median"] / base["n2n"]["median"], 2)
     finally:
         floor.stop()
-        for s in systems:
-            try:
-                s.stop()
-            except Exception as e:      # keep tearing down the rest
-                console.print(f"[red]stopping {s.name}: {e}[/]")
+        stop_all(systems, console)
         with console.status("tearing the lab down ..."):
             lab.down()
     return report

@@ -32,6 +32,15 @@ class BenchError(IpopError):
     pass
 
 
+def stop_all(systems, console) -> None:
+    """Stop every system; one that fails to stop is reported and the rest still stopped."""
+    for s in systems:
+        try:
+            s.stop()
+        except Exception as e:  # keep tearing down the rest
+            console.print(f"[red]stopping {s.name}: {e}[/]")
+
+
 @dataclass
 class System:
     """A system under test between hosts a and b of a lab."""

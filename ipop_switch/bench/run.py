@@ -24,7 +24,7 @@ from .measure import iperf3, ping_rtt, rss_mb, tcp_under_udp_flood
 from .peer_n2n import N2nEdge
 from .peer_nebula import Nebula
 from .peer_openvpn import OpenVpnTap
-from .peers import System, TincSwitch, Underlay, WireguardGo
+from .peers import System, TincSwitch, Underlay, WireguardGo, stop_all
 from .social import social_line, social_vs_group
 
 PEERS: dict[str, type[System]] = {"underlay": Underlay, "wireguard-go": WireguardGo, "tinc": TincSwitch,
@@ -185,11 +185,7 @@ def run_bench(*, systems: list[str], runs: int = 3, seconds: float = 10.0, conso
                     if "limit_error" in v:
                         ex["coturn_limit_error"] = v["limit_error"]
     finally:
-        for s in started:
-            try:
-                s.stop()
-            except Exception as e:  # keep tearing down the rest
-                console.print(f"[red]stopping {s.name}: {e}[/]")
+        stop_all(started, console)
         with console.status("tearing the lab down ..."):
             lab.down()
         shutil.rmtree(workdir, ignore_errors=True)
