@@ -399,7 +399,9 @@ class Lab:
         else:
             self._start_prosody()
         stage("starting coturn")
-        turn = services.Coturn(self.dir / "coturn", self.core_ns, TURN_USER, self.turn_password)
+        # one coturn (two would share port 3478 by SO_REUSEPORT, and a restart would leave
+        # the other relaying the allocations it holds)
+        turn = services.Coturn(self.dir / "coturn", self.core_ns, TURN_USER, self.turn_password, v6=self.spec.has_v6)
         self.pids["coturn"] = turn.start(tied=self.tied)
         self._save()
 
@@ -442,10 +444,6 @@ class Lab:
         self._save()
         stage("starting Prosody")
         self.pids["prosody"] = pros.start(tied=self.tied)
-        self._save()
-        stage("starting coturn")
-        turn = services.Coturn(self.dir / "coturn", self.core_ns, TURN_USER, self.turn_password, v6=self.spec.has_v6)
-        self.pids["coturn"] = turn.start(tied=self.tied)
         self._save()
 
     def restart_prosody(self, *, down_for: float = 0.0) -> None:
