@@ -67,16 +67,18 @@ def test_two_hosts_on_one_lan_link_host_to_host(lab):
 @pytest.mark.slow
 def test_hard_nat_links_end_direct_by_port_prediction(lab):
     """hard <-> easy and hard <-> CGNAT: relayed at once (no frame waits for prediction), then
-    a predicted direct path in most attempts; the first one carries pings."""
+    a predicted direct path in most attempts; the first that wins carries pings (each attempt
+    has a bridge until one has: a single miss, p ~ 0.017, must not fail the frame check)."""
     async def scenario():
         mesh = Mesh(lab)
         results: list[tuple[str, bool, float | None, dict]] = []
         try:
             await mesh.start(["hh1", "eh1", "ch1"])
             plan = [("eh1", i) for i in range(ATTEMPTS)] + [("ch1", i) for i in range(CGNAT_ATTEMPTS)]
+            pinged = False
             for n, (other, i) in enumerate(plan, 1):
-                first = n == 1
-                lp = await mesh.open("hh1", other, index=n, bridge=first)
+                bridged = not pinged
+                lp = await mesh.open("hh1", other, index=n, bridge=bridged)
                 since = (len(lp.a.events), len(lp.b.events))
                 ea, eb = await mesh.wait_up(lp, UP_TIMEOUT)
                 assert ea["path"] == eb["path"] == "relay", (ea, eb)     # up on the relay first
@@ -94,14 +96,15 @@ def test_hard_nat_links_end_direct_by_port_prediction(lab):
                 results.append((other, ok, took, st.get("prediction") or {}))
                 if ok:
                     assert st["path"] == "direct" and st["candidates"] == "host->prediction", st
-                if first:
-                    assert ok, st                   # the one with a bridge: frames over the predicted path
+                if bridged and ok:                  # frames over the predicted path
                     r = await mesh.ping("hh1", lp.addr_b, count=3)
                     assert r.returncode == 0, r.stdout
                     st2 = await lp.a.link_stats(lp.link_id)
                     assert st2["candidates"] == "host->prediction", st2
+                    pinged = True
                 await lp.a.req("close", link_id=lp.link_id)
                 await lp.b.req("close", link_id=lp.link_id)
+            assert pinged, results                  # some predicted path carried frames
         finally:
             await mesh.stop()
         return results
