@@ -1,5 +1,5 @@
-"""The CI soak (issue 18 item 5): ``run_soak(2)``, the same code as ``ipop-switch bench --soak``,
-for 2 minutes: 8 agents, 28 links with pings on each, rekeys every 60 s, one 10 s cut in the
+"""The CI soak (issue 18 item 5): ``run_soak(1.5)``, the same code as ``ipop-switch bench --soak``,
+for 90 s: 8 agents, 28 links with pings on each, a rekey at 60 s, one 10 s cut in the
 middle. The run must pass its own verdict (RSS, fds, no stuck link, the cut recovered) and the
 figures behind it must be there: enough samples, every link rekeyed, the cut seen as an outage,
 and nothing of the lab left afterwards."""
@@ -49,16 +49,16 @@ def test_stuck_pairs_from_ping_logs(tmp_path):
 
 @pytest.mark.lab
 @pytest.mark.slow
-def test_soak_two_minutes():
+def test_soak_ninety_seconds():
     labs_before = set(list_labs())
     console = Console(width=140)
-    report = run_soak(2, console=console)
+    report = run_soak(1.5, console=console)
     print_soak(report, console)
     json.dumps(report)                                     # the CLI writes it with --json
     assert report["ok"], report["failures"]
     samples = report["samples"]
     assert len(samples) >= 8, len(samples)
-    assert samples[-1]["t"] >= 115, samples[-1]["t"]       # it ran the whole 2 minutes
+    assert samples[-1]["t"] >= 85, samples[-1]["t"]        # it ran the whole 90 s
     want = 8 * 7
     assert samples[-1]["links_up"] == want and not report["stuck"], report["stuck"]
     # traffic on every link the whole time: every pair answered in every window but a cut's
