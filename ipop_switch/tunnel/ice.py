@@ -680,7 +680,25 @@ class IceSession:
         if self.closed:
             return
         self.closed = True
+        turns = [(p.transport, i) for p in list(self.conn._protocols) if (i := _turn_inner(p)) is not None]
         try:
             await asyncio.wait_for(self.conn.close(), 3.0)
         except (asyncio.TimeoutError, Exception) as e:   # closing must never wedge the worker
             log.debug("ICE close: %s", e)
+        for tr, inner in turns:
+            _drop_allocation(tr, inner)
+
+
+def _drop_allocation(tr, inner) -> None:
+    """Give up a TURN allocation whose deletion did not finish in time (our address is gone
+    after a roam, or the server is dead): aioice would retransmit the deletion for ~64 s
+    and keep the socket that long. The server frees the allocation when it expires."""
+    task = getattr(tr, "_TurnTransport__close_task", None)
+    if task is not None and not task.done():
+        task.cancel()                       # aioice's delete() closes the socket when cancelled
+    refresh = getattr(inner, "refresh_task", None)
+    if refresh is not None and not refresh.done():
+        refresh.cancel()
+    sock_tr = getattr(inner, "transport", None)
+    if sock_tr is not None and not sock_tr.is_closing():
+        sock_tr.close()
