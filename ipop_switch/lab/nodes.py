@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -182,8 +183,25 @@ class LabGroup:
             node.proc = None
 
     def stop_all(self) -> None:
-        for host in list(self.nodes):
-            self.stop(host)
+        """SIGTERM to every node at once, then wait for each: their shutdowns (links closed,
+        the private OVS stopped: ~3 s a node) overlap instead of adding up."""
+        live = [n for n in self.nodes.values() if n.proc]
+        for n in live:
+            try:
+                n.proc.terminate()
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 15
+        for n in live:
+            try:
+                n.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                n.proc.kill()
+                try:
+                    n.proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    pass
+            n.proc = None
 
     def status(self, host: str) -> dict:
         return query(self.nodes[host].status_socket)
