@@ -27,3 +27,36 @@ def test_config_forms():
     assert SignalingConfig(jid="a@x.test", password="p").endpoints() == [("x.test", 5222)]
     with pytest.raises(ValidationError):
         SignalingConfig(jid="a@x.test", password="p", servers=["h:0"])
+
+
+def test_the_room_watch_keeps_no_schedule_in_memory(monkeypatch):
+    """The room check's delays come from an iterator: a tuple of them (10 million floats)
+    once held 80 MB in every agent, half of a node's memory."""
+    import asyncio
+    import tracemalloc
+    from types import SimpleNamespace
+
+    from ipop_switch.signaling import session as session_mod
+
+    monkeypatch.setattr(session_mod.random, "uniform", lambda a, b: 0.0)     # no pauses
+    sess = session_mod.SignalingSession.__new__(session_mod.SignalingSession)
+    sess.cfg = SimpleNamespace(room_check=10.0)
+    sess.overlay = "t"
+    checks = []
+
+    class Disco:
+        async def check(self, conn):
+            checks.append(conn)
+            if len(checks) >= 5:
+                raise asyncio.CancelledError
+            return None
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(asyncio.CancelledError):
+            asyncio.run(sess._room_watch("conn", Disco()))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(checks) == 5
+    assert peak < 2_000_000, peak

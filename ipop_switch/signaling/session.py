@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import itertools
 import json
 import logging
 import random
@@ -311,7 +312,9 @@ class SignalingSession:
         check = getattr(disco, "check", None)
         if check is None or self.cfg.room_check <= 0:
             return
-        for delay in (3.0, *([self.cfg.room_check] * 10_000_000)):
+        # the first look soon after the join, then every room_check (an iterator: a tuple of the
+        # delays, as once written here, held 80 MB for the life of the session)
+        for delay in itertools.chain((3.0,), itertools.repeat(self.cfg.room_check)):
             await asyncio.sleep(delay * random.uniform(0.8, 1.2))
             try:
                 reason = await check(conn)
