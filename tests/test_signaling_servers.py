@@ -60,3 +60,25 @@ def test_the_room_watch_keeps_no_schedule_in_memory(monkeypatch):
         tracemalloc.stop()
     assert len(checks) == 5
     assert peak < 2_000_000, peak
+
+
+def test_a_strangers_roster_push_gets_an_error_reply_that_serialises():
+    """slixmpp 1.17's own filter set the legacy error code as an int: the reply failed in the
+    send queue (TypeError) and was never sent. Ours goes out; our own account's push is not
+    answered (it updates the roster)."""
+    from slixmpp import Iq
+
+    from ipop_switch.signaling.xmpp import stranger_push_reply
+
+    iq = Iq()
+    iq["type"] = "set"
+    iq["id"] = "push1"
+    iq["from"] = "mallory@example.test/x"
+    iq["to"] = "alice@example.test/node"
+    iq.enable("roster")
+    reply = stranger_push_reply(iq, "alice@example.test")
+    text = str(reply)
+    assert 'type="error"' in text and "service-unavailable" in text and 'id="push1"' in text, text
+    assert 'to="mallory@example.test/x"' in text, text
+    iq["from"] = "alice@example.test"
+    assert stranger_push_reply(iq, "alice@example.test") is None

@@ -74,6 +74,12 @@ class XmppConnection:
         c.register_plugin("xep_0045")
         c.register_plugin("xep_0199")
         c.register_handler(Callback("ipsw", StanzaPath(f"message/{ELEMENT}"), self._on_message))
+        # slixmpp's filter of roster pushes (RFC 6121 2.1.6: only from our own account) answers
+        # a stranger's push with an error whose legacy code it sets as an int, which fails to
+        # serialise ("Exception raised in send queue: TypeError", no reply): the same filter,
+        # with a reply that goes out
+        c.remove_handler("Roster Update")
+        c.register_handler(Callback("Roster Update", StanzaPath("iq@type=set/roster"), self._roster_push))
         self.disconnected: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._outcome: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._on_element = on_element
@@ -158,6 +164,13 @@ class XmppConnection:
         el.xml.text = text
         msg.send()
 
+    def _roster_push(self, iq) -> None:
+        reply = stranger_push_reply(iq, self.client.boundjid.bare)
+        if reply is not None:
+            reply.send()
+            return
+        self.client.event("roster_update", iq)
+
     def _on_message(self, msg: Message) -> None:
         if msg["type"] == "error":
             log.debug("XMPP error for a message to %s: %s", msg["from"], msg["error"]["condition"])
@@ -222,3 +235,16 @@ class XmppConnection:
             except (asyncio.TimeoutError, Exception):
                 pass
         self.close()
+
+
+def stranger_push_reply(iq, own_bare: str):
+    """The error reply to a roster push that is not from our own account (None: it is ours;
+    a push without a from is the server's on our behalf)."""
+    from_ = iq["from"]
+    if not from_ or from_ == slixmpp.JID("") or from_ == own_bare:
+        return None
+    reply = iq.reply()
+    reply["type"] = "error"
+    reply["error"]["type"] = "cancel"
+    reply["error"]["condition"] = "service-unavailable"
+    return reply
