@@ -99,3 +99,31 @@ def test_path_family_and_status_shows_it():
     c = Console(file=StringIO(), width=250)
     render_status(st, c)
     assert "direct (host->host) IPv6" in c.file.getvalue()
+
+
+def test_other_vpns_devices_are_not_gathered_whatever_their_name(monkeypatch, tmp_path):
+    """TUN/TAP devices (tun_flags in sysfs) and kernel WireGuard (DEVTYPE=wireguard) are left
+    out even when no name pattern knows them (OpenVPN's 'ovpntap', n2n's 'n2n0' once won the
+    ICE checks in the bench and carried the link inside OpenVPN); a host whose only addressed
+    interfaces are such devices still gathers from them."""
+    from types import SimpleNamespace
+    from ipop_switch.tunnel import ice
+
+    sysnet = tmp_path / "net"
+    for name, files in {"eth0": {"uevent": "INTERFACE=eth0\n"}, "ovpntap": {"tun_flags": "0x1002\n"},
+                        "n2n0": {"tun_flags": "0x1002\n"}, "wgx": {"uevent": "DEVTYPE=wireguard\nINTERFACE=wgx\n"}}.items():
+        (sysnet / name).mkdir(parents=True)
+        for f, text in files.items():
+            (sysnet / name / f).write_text(text)
+
+    def adapter(name, ip):
+        return SimpleNamespace(nice_name=name, ips=[SimpleNamespace(ip=ip, network_prefix=24)])
+
+    every = [adapter("eth0", "198.18.1.11"), adapter("ovpntap", "100.98.4.1"), adapter("n2n0", "100.98.5.1"),
+             adapter("wgx", "100.98.1.1")]
+    monkeypatch.setattr(ice.ifaddr, "get_adapters", lambda: every)
+    assert ice.host_addresses([], False, str(sysnet)) == ["198.18.1.11"]
+    assert ice.is_tunnel_device("ovpntap", str(sysnet)) and ice.is_tunnel_device("wgx", str(sysnet))
+    assert not ice.is_tunnel_device("eth0", str(sysnet)) and not ice.is_tunnel_device("gone", str(sysnet))
+    monkeypatch.setattr(ice.ifaddr, "get_adapters", lambda: every[1:])
+    assert ice.host_addresses([], False, str(sysnet)) == ["100.98.4.1", "100.98.5.1", "100.98.1.1"]

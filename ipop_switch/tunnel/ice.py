@@ -4,7 +4,8 @@ check order, the selected pair as a send function, and TURN channel refreshes.
 aioice does the RFC 8445 work (checks, nomination, role conflicts) and TURN allocation
 refreshes (its RFC 7675 consent checks are stopped once a pair is selected: the link's own
 authenticated keepalives replace them). What we add:
-- gathering leaves out the overlay's own interfaces and other VPNs (``exclude``);
+- gathering leaves out the overlay's own interfaces and other VPNs (``exclude`` by name,
+  and any TUN/TAP or WireGuard device: ``is_tunnel_device``);
 - the controlling side delays checks on pairs that involve a relay by ``relay_delay``,
   because aioice nominates aggressively (the first pair that answers wins) and a relay
   pair must not beat a direct pair whose first check is still punching through a NAT;
@@ -89,14 +90,41 @@ def random_credential(n: int) -> str:
     return "".join(secrets.choice(alphabet) for _ in range(n))
 
 
-def host_addresses(exclude: tuple[str, ...] | list[str], use_ipv6: bool) -> list[str]:
-    """Addresses of interfaces not matching any pattern in ``exclude`` (fnmatch); with
-    ``use_ipv6`` also their global and ULA IPv6 addresses. Link-local ones never: a candidate
-    of one would need the interface's scope, which means nothing on the peer's host."""
+SYS_NET = "/sys/class/net"
+
+
+def is_tunnel_device(name: str, sys_net: str = SYS_NET) -> bool:
+    """A TUN/TAP device (OpenVPN, n2n, tinc, nebula, wireguard-go, ...) or a kernel WireGuard
+    interface, whatever its name: another VPN's inside. A pair through it would carry our
+    link inside that VPN (and its checks may win: OpenVPN's ``ovpntap`` did in the bench,
+    6 s of checks and every frame through OpenVPN)."""
+    base = os.path.join(sys_net, name)
+    if os.path.exists(os.path.join(base, "tun_flags")):
+        return True
+    try:
+        with open(os.path.join(base, "uevent")) as f:
+            return "DEVTYPE=wireguard" in f.read()
+    except OSError:
+        return False
+
+
+def _gather_adapters(exclude: tuple[str, ...] | list[str], sys_net: str = SYS_NET) -> list:
+    """Interfaces to gather from: not matching a pattern of ``exclude`` (fnmatch), and not
+    another VPN's device unless nothing else has an address (a host whose only uplink is a
+    TAP, e.g. an OVS userspace-datapath bridge, still gathers)."""
+    named = [ad for ad in ifaddr.get_adapters() if not any(fnmatch.fnmatch(ad.nice_name, p) for p in exclude)]
+    plain = [ad for ad in named if not is_tunnel_device(ad.nice_name, sys_net)]
+    has_addr = any(isinstance(ip.ip, str) and not ipaddress.ip_address(ip.ip).is_loopback
+                   for ad in plain for ip in ad.ips)
+    return plain if has_addr else named
+
+
+def host_addresses(exclude: tuple[str, ...] | list[str], use_ipv6: bool, sys_net: str = SYS_NET) -> list[str]:
+    """Addresses of the interfaces ``_gather_adapters`` keeps; with ``use_ipv6`` also their
+    global and ULA IPv6 addresses. Link-local ones never: a candidate of one would need the
+    interface's scope, which means nothing on the peer's host."""
     out = []
-    for ad in ifaddr.get_adapters():
-        if any(fnmatch.fnmatch(ad.nice_name, p) for p in exclude):
-            continue
+    for ad in _gather_adapters(exclude, sys_net):
         for ip in ad.ips:
             if isinstance(ip.ip, str):
                 if not ipaddress.ip_address(ip.ip).is_loopback:
@@ -112,9 +140,7 @@ def local_networks(exclude: tuple[str, ...] | list[str]) -> list[ipaddress.IPv4N
     """The networks (address/prefix) of the interfaces ``host_addresses`` gathers from: a
     peer's host candidate inside one of them is probably on our LAN."""
     out = []
-    for ad in ifaddr.get_adapters():
-        if any(fnmatch.fnmatch(ad.nice_name, p) for p in exclude):
-            continue
+    for ad in _gather_adapters(exclude):
         for ip in ad.ips:
             addr = ip.ip if isinstance(ip.ip, str) else ip.ip[0]
             try:
