@@ -175,33 +175,38 @@ class LabGroup:
             if kill:
                 node.proc.kill()
             else:
-                proc.terminate(node.proc.pid, grace=15)
-            try:
-                node.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                node.proc.kill()
-            node.proc = None
+                _signal(node.proc)
+            _reap(node, 15)
 
     def stop_all(self) -> None:
         """SIGTERM to every node at once, then wait for each: their shutdowns (links closed,
         the private OVS stopped: ~3 s a node) overlap instead of adding up."""
         live = [n for n in self.nodes.values() if n.proc]
         for n in live:
-            try:
-                n.proc.terminate()
-            except ProcessLookupError:
-                pass
+            _signal(n.proc)
         deadline = time.monotonic() + 15
         for n in live:
-            try:
-                n.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                n.proc.kill()
-                try:
-                    n.proc.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    pass
-            n.proc = None
+            _reap(n, max(0.1, deadline - time.monotonic()))
 
     def status(self, host: str) -> dict:
         return query(self.nodes[host].status_socket)
+
+
+def _signal(p: subprocess.Popen) -> None:
+    try:
+        p.terminate()
+    except ProcessLookupError:
+        pass
+
+
+def _reap(node: LabNode, timeout: float) -> None:
+    """Wait ``timeout`` seconds for the node's agent to end, then SIGKILL it."""
+    try:
+        node.proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        node.proc.kill()
+        try:
+            node.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+    node.proc = None
