@@ -13,8 +13,6 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
 from .config import Config, ConfigError
 
 # the order tables appear in; keys of a table keep the order they are given in
@@ -77,9 +75,9 @@ def render_config(doc: dict, *, header: str, comments: dict[str, str] | None = N
             out += ["", "[[overlay.attach]]", *_lines(guest, "overlay.attach", comments)]
     text = "\n".join(out) + "\n"
     try:
-        Config.model_validate(tomllib.loads(text))
-    except ValidationError as e:
-        raise ConfigError(f"refusing to write an invalid node config: {e.errors()[0]['msg']}") from None
+        Config.parse(tomllib.loads(text))
+    except ConfigError as e:
+        raise ConfigError(f"refusing to write an invalid node config: {e}") from None
     return text
 
 

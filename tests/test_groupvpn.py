@@ -250,7 +250,7 @@ def test_broken_config_is_one_line_error(tmp_path):
                    '[overlay.xmpp]\nserver = "198.18.0.1"\njid = "a@ipsw.test"\npassword = "p"\n')
     r = _up(["-c", str(cfg)])
     assert r.returncode == 1
-    assert r.stderr.strip().splitlines() == [f"ipop-switch: error: {cfg}: overlay[0].mtu: Input should be greater than or equal to 1280"]
+    assert r.stderr.strip().splitlines() == [f"ipop-switch: error: {cfg}: overlay[0].mtu: expected int >= 1280"]
     r = _up(["-c", str(tmp_path / "missing.toml")])
     assert r.returncode == 1 and "no such config file" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 

@@ -137,12 +137,12 @@ def test_a_run_without_a_peer_ends_with_nothing() -> None:
 
 def test_opt_out_reaches_the_link_spec() -> None:
     """``[overlay.ice] port_prediction = false`` is carried to the worker's LinkSpec."""
-    from ipop_switch.config import IceConfig
+    from ipop_switch.config import ConfigError, IceConfig
     from ipop_switch.tunnel.messages import LinkSpec
     assert IceConfig().port_prediction is True
     off = IceConfig(port_prediction=False)
     spec = LinkSpec(link_id="l", peer_id="p", controlling=True, local_static=bytes(32), peer_static=bytes(32),
                     tap="ipt0", port_prediction=off.port_prediction)
     assert LinkSpec.from_json(spec.to_json()).port_prediction is False
-    with pytest.raises(ValueError):
-        IceConfig(port_prediction="maybe")
+    with pytest.raises(ConfigError, match="port_prediction: expected bool, got str"):
+        IceConfig.parse({"port_prediction": "maybe"})

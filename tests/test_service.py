@@ -146,19 +146,19 @@ def test_journald_lines_have_priority_and_no_timestamp(tmp_path, restore_logging
 # -- reload: what applies live -----------------------------------------------------------------
 def test_reload_plan(tmp_path):
     old = load_config(write_cfg(tmp_path))
-    d = old.model_dump()
+    d = old.to_dict()
     d["node"]["log_level"] = "debug"
     d["overlay"][0]["attach"] = [{"name": "web", "netns": "x", "addresses": ["100.99.1.1/16"]}]
     d["overlay"][0]["address"] = "100.99.0.2/16"
     d["overlay"][0]["dns"]["enable"] = True
     d["ovs"]["datapath"] = "netdev"
     d["overlay"].append({**d["overlay"][0], "name": "other", "attach": []})
-    new = Config.model_validate(d)
+    new = Config.parse(d)
     live, restart = plan(old, new)
     assert live == ["node.log_level", "overlay[demo].attach", "overlay[demo].dns"]
     assert restart == ["ovs", "overlay[other]:added", "overlay[demo].address"]
     d["overlay"][0]["dns"]["name"] = "laptop"
-    assert plan(old, Config.model_validate(d))[1][-1] == "overlay[demo].dns.name"
+    assert plan(old, Config.parse(d))[1][-1] == "overlay[demo].dns.name"
     assert plan(old, old) == ([], [])
 
 

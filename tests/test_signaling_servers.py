@@ -6,7 +6,6 @@ from __future__ import annotations
 
 
 import pytest
-from pydantic import ValidationError
 
 from ipop_switch.config import XmppConfig
 from ipop_switch.signaling.config import SignalingConfig
@@ -17,15 +16,15 @@ def test_config_forms():
     assert one.where() == "x.test:5222"
     many = XmppConfig(servers=["198.18.0.1", "198.18.0.4:5223", "[fd00::1]:5224"], jid="a@x.test", password="p")
     assert many.where() == "198.18.0.1, 198.18.0.4:5223, [fd00::1]:5224"
-    with pytest.raises(ValidationError, match="give server"):
+    with pytest.raises(ValueError, match="give server"):
         XmppConfig(jid="a@x.test", password="p")
-    with pytest.raises(ValidationError, match="bad port"):
+    with pytest.raises(ValueError, match="bad port"):
         XmppConfig(servers=["h:99999"], jid="a@x.test", password="p")
     s = SignalingConfig(jid="a@x.test", password="p", servers=many.servers, port=5222)
     assert s.endpoints() == [("198.18.0.1", 5222), ("198.18.0.4", 5223), ("fd00::1", 5224)]
     assert SignalingConfig(jid="a@x.test", password="p", server="h").endpoints() == [("h", 5222)]
     assert SignalingConfig(jid="a@x.test", password="p").endpoints() == [("x.test", 5222)]
-    with pytest.raises(ValidationError):
+    with pytest.raises(ValueError):
         SignalingConfig(jid="a@x.test", password="p", servers=["h:0"])
 
 

@@ -11,7 +11,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from ipop_switch.config import OverlayConfig
+from ipop_switch.config import ConfigError, OverlayConfig
 from ipop_switch.identity import CertRejected, GroupCA, NodeIdentity
 from ipop_switch.identity.selfsigned import SelfSignedVerifier, make_self_signed, social_identity
 
@@ -66,15 +66,15 @@ def test_verifier_refuses_what_is_not_a_node_own_certificate(tmp_path):
 def _ov(**kw):
     base = {"name": "soc", "kind": "social", "address": "100.80.0.1/16",
             "xmpp": {"server": "x", "jid": "alice@lab", "password": "p"}}
-    return OverlayConfig.model_validate({**base, **kw})
+    return OverlayConfig.parse({**base, **kw})
 
 
 def test_social_config():
     c = _ov(social={"node": "laptop", "addresses": {"bob@lab/pc": "100.80.0.9"}})
     assert c.social.node == "laptop" and c.social.suffix == "ipsw.internal"
-    with pytest.raises(ValueError, match="IPv4 only"):
+    with pytest.raises(ConfigError, match="IPv4 only"):
         _ov(address6="fd00:80::1/64")
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError, match=r"^social\.node: expected str matching regex"):
         _ov(social={"node": "Not A Label"})
 
 

@@ -178,12 +178,12 @@ def test_dns_answers_this_nodes_view_and_listens_on_loopback_only():
     assert QTYPE.get(ask("desk.bob.ipsw.internal", "ANY").rr[0].rtype) == "A"
 
     xmpp = {"server": "198.18.0.1", "jid": "alice@lab", "password": "x"}
-    soc = OverlayConfig(name="soc", kind="social", address="100.80.0.1/16", xmpp=xmpp, dns={"enable": True})
+    soc = OverlayConfig.parse(dict(name="soc", kind="social", address="100.80.0.1/16", xmpp=xmpp, dns={"enable": True}))
     assert listen_addresses(soc) == [(dns_loopback("soc"), 53)]
-    only = OverlayConfig(name="soc", kind="social", address="100.80.0.1/16", xmpp=xmpp,
-                         dns={"enable": True, "listen": ["overlay"]})
+    only = OverlayConfig.parse(dict(name="soc", kind="social", address="100.80.0.1/16", xmpp=xmpp,
+                                    dns={"enable": True, "listen": ["overlay"]}))
     assert listen_addresses(only) == [(dns_loopback("soc"), 53)]
-    grp = OverlayConfig(name="grp", address="100.81.0.1/16", xmpp=xmpp, dns={"enable": True})
+    grp = OverlayConfig.parse(dict(name="grp", address="100.81.0.1/16", xmpp=xmpp, dns={"enable": True}))
     assert listen_addresses(grp) == [("100.81.0.1", 53), (dns_loopback("grp"), 53)]
     from ipop_switch.cli.dns import advice     # 'ipop-switch dns' tells the same
     a = advice(soc)

@@ -23,7 +23,7 @@ log = logging.getLogger("ipop_switch.agent")
 
 def spec_of(cfg: AttachConfig | dict) -> GuestSpec:
     """A GuestSpec from the config (or from the CLI's request, validated the same way)."""
-    c = cfg if isinstance(cfg, AttachConfig) else AttachConfig.model_validate(cfg)
+    c = cfg if isinstance(cfg, AttachConfig) else AttachConfig.parse(cfg)
     return GuestSpec(name=c.name, netns=c.netns, pid=c.pid, interface=c.interface, ifname=c.ifname,
                      mac=c.mac, mtu=c.mtu, addresses=tuple(c.addresses), dhcp_server=c.dhcp_server,
                      lock_mac=c.lock_mac, moved=c.moved)

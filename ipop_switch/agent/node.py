@@ -176,7 +176,7 @@ class Node:
 
     # -- commands (ipop-switch attach / detach) ---------------------------------------------
     async def _control(self, cmd: dict) -> dict:
-        from pydantic import ValidationError
+        from ..config import ConfigError
         from .guests import spec_of
         op = cmd["cmd"]
         if op == "friends":   # ipop-switch friends ...: the social overlay's (agent/social.py)
@@ -194,10 +194,8 @@ class Node:
         if op == "attach":
             try:
                 spec = spec_of(cmd.get("guest") or {})
-            except ValidationError as e:
-                err = e.errors()[0]
-                where = ".".join(str(x) for x in err["loc"])
-                raise IpopError(f"attach: {where + ': ' if where else ''}{err['msg'].removeprefix('Value error, ')}") from None
+            except ConfigError as e:
+                raise IpopError(f"attach: {e}") from None
             g = await ov.guests.attach(spec)
         else:
             g = await ov.guests.detach(str(cmd.get("name") or ""))

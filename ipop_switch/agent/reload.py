@@ -37,7 +37,7 @@ def plan(old: Config, new: Config) -> tuple[list[str], list[str]]:
     restart += [f"overlay[{n}]:added" for n in news if n not in olds]
     restart += [f"overlay[{n}]:removed" for n in olds if n not in news]
     for name in [n for n in news if n in olds]:
-        for f in OverlayConfig.model_fields:
+        for f in OverlayConfig.field_names():
             if getattr(olds[name], f) != getattr(news[name], f):
                 (live if f in LIVE_OVERLAY_FIELDS else restart).append(f"overlay[{name}].{f}")
         if olds[name].dns.name != news[name].dns.name:
@@ -46,7 +46,7 @@ def plan(old: Config, new: Config) -> tuple[list[str], list[str]]:
 
 
 def _node_fields(old: Config, new: Config) -> list[str]:
-    return [f for f in type(old.node).model_fields if getattr(old.node, f) != getattr(new.node, f)]
+    return [f for f in type(old.node).field_names() if getattr(old.node, f) != getattr(new.node, f)]
 
 
 class Reloader:
@@ -86,7 +86,7 @@ class Reloader:
                 if ncfg is not None and ncfg.dns != ov.cfg.dns:
                     errors += await self._dns(ov, ncfg)
             # the node keeps running on its old config but for what was applied
-            self.node.cfg = old.model_copy(update={"node": old.node.model_copy(update={"log_level": new.node.log_level})})
+            self.node.cfg = old.replace(node=old.node.replace(log_level=new.node.log_level))
             log.info("event=config_reloaded path=%s applied=%s restart_needed=%s errors=%d", self.path,
                      ",".join(live) or "-", ",".join(restart) or "-", len(errors))
             if restart:
@@ -104,7 +104,7 @@ class Reloader:
         if ov.dns is not None:
             await ov.dns.stop()
             ov.dns = None
-        ov.cfg = ov.cfg.model_copy(update={"dns": ncfg.dns})
+        ov.cfg = ov.cfg.replace(dns=ncfg.dns)
         try:
             ov.dns = await start_dns(ov)
             return []
@@ -146,5 +146,5 @@ class Reloader:
         for name in old:
             if name not in new:
                 ov.guests.failed.pop(name, None)
-        ov.cfg = ov.cfg.model_copy(update={"attach": list(ncfg.attach)})
+        ov.cfg = ov.cfg.replace(attach=list(ncfg.attach))
         return errors

@@ -2,67 +2,75 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+import msgspec
+from msgspec import field
+
+_RESOURCE = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+
+_POSITIVE = ("connect_timeout", "backoff_min", "backoff_max", "keepalive", "queue_timeout", "replay_window",
+             "max_future_skew", "leave_grace", "rejoin_grace", "recheck_interval")
 
 
-class SignalingConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class SignalingConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Built by the agent from the validated node config and by the harness from its command
+    line: ``__post_init__`` checks every value either could get wrong."""
 
-    jid: str = Field(description="XMPP account of this node for this overlay, user@domain")
-    password: str = Field(repr=False)
-    server: str | None = Field(None, description="host to connect to (default: the JID's domain)")
-    port: int = Field(5222, ge=1, le=65535)
-    servers: list[str] = Field(default_factory=list, description="several servers of one cluster, 'host' or "
-                               "'host:port' (port default ``port``), tried in order: the session stays on one and "
-                               "moves to the next when it is lost or unreachable (``server`` is then unused)")
-    ca_file: Path | None = Field(None, description="CA that must have signed the server certificate "
-                                                   "(default: the system's CAs)")
-    room: str | None = Field(None, description="MUC room name (default ipsw-<overlay>)")
-    muc_domain: str | None = Field(None, description="MUC service (default conference.<JID domain>)")
-    capabilities: dict[str, Any] = Field(default_factory=dict, description="announced to peers as is")
-    resource: str | None = Field(None, pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$",
-                                 description="XMPP resource to bind (SocialVPN: the node's name; default: "
-                                             "the server picks one)")
-    initial_presence: bool = Field(True, description="send presence at login (SocialVPN's discovery sends its "
-                                                     "own, once its handlers see the answers)")
+    jid: str                    # XMPP account of this node for this overlay, user@domain
+    password: str               # kept out of repr
+    server: str | None = None   # host to connect to (default: the JID's domain)
+    port: int = 5222
+    # several servers of one cluster, 'host' or 'host:port' (port default ``port``), tried in
+    # order: the session stays on one and moves to the next when it is lost or unreachable
+    # (``server`` is then unused)
+    servers: list[str] = field(default_factory=list)
+    ca_file: Path | None = None     # CA that must have signed the server certificate (default: the system's)
+    room: str | None = None         # MUC room name (default ipsw-<overlay>)
+    muc_domain: str | None = None   # MUC service (default conference.<JID domain>)
+    capabilities: dict[str, Any] = field(default_factory=dict)    # announced to peers as is
+    # XMPP resource to bind (SocialVPN: the node's name; default: the server picks one)
+    resource: str | None = None
+    # send presence at login (SocialVPN's discovery sends its own, once its handlers see the answers)
+    initial_presence: bool = True
 
-    connect_timeout: float = Field(10.0, gt=0, description="TCP + TLS + login + room join, seconds")
-    backoff_min: float = Field(1.0, gt=0)
-    backoff_max: float = Field(60.0, gt=0)
-    keepalive: float = Field(30.0, gt=0, description="XMPP ping interval; a missed ping drops the session")
-    queue_timeout: float = Field(30.0, gt=0, description="how long a message waits for an unreachable peer")
-    queue_max: int = Field(1024, ge=1)
-    replay_window: float = Field(60.0, gt=0, description="how old a message may be, seconds (clock difference "
-                                                         "plus delivery time)")
-    max_future_skew: float = Field(5.0, gt=0, description="how far ahead of our clock a message may be dated, "
-                                                           "seconds (keep clocks in step with NTP)")
-    leave_grace: float = Field(5.0, gt=0, description="a peer that left the room is reported gone after this "
-                                                      "unless it comes back (or we lose the server too)")
-    rejoin_grace: float = Field(20.0, gt=0, description="after a reconnect, peers not seen again within this "
-                                                        "are reported as left")
-    recheck_interval: float = Field(30.0, gt=0, description="re-verify known peers' certificates this often")
-    room_check: float = Field(10.0, ge=0, description="how often to compare the room's occupants as the server "
-                                                       "lists them with the presences we got (a split room: two "
-                                                       "rooms of one name on two cluster nodes, or a room lost "
-                                                       "with the cluster node that held it); 0 = never")
+    connect_timeout: float = 10.0   # TCP + TLS + login + room join, seconds
+    backoff_min: float = 1.0
+    backoff_max: float = 60.0
+    keepalive: float = 30.0         # XMPP ping interval; a missed ping drops the session
+    queue_timeout: float = 30.0     # how long a message waits for an unreachable peer
+    queue_max: int = 1024
+    replay_window: float = 60.0     # how old a message may be (clock difference plus delivery time)
+    max_future_skew: float = 5.0    # how far ahead of our clock a message may be dated (keep NTP)
+    # a peer that left the room is reported gone after this unless it comes back (or we lose the server too)
+    leave_grace: float = 5.0
+    rejoin_grace: float = 20.0      # after a reconnect, peers not seen again within this are reported as left
+    recheck_interval: float = 30.0  # re-verify known peers' certificates this often
+    # how often to compare the room's occupants as the server lists them with the presences we
+    # got (a split room: two rooms of one name on two cluster nodes, or a room lost with the
+    # cluster node that held it); 0 = never
+    room_check: float = 10.0
 
-    @field_validator("jid")
-    @classmethod
-    def _jid(cls, v: str) -> str:
-        local, _, domain = v.partition("@")
+    def __post_init__(self) -> None:
+        local, _, domain = self.jid.partition("@")
         if not local or not domain or "/" in domain:
-            raise ValueError("must be user@domain (no resource)")
-        return v
-
-    @field_validator("servers")
-    @classmethod
-    def _servers(cls, v: list[str]) -> list[str]:
-        for s in v:
+            raise ValueError(f"jid {self.jid!r} must be user@domain (no resource)")
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port {self.port}: 1-65535")
+        for s in self.servers:
             split_hostport(s, 5222)
-        return v
+        if self.resource is not None and not re.match(_RESOURCE, self.resource):
+            raise ValueError(f"resource {self.resource!r}: a DNS label (a-z, 0-9, '-')")
+        for name in _POSITIVE:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0")
+        if self.room_check < 0 or self.queue_max < 1:
+            raise ValueError("room_check must be >= 0 and queue_max >= 1")
+
+    def __repr__(self) -> str:
+        return f"SignalingConfig(jid={self.jid!r}, endpoints={self.endpoints()!r})"
 
     def endpoints(self) -> list[tuple[str, int]]:
         """The servers to try, in order: ``servers``, else ``server`` (or the JID's domain)."""
