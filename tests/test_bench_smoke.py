@@ -1,6 +1,7 @@
 """A short ``ipop-switch bench`` through the real CLI: one round of 2 s for ipop-switch and the
 underlay only. It exits 0, reports positive TCP figures for both (and for ipop-switch over
-the relayed and the lossy path), measures and installs nothing it was not asked for, and
+the relayed and the lossy path; over the relay both ways and against coturn's own limit, also
+with coturn scheduled first), measures and installs nothing it was not asked for, and
 removes its labs. Then each peer added for issue 21 (nebula, OpenVPN, n2n) alone, briefly:
 set up as the bench sets it up, it carries TCP in outer UDP and leaves no process behind;
 skipped when its Debian package is not installed."""
@@ -44,6 +45,13 @@ def test_bench_smoke(tmp_path):
     for r_ in (ours, under, guests):
         assert r_["tcp1_mbit"]["median"] > 0 and r_["tcp4_mbit"]["median"] > 0, r_
     assert ours["tcp1_relay_mbit"] > 0 and ours["relay_path"] == "relay", ours
+    # both ways and coturn's own limit, with coturn at its default scheduling and scheduled first
+    for first in ("", "_first"):
+        assert ours[f"tcp1_relay{first}_mbit"] > 0 and ours[f"tcp1_relay{first}_reverse_mbit"] > 0, ours
+        assert ours[f"coturn{first}_limit_mbit"] > 0 and ours[f"coturn{first}_limit_reverse_mbit"] > 0, ours
+        assert 0 < ours[f"coturn{first}_fraction"] == round(
+            ours[f"tcp1_relay{first}_mbit"] / ours[f"coturn{first}_limit_mbit"], 2), ours
+    assert "scheduled first" in r.stdout, r.stdout[-3000:]
     assert ours["tcp1_loss1_mbit"] > 0, ours
     assert ours["path"] == "direct" and ours["outer_udp"] is True and ours["up_after_flood"] is True, ours
     assert ours["ping_ms"] and ours["ping_ms"] > 0, ours

@@ -176,14 +176,13 @@ def run_bench(*, systems: list[str], runs: int = 3, seconds: float = 10.0, conso
                     ex = results["ipop-switch"].extra
                     ex["relay_setup_s"] = v["setup_s"]
                     ex["relay_path"] = v["path"]
-                    ex["tcp1_relay_reverse_mbit"] = v.get("mbit_reverse")
-                    for key, lim, ours in (("coturn_limit_mbit", "limit_mbit", "mbit"),
-                                           ("coturn_limit_reverse_mbit", "limit_reverse_mbit", "mbit_reverse")):
-                        if v.get(lim):
-                            ex[key] = v[lim]
-                            ex[key.replace("limit", "fraction").replace("_mbit", "")] = round(v[ours] / v[lim], 2)
-                    if "limit_error" in v:
-                        ex["coturn_limit_error"] = v["limit_error"]
+                    ex.update(relay_figures(v))
+                    if "first" in v:        # coturn scheduled first, as on a machine of its own
+                        ex.update({k.replace("relay", "relay_first").replace("coturn", "coturn_first"): x
+                                   for k, x in relay_figures(v["first"]).items()})
+                        ex["tcp1_relay_first_mbit"] = v["first"]["mbit"]
+                    elif "first_error" in v:
+                        ex["coturn_first_error"] = v["first_error"]
     finally:
         stop_all(started, console)
         with console.status("tearing the lab down ..."):
@@ -195,6 +194,19 @@ def run_bench(*, systems: list[str], runs: int = 3, seconds: float = 10.0, conso
     if cmp:
         report["social_vs_group"] = cmp
     return report
+
+
+def relay_figures(v: dict) -> dict:
+    """Ours over TURN the other way, coturn's own limit each way and our fraction of it."""
+    out = {"tcp1_relay_reverse_mbit": v.get("mbit_reverse")}
+    for key, lim, ours in (("coturn_limit_mbit", "limit_mbit", "mbit"),
+                           ("coturn_limit_reverse_mbit", "limit_reverse_mbit", "mbit_reverse")):
+        if v.get(lim):
+            out[key] = v[lim]
+            out[key.replace("limit", "fraction").replace("_mbit", "")] = round(v[ours] / v[lim], 2)
+    if "limit_error" in v:
+        out["coturn_limit_error"] = v["limit_error"]
+    return out
 
 
 def print_table(report: dict, console: Console) -> None:
@@ -226,11 +238,15 @@ def print_table(report: dict, console: Console) -> None:
             ratio = g[key]["median"] / res["ipop-switch"][key]["median"]
             console.print(f"ipop-switch guest-to-guest / host-to-host, TCP {label}: [bold]{ratio:.2f}[/]")
     ours = res.get("ipop-switch") or {}
-    if ours.get("coturn_limit_mbit"):
-        console.print(f"ipop-switch over TURN: {ours['tcp1_relay_mbit']:.0f} Mbit/s = [bold]{ours['coturn_fraction']:.2f}[/] "
-                      f"of what coturn itself relays that way here ({ours['coturn_limit_mbit']:.0f}); the other way "
-                      f"{ours.get('tcp1_relay_reverse_mbit') or 0:.0f} = {ours.get('coturn_fraction_reverse', 0):.2f} "
-                      f"of {ours.get('coturn_limit_reverse_mbit') or 0:.0f}")
+    for first, how in (("", ""), ("_first", " (coturn scheduled first, as on a machine of its own)")):
+        if ours.get(f"coturn{first}_limit_mbit"):
+            console.print(
+                f"ipop-switch over TURN{how}: {ours[f'tcp1_relay{first}_mbit']:.0f} Mbit/s = "
+                f"[bold]{ours[f'coturn{first}_fraction']:.2f}[/] of what coturn itself relays that way here "
+                f"({ours[f'coturn{first}_limit_mbit']:.0f}); the other way "
+                f"{ours.get(f'tcp1_relay{first}_reverse_mbit') or 0:.0f} = "
+                f"{ours.get(f'coturn{first}_fraction_reverse', 0):.2f} of "
+                f"{ours.get(f'coturn{first}_limit_reverse_mbit') or 0:.0f}")
     for name, why in report.get("skipped", {}).items():
         console.print(f"[yellow]{name} skipped: {why}[/]")
     for line in ratio_lines(res):
