@@ -31,7 +31,8 @@ class _Strict(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """A config table: unknown keys are errors (a typo is not silently ignored), values frozen.
 
     msgspec rather than pydantic: the same checks (types, ranges, patterns, our own rules in
-    ``__post_init__``) with errors naming the field, for 15 MB less in every agent and CLI."""
+    ``__post_init__``) with errors naming the field; pydantic and these models took 20 MB into
+    an interpreter, msgspec 4 (the running agent 63 -> 54 MB RSS)."""
 
     @classmethod
     def parse(cls: type[T], data: Any) -> T:
