@@ -44,6 +44,15 @@ log = logging.getLogger(__name__)
 
 Emit = Callable[[dict], None]
 
+PREGATHER_FRESH = 10.0      # s: candidates gathered before the offer are used at most this old
+
+
+def _retrieve(task: asyncio.Task) -> None:
+    """A gathering nobody awaits any more (dropped, or the attempt timed out): its error is
+    read here so asyncio does not log it as never retrieved."""
+    if not task.cancelled():
+        task.exception()
+
 
 class State(enum.Enum):
     NEW = "new"
@@ -86,6 +95,9 @@ class LinkWorker:
         self._answer: asyncio.Future | None = None
         self._confirmed = asyncio.Event()
         self._last_offer_payload: dict | None = None
+        # controlled side: an ICE session gathering while the offer is on its way (its task,
+        # when it started), taken by the next attempt if still fresh
+        self._pre: tuple[IceSession, asyncio.Task, float] | None = None
         self._tasks: set[asyncio.Task] = set()
         # upgrade of a relayed path: a direct-only ICE probe beside the working relay
         self._probe_task: asyncio.Task | None = None
@@ -222,6 +234,7 @@ class LinkWorker:
         backoff = self.timers.backoff_min
         while not self.closed:
             if not self.spec.controlling:
+                self._pregather()
                 offer = await self._wait_offer()
                 coro = self._attempt_controlled(offer)
             else:
@@ -263,10 +276,41 @@ class LinkWorker:
             self._keep_backoff = keep_backoff
             self._attempt_task.cancel()
 
+    def _pregather(self) -> None:
+        """Controlled side: gather while the peer gathers and sends its offer, instead of after
+        it: the two gatherings overlap (a UDP-blocked host's STUN timeout, ~3 s, no longer
+        comes after the peer's). Taken by the attempt the offer starts if it is at most
+        ``PREGATHER_FRESH`` old; dropped when older (addresses or the TURN server may have
+        changed meanwhile, and an idle allocation is not held for a peer that stays away)."""
+        if self._pre is not None or self.closed:
+            return
+        ice = self._new_ice(0)
+        task = asyncio.ensure_future(ice.gather())
+        task.add_done_callback(_retrieve)
+        self._pre = (ice, task, time.monotonic())
+
+    def _drop_pre(self) -> None:
+        pre, self._pre = self._pre, None
+        if pre is not None:
+            pre[1].cancel()
+            self._close_later(pre[0])
+
+    def _close_later(self, s: IceSession) -> None:
+        t = asyncio.ensure_future(s.close())
+        self._closing.add(t)
+        t.add_done_callback(self._closing.discard)
+
+    def _host_addrs(self) -> set[str]:
+        """The host's addresses ICE may gather now (the overlay's own TAP left out)."""
+        return set(host_addresses(list(DEFAULT_EXCLUDE) + list(self.spec.exclude_interfaces) + [self.spec.tap],
+                                  self.spec.ipv6))
+
     async def _wait_offer(self) -> dict:
         """Controlled side: ask for an attempt (link_restart) and wait for a newer offer."""
         self.state = State.WAIT_OFFER
         while True:
+            if self._pre is not None and time.monotonic() - self._pre[2] > PREGATHER_FRESH:
+                self._drop_pre()
             if self._offer is not None and self._offer["attempt"] > self.attempt:
                 offer, self._offer = self._offer, None
                 return offer
@@ -321,8 +365,21 @@ class LinkWorker:
         t = self.timers
         self.attempt = offer["attempt"]
         self.state = State.GATHERING
-        self.ice = ice = self._new_ice(self.attempt)
-        local = await self._bounded(ice.gather(), t.gather_timeout, "gathering")
+        pre, self._pre = self._pre, None
+        local = None
+        if pre is not None and time.monotonic() - pre[2] <= PREGATHER_FRESH:
+            self.ice = ice = pre[0]
+            ice.attempt = self.attempt
+            local = await self._bounded(pre[1], t.gather_timeout, "gathering")
+            if not ice.local_addresses() <= self._host_addrs():   # one of its addresses is gone
+                self._close_later(ice)
+                local = None
+        elif pre is not None:
+            self._pre = pre
+            self._drop_pre()
+        if local is None:
+            self.ice = ice = self._new_ice(self.attempt)
+            local = await self._bounded(ice.gather(), t.gather_timeout, "gathering")
         self.keys.set_prologue(offer.get("ufrag", ""), ice.ufrag)  # type: ignore[union-attr]
         self._confirmed.clear()
         self._signal("link_answer", {"attempt": self.attempt, **local, "hints": self.dp.local_hints()})  # type: ignore[union-attr]
@@ -453,9 +510,7 @@ class LinkWorker:
             at.append(self._channel_refreshed + TURN_CHANNEL_REFRESH)
         if self._addr_changed or (self.poll_addresses and now - self._last_addr >= t.addr_poll):
             self._last_addr, self._addr_changed = now, False
-            cur_addrs = set(host_addresses(list(DEFAULT_EXCLUDE) + list(self.spec.exclude_interfaces)
-                                           + [self.spec.tap], self.spec.ipv6))
-            if self._addrs and not self._addrs <= cur_addrs:
+            if self._addrs and not self._addrs <= self._host_addrs():
                 raise AttemptEnded("local addresses changed: ICE restart")
         if self.poll_addresses:                  # only where the process has no netlink watch
             at.append(self._last_addr + t.addr_poll)
@@ -505,13 +560,12 @@ class LinkWorker:
                         "tap": self.spec.tap, "reason": reason})
         ices, self.ice, self.probe = (self.ice, self.probe, *self._retired), None, None
         self._retired.clear()
+        self._drop_pre()
         # closed in the background: closing a TURN allocation from an address that is gone (the
         # host roamed) or towards a dead server waits up to 3 s, and the next attempt must not
         for s in ices:
             if s is not None:
-                t = asyncio.ensure_future(s.close())
-                self._closing.add(t)
-                t.add_done_callback(self._closing.discard)
+                self._close_later(s)
 
     # -- upgrade of a relayed path ------------------------------------------------------
     # Make before break: the controlling side periodically runs a direct-only ICE session

@@ -170,6 +170,7 @@ class Mesh:
         self.nodes: dict[str, NodeClient] = {}
         self.links: dict[str, LinkPair] = {}
         self.relayed: list[tuple[str, str, str]] = []
+        self.relayed_at: list[float] = []       # time.monotonic() of each entry of relayed
         self.relay_errors: list[str] = []
         self.block_signaling: set[str] = set()
         self.stopping = False         # messages of links closing at stop are not relayed
@@ -186,6 +187,7 @@ class Mesh:
             return
         dst = lp.b if src is lp.a else lp.a
         self.relayed.append((src.host, msg["type"], msg["link_id"]))
+        self.relayed_at.append(time.monotonic())
         try:
             await dst.req("deliver", link_id=msg["link_id"], type=msg["type"], payload=msg["payload"])
         except Exception as e:       # recorded, and raised by check_relay (wait_up, stop)
