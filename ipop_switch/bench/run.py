@@ -178,9 +178,7 @@ def run_bench(*, systems: list[str], runs: int = 3, seconds: float = 10.0, conso
                     ex["relay_path"] = v["path"]
                     ex.update(relay_figures(v))
                     if "first" in v:        # coturn scheduled first, as on a machine of its own
-                        ex.update({k.replace("relay", "relay_first").replace("coturn", "coturn_first"): x
-                                   for k, x in relay_figures(v["first"]).items()})
-                        ex["tcp1_relay_first_mbit"] = v["first"]["mbit"]
+                        ex.update(relay_figures(v["first"], "_first"))
                     elif "first_error" in v:
                         ex["coturn_first_error"] = v["first_error"]
     finally:
@@ -196,16 +194,16 @@ def run_bench(*, systems: list[str], runs: int = 3, seconds: float = 10.0, conso
     return report
 
 
-def relay_figures(v: dict) -> dict:
-    """Ours over TURN the other way, coturn's own limit each way and our fraction of it."""
-    out = {"tcp1_relay_reverse_mbit": v.get("mbit_reverse")}
-    for key, lim, ours in (("coturn_limit_mbit", "limit_mbit", "mbit"),
-                           ("coturn_limit_reverse_mbit", "limit_reverse_mbit", "mbit_reverse")):
+def relay_figures(v: dict, first: str = "") -> dict:
+    """Ours over TURN each way, coturn's own limit each way and our fraction of it; keys with
+    ``first`` ("_first": coturn scheduled first) after ``relay`` / ``coturn``."""
+    out = {f"tcp1_relay{first}_mbit": v["mbit"], f"tcp1_relay{first}_reverse_mbit": v.get("mbit_reverse")}
+    for way, lim, ours in (("", "limit_mbit", "mbit"), ("_reverse", "limit_reverse_mbit", "mbit_reverse")):
         if v.get(lim):
-            out[key] = v[lim]
-            out[key.replace("limit", "fraction").replace("_mbit", "")] = round(v[ours] / v[lim], 2)
+            out[f"coturn{first}_limit{way}_mbit"] = v[lim]
+            out[f"coturn{first}_fraction{way}"] = round(v[ours] / v[lim], 2)
     if "limit_error" in v:
-        out["coturn_limit_error"] = v["limit_error"]
+        out[f"coturn{first}_limit_error"] = v["limit_error"]
     return out
 
 

@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import struct
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from .measure import cpu_seconds
 
@@ -229,8 +231,6 @@ def schedule_first(pid: int, priority: int = 10) -> int:
     ports' 64 KiB buffers overflow meanwhile: docs/benchmarks.md). The kernel's real-time
     throttling (``sched_rt_runtime_us``) still leaves the others 5 % of each core. Returns how
     many threads were changed; raises OSError if not permitted."""
-    import os
-    from pathlib import Path
     n = 0
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:

@@ -289,6 +289,9 @@ class LinkWorker:
         task.add_done_callback(_retrieve)
         self._pre = (ice, task, time.monotonic())
 
+    def _pre_fresh(self) -> bool:
+        return self._pre is not None and time.monotonic() - self._pre[2] <= PREGATHER_FRESH
+
     def _drop_pre(self) -> None:
         pre, self._pre = self._pre, None
         if pre is not None:
@@ -309,7 +312,7 @@ class LinkWorker:
         """Controlled side: ask for an attempt (link_restart) and wait for a newer offer."""
         self.state = State.WAIT_OFFER
         while True:
-            if self._pre is not None and time.monotonic() - self._pre[2] > PREGATHER_FRESH:
+            if not self._pre_fresh():
                 self._drop_pre()
             if self._offer is not None and self._offer["attempt"] > self.attempt:
                 offer, self._offer = self._offer, None
@@ -365,17 +368,16 @@ class LinkWorker:
         t = self.timers
         self.attempt = offer["attempt"]
         self.state = State.GATHERING
-        pre, self._pre = self._pre, None
         local = None
-        if pre is not None and time.monotonic() - pre[2] <= PREGATHER_FRESH:
-            self.ice = ice = pre[0]
+        if self._pre_fresh():
+            (ice, gathering, _), self._pre = self._pre, None  # type: ignore[misc]
+            self.ice = ice
             ice.attempt = self.attempt
-            local = await self._bounded(pre[1], t.gather_timeout, "gathering")
+            local = await self._bounded(gathering, t.gather_timeout, "gathering")
             if not ice.local_addresses() <= self._host_addrs():   # one of its addresses is gone
                 self._close_later(ice)
                 local = None
-        elif pre is not None:
-            self._pre = pre
+        else:
             self._drop_pre()
         if local is None:
             self.ice = ice = self._new_ice(self.attempt)
