@@ -54,7 +54,7 @@ VENV="${IPSW_VENV:-$HERE/.venv}"   # IPSW_VENV: e.g. when several VMs share one 
 if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV" || die "could not create a virtual environment with $PY"
 fi
-stamp="$VENV/.installed-$(cat "$HERE/pyproject.toml" "$HERE/setup.py" "$HERE/ipop_switch/tunnel/_fastpath.c" | sha1sum | cut -c1-12)"
+stamp="$VENV/.installed-$(cat "$HERE/pyproject.toml" "$HERE/setup.py" "$HERE/ipop_switch/tunnel/_fastpath.c" "$HERE/ipop_switch/tunnel/_recvmany.h" | sha1sum | cut -c1-12)"
 if [ ! -e "$stamp" ]; then
   "$VENV/bin/python" -m pip install -q --upgrade pip
   "$VENV/bin/python" -m pip install -q -e "$HERE[test]"

@@ -7,6 +7,7 @@ from setuptools import Extension, setup
 setup(ext_modules=[Extension(
     "ipop_switch.tunnel._fastpath",
     sources=["ipop_switch/tunnel/_fastpath.c"],
+    depends=["ipop_switch/tunnel/_recvmany.h"],
     libraries=["crypto"],
     extra_compile_args=["-O2", "-Wall", "-Wno-missing-field-initializers"],
     optional=True,

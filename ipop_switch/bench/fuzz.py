@@ -35,7 +35,7 @@ from ..errors import IpopError
 
 ROOT = Path(__file__).resolve().parents[2]
 TUNNEL = ROOT / "ipop_switch" / "tunnel"
-SOURCES = (TUNNEL / "_fastpath.c", TUNNEL / "fuzz_fastpath.c")
+SOURCES = (TUNNEL / "_fastpath.c", TUNNEL / "fuzz_fastpath.c", TUNNEL / "_recvmany.h")
 CORPUS = ROOT / "tests" / "fuzz_corpus" / "fastpath"
 CRASHES = ROOT / "tests" / "fuzz_corpus" / "crashes"
 MAX_LEN = 8192              # records are headers + a filler length: ~140 segments fit

@@ -22,6 +22,9 @@
  *    counts the drop. A segment it authenticated but cannot coalesce (a pure ACK,
  *    SYN/RST/URG, a bad layout) is handed back to Python.
  *
+ *  - recv_many (_recvmany.h): read a link's UDP socket with recvmmsg, single data packets
+ *    of one sender glued into one run as UDP GRO would have (a relay sends one by one).
+ *
  *  Objects made with __new__ alone, or whose __init__ failed, raise RuntimeError
  *  from every method instead of using a missing key or window.
  *
@@ -58,6 +61,8 @@
 #define PSH_FIN (TCP_PSH | TCP_FIN)
 #define KEY_FLAGS_MASK ((uint8_t)~(TCP_PSH | TCP_FIN | TCP_CWR))
 #define JOIN_FLAGS_MASK ((uint8_t)(KEY_FLAGS_MASK | TCP_CWR))
+
+#include "_recvmany.h"          /* recv_many: a socket's datagrams, single data packets glued */
 #define VNET_NEEDS_CSUM 1
 #define GSO_TCPV4 1
 #define GSO_TCPV6 4
@@ -667,7 +672,7 @@ static PyTypeObject FastRxType = {
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_fastpath",
-    "The datapath's per-segment loops in C (see ipop_switch/tunnel/accel.py).", -1, NULL
+    "The datapath's per-segment loops in C (see ipop_switch/tunnel/accel.py).", -1, recvmany_methods
 };
 
 PyMODINIT_FUNC PyInit__fastpath(void) {

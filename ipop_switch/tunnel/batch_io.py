@@ -123,12 +123,15 @@ class GroTransport(asyncio.DatagramTransport):
     done, so that single datagrams can be handled as one burst; a send that finds the
     socket buffer full waits in order for it to drain, and ``close`` ends with
     ``protocol.connection_lost``, as the event loop's transports do. On a connected socket
-    (a TURN client's, to its server) ``sendto(data)`` without an address sends to the peer."""
+    (a TURN client's, to its server) ``sendto(data)`` without an address sends to the peer.
+    ``read_many(transport)``, if given, does a wake-up's reads instead (ice.py's hook, with
+    the C ``recv_many``: many datagrams per system call)."""
 
     MAX_READS = 64                  # datagrams per wake-up: the other links get their turn
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, protocol,
-                 on_datagram: OnDatagram, on_done: Callable[[], None] | None = None) -> None:
+                 on_datagram: OnDatagram, on_done: Callable[[], None] | None = None,
+                 read_many: Callable[["GroTransport"], None] | None = None) -> None:
         try:
             peer = sock.getpeername()
         except OSError:
@@ -139,6 +142,7 @@ class GroTransport(asyncio.DatagramTransport):
         self._protocol = protocol
         self._on_datagram = on_datagram
         self._on_done = on_done
+        self._read_many = read_many     # reads a wake-up's datagrams itself (the C recv_many)
         self._buf = bytearray(65536)
         self._queue: collections.deque[tuple[bytes, tuple]] = collections.deque()
         self._closing = False
@@ -153,6 +157,12 @@ class GroTransport(asyncio.DatagramTransport):
                 self._on_done()
 
     def _read_some(self) -> None:
+        if self._read_many is not None:
+            try:
+                self._read_many(self)
+            except OSError as e:
+                self._protocol.error_received(e)
+            return
         buf, recv, on = self._buf, self._sock.recvmsg_into, self._on_datagram
         for _ in range(self.MAX_READS):
             try:
@@ -202,6 +212,9 @@ class GroTransport(asyncio.DatagramTransport):
 
     def is_closing(self) -> bool:
         return self._closing
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
 
     def close(self) -> None:
         if self._closing:

@@ -14,9 +14,10 @@
  * decrypted Ethernet/IP/TCP frame) and, per packet, can forge the tag, the receiver index
  * or the type byte instead. Input layout (anything shorter simply ends the input):
  *
- *   byte 0: mode. 0..5 receive (FastRx.open_burst over one or more GRO bursts),
- *           6 send (TxKey.seal_tcp with fuzzed layout arguments),
- *           7 replay window (RxState.update/check with fuzzed counters and size).
+ *   byte 0 (low 4 bits): mode. 0..5 receive (FastRx.open_burst over one or more GRO
+ *           bursts; 9..15 too, as (mode - 9) % 6), 6 send (TxKey.seal_tcp with fuzzed
+ *           layout arguments), 7 replay window (RxState.update/check with fuzzed counters
+ *           and size), 8 the socket reader (recv_many over loopback; see fuzz_recv).
  *   receive: records [ctl u8][hlen u8][plen u16 BE][hlen bytes]: a plaintext of those
  *            hlen header bytes and plen bytes of filler (the C code copies payload, never
  *            reads it: inputs stay small while frames reach 64 KiB; plen below 0xF000 is
@@ -37,7 +38,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 
-static PyObject *txkey_type, *rxstate_type, *fastrx_type;
+static PyObject *txkey_type, *rxstate_type, *fastrx_type, *recv_many_fn;
 static PyObject *key_a, *key_b, *idx_a, *idx_b;
 static EVP_CIPHER_CTX *seal_a, *seal_b;
 
@@ -66,6 +67,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv) {
     txkey_type = PyObject_GetAttrString(m, "TxKey");
     rxstate_type = PyObject_GetAttrString(m, "RxState");
     fastrx_type = PyObject_GetAttrString(m, "FastRx");
+    recv_many_fn = PyObject_GetAttrString(m, "recv_many");
     uint8_t ka[32], kb[32];
     for (int i = 0; i < 32; i++) { ka[i] = (uint8_t)(i * 7 + 1); kb[i] = (uint8_t)(i * 13 + 5); }
     key_a = PyBytes_FromStringAndSize((const char *)ka, 32);
@@ -74,7 +76,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv) {
     idx_b = PyBytes_FromStringAndSize("\x55\x66\x77\x88", 4);
     seal_a = enc_ctx(ka);
     seal_b = enc_ctx(kb);
-    if (!txkey_type || !rxstate_type || !fastrx_type || !key_a || !key_b || !idx_a || !idx_b) abort();
+    if (!txkey_type || !rxstate_type || !fastrx_type || !recv_many_fn || !key_a || !key_b || !idx_a || !idx_b) abort();
     return 0;
 }
 
@@ -250,12 +252,93 @@ static void fuzz_window(const uint8_t *d, size_t size) {
     Py_DECREF(rx);
 }
 
+/* The socket reader: datagrams from the input over loopback, then recv_many in host or TURN
+ * mode. Layout: byte 1 flags (bit 0 TURN mode, bit 1 a second sender, bits 2-7 `max`),
+ * then records [len u16 BE][len bytes] (len taken modulo 1600), each one datagram; a record
+ * whose first length byte has bit 7 set (and len > 0) goes out as a UDP GSO send of four
+ * copies. Invariants: only (kind 0..2, bytes, seg, addr) tuples, 0 < seg <= len for a run,
+ * at most max datagrams' worth per call, and no more bytes out than went in (ChannelData
+ * headers are removed, never added); the socket is drained before the next input. */
+static int rx_sock = -1, tx_sock[2] = {-1, -1};
+static struct sockaddr_in rx_addr;
+
+static void udp_pair(void) {
+    rx_sock = socket(AF_INET, SOCK_DGRAM, 0);
+    rx_addr = (struct sockaddr_in){.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t l = sizeof rx_addr;
+    int big = 8 << 20, on = 1;
+    if (rx_sock < 0 || bind(rx_sock, (struct sockaddr *)&rx_addr, l) || getsockname(rx_sock, (struct sockaddr *)&rx_addr, &l))
+        abort();
+    setsockopt(rx_sock, SOL_SOCKET, SO_RCVBUFFORCE, &big, sizeof big);
+    setsockopt(rx_sock, RM_SOL_UDP, RM_UDP_GRO, &on, sizeof on);
+    for (int i = 0; i < 2; i++)
+        if ((tx_sock[i] = socket(AF_INET, SOCK_DGRAM, 0)) < 0) abort();
+}
+
+static void fuzz_recv(const uint8_t *d, size_t size) {
+    if (size < 2) return;
+    if (rx_sock < 0) udp_pair();
+    int turn = d[1] & 1, maxn = 1 + (d[1] >> 2);
+    static uint8_t gso_buf[4 * 1600];
+    size_t sent = 0;
+    for (size_t i = 2; i + 2 <= size;) {
+        size_t len = get16(d + i) % 1600;
+        int gso = (d[i] & 0x80) && len;
+        const uint8_t *p = d + i + 2;
+        i += 2;
+        if (len > size - i) len = size - i;
+        i += len;
+        int who = (d[1] & 2) && (len & 1);
+        if (gso) {
+            for (int k = 0; k < 4; k++) memcpy(gso_buf + k * len, p, len);
+            char ctl[CMSG_SPACE(sizeof(uint16_t))] = {0};
+            struct iovec iov = {gso_buf, 4 * len};
+            struct msghdr h = {.msg_name = &rx_addr, .msg_namelen = sizeof rx_addr, .msg_iov = &iov, .msg_iovlen = 1,
+                               .msg_control = ctl, .msg_controllen = sizeof ctl};
+            struct cmsghdr *c = CMSG_FIRSTHDR(&h);
+            uint16_t seg = (uint16_t)len;
+            c->cmsg_level = RM_SOL_UDP; c->cmsg_type = 103; c->cmsg_len = CMSG_LEN(sizeof seg);
+            memcpy(CMSG_DATA(c), &seg, sizeof seg);
+            if (sendmsg(tx_sock[who], &h, 0) == (ssize_t)(4 * len)) sent += 4 * len;
+        } else if (sendto(tx_sock[who], p, len, 0, (struct sockaddr *)&rx_addr, sizeof rx_addr) == (ssize_t)len) {
+            sent += len;
+        }
+    }
+    PyObject *chans = turn ? Py_BuildValue("{i(si)i(si)}", 0x4000, "198.18.0.9", 4000, 0x7FFF, "198.18.0.10", 1)
+                           : (Py_INCREF(Py_None), Py_None);
+    CHECK(chans != NULL);
+    size_t got = 0;
+    for (int round = 0; round < 100000; round++) {
+        PyObject *out = PyObject_CallFunction(recv_many_fn, "iOi", rx_sock, chans, maxn);
+        CHECK(out != NULL && PyList_Check(out));
+        Py_ssize_t k = PyList_GET_SIZE(out);
+        for (Py_ssize_t j = 0; j < k; j++) {
+            PyObject *t = PyList_GET_ITEM(out, j);
+            CHECK(PyTuple_Check(t) && PyTuple_GET_SIZE(t) == 4);
+            long kind = PyLong_AsLong(PyTuple_GET_ITEM(t, 0));
+            PyObject *data = PyTuple_GET_ITEM(t, 1);
+            Py_ssize_t seg = PyLong_AsSsize_t(PyTuple_GET_ITEM(t, 2)), n = PyBytes_Size(data);
+            CHECK(kind >= 0 && kind <= (turn ? 2 : 1) && PyBytes_Check(data) && PyTuple_Check(PyTuple_GET_ITEM(t, 3)));
+            CHECK(n <= RM_RUN && seg >= 0 && seg <= n && (kind || (seg > 0 && n >= RM_DATA_MIN)));
+            got += (size_t)n;
+        }
+        Py_DECREF(out);
+        uint8_t b;                  /* drained? ([] also when every datagram read was dropped) */
+        if (recv(rx_sock, &b, 1, MSG_PEEK | MSG_DONTWAIT) < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
+        CHECK(round < 99999);
+    }
+    CHECK(got <= sent);
+    Py_DECREF(chans);
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *d, size_t size) {
     if (size < 1) return 0;
-    int mode = d[0] & 7;
+    int mode = d[0] & 15;
     if (mode < 6) fuzz_receive(d, size, mode);
     else if (mode == 6) fuzz_send(d, size);
-    else fuzz_window(d, size);
+    else if (mode == 7) fuzz_window(d, size);
+    else if (mode == 8) fuzz_recv(d, size);
+    else fuzz_receive(d, size, (mode - 9) % 6);
     if (PyErr_Occurred()) PyErr_Clear();
     return 0;
 }

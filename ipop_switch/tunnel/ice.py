@@ -75,7 +75,7 @@ import ifaddr  # noqa: E402
 from aioice import ice as aioice_ice  # noqa: E402
 from aioice.candidate import Candidate  # noqa: E402
 
-from . import batch_io, codec  # noqa: E402
+from . import accel, batch_io, codec  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -387,6 +387,9 @@ _DATA, _DATA_MIN = codec.TYPE_DATA, codec.DATA_MIN_LEN
 _CHAN = struct.Struct("!HH")            # TURN ChannelData header: channel number, length
 _PROBE = 0xE8                           # predict.PROBE: port prediction's messages
 BATCH_BYTES = 65536
+# The C reader (accel; _recvmany.h): recvmmsg, and _Batch's gluing without a Python call per
+# datagram. None: the hook reads and glues in Python, one recvmsg per datagram.
+_recv_many = accel.fastpath.recv_many if accel.fastpath is not None else None
 
 
 class _Batch:
@@ -471,6 +474,36 @@ class _Hook:
             self.batch.flush()
             self.received(data, addr)
 
+    def read_host(self, tr: batch_io.GroTransport) -> None:
+        """A wake-up's reads on a taken-over host socket, with the C ``recv_many``: single
+        data packets of one sender come glued as one burst (what ``batch`` does datagram
+        by datagram in Python), everything else as ``received_buffer`` takes it."""
+        on, other, protocol = self.on_ours, self.received_buffer, self.protocol
+        for kind, data, seg, addr in _recv_many(tr.fileno()):
+            if kind:
+                other(data, seg, addr)
+            else:
+                on(data, seg, addr, protocol, None)
+            if tr.is_closing():
+                return
+
+    def read_turn(self, tr: batch_io.GroTransport) -> None:
+        """A wake-up's reads on our TURN allocation's socket, with the C ``recv_many``
+        (``turn_received``'s rules): ChannelData of a bound channel unwrapped (data packets
+        glued per peer, anything else of the peer's to ``received``), the server's own
+        messages to aioice's TURN client."""
+        inner = _turn_inner(self.protocol)
+        on, protocol = self.on_ours, self.protocol
+        for kind, data, seg, addr in _recv_many(tr.fileno(), inner.channel_to_peer if inner is not None else {}):
+            if not kind:
+                on(data, seg, addr, protocol, None)
+            elif kind == 1:
+                self.received(data, addr)
+            elif inner is not None:             # (read and dropped without a client: no busy loop)
+                inner.datagram_received(data, addr)
+            if tr.is_closing():
+                return
+
     def turn_received(self, data: bytes, seg: int, addr: tuple) -> None:
         """What one receive on our TURN allocation's socket returned (read by us, see
         ``take_over``): ChannelData from the peer through the server (data packets batched,
@@ -522,10 +555,11 @@ class _Hook:
                 sock.setsockopt(batch_io.SOL_UDP, batch_io.UDP_GRO, 1)
             except OSError:
                 pass
-            inner.transport = batch_io.GroTransport(loop, sock, inner, self.turn_received, self.batch.flush)
+            inner.transport = batch_io.GroTransport(loop, sock, inner, self.turn_received, self.batch.flush,
+                                                    self.read_turn if _recv_many else None)
         else:
             protocol.transport = batch_io.GroTransport(loop, sock, protocol, self.received_buffer,
-                                                       self.batch.flush)
+                                                       self.batch.flush, self.read_host if _recv_many else None)
         return True
 
 
