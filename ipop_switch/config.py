@@ -15,6 +15,7 @@ from typing import Annotated, Any, Callable, Literal, TypeVar
 import msgspec
 from msgspec import Meta, field
 
+from . import hostport
 from .errors import IpopError
 
 NAME_RE = r"^[a-z][a-z0-9]{0,9}$"
@@ -68,9 +69,9 @@ def _bad(name: str, msg: str) -> ValueError:
     return ValueError(f"\0{name}\0{msg}")
 
 
-def _checked(name: str, check: Callable[..., Any], *args: Any) -> None:
+def _checked(name: str, check: Callable[..., Any], *args: Any, **kw: Any) -> None:
     try:
-        check(*args)
+        check(*args, **kw)
     except ValueError as e:
         raise _bad(name, str(e)) from None
 
@@ -93,23 +94,6 @@ def explain(e: msgspec.ValidationError) -> str:
     msg = msg.replace("`", "")
     msg = msg[:1].lower() + msg[1:]
     return f"{where}: {msg}" if where else msg
-
-
-def _hostport(v: str, default_port: int) -> tuple[str, int]:
-    """'host', 'host:port', '[v6]:port' or a bare IPv6 literal (default port) -> (host, port)."""
-    if v.startswith("[") and "]" in v:
-        host, _, rest = v[1:].partition("]")
-        if rest and not rest.startswith(":"):
-            raise ValueError(f"bad address {v!r} (use [v6]:port)")
-        return host, (_hostport("x" + rest, default_port)[1] if rest else default_port)
-    if v.count(":") > 1:
-        return v, default_port
-    host, sep, port = v.rpartition(":")
-    if not sep:
-        return v, default_port
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"bad port in {v!r}")
-    return host, int(port)
 
 
 def _d(text: str, **constraints: Any) -> Meta:
@@ -137,7 +121,7 @@ class XmppConfig(_Strict, kw_only=True):
         if not self.server and not self.servers:
             raise ValueError("give server (or servers, a list)")
         for s in self.servers:
-            _checked("servers", _hostport, s, self.port)
+            _checked("servers", hostport.split, s, self.port)
 
     def where(self) -> str:
         """The server(s) as the user wrote them, for messages."""
@@ -166,15 +150,15 @@ class IceConfig(_Strict, kw_only=True):
     def __post_init__(self) -> None:
         for name in ("stun", "turn"):
             if getattr(self, name) is not None:
-                _checked(name, _hostport, getattr(self, name), 3478)
+                _checked(name, hostport.split, getattr(self, name), 3478)
         if self.turn and not (self.turn_user and self.turn_password):
             raise ValueError("turn needs turn_user and turn_password")
 
     def stun_addr(self) -> tuple[str, int] | None:
-        return _hostport(self.stun, 3478) if self.stun else None
+        return hostport.split(self.stun, 3478) if self.stun else None
 
     def turn_addr(self) -> tuple[str, int] | None:
-        return _hostport(self.turn, 3478) if self.turn else None
+        return hostport.split(self.turn, 3478) if self.turn else None
 
 
 GUEST_NAME_RE = r"^[a-z0-9][a-z0-9_.-]{0,31}$"
@@ -234,22 +218,6 @@ def dns_loopback(overlay: str) -> str:
     return f"127.53.{h[0]}.{h[1] % 254 + 1}"
 
 
-def split_hostport(v: str, default_port: int) -> tuple[str, int]:
-    """'1.2.3.4', '1.2.3.4:53', '[fd00::1]:53' or 'fd00::1' -> (address, port); ValueError if
-    the address is not an IP literal or the port is bad."""
-    host, port = v, default_port
-    if v.startswith("["):
-        host, sep, rest = v[1:].partition("]")
-        if not sep or (rest and not rest.startswith(":")):
-            raise ValueError(f"bad address {v!r} (use [v6]:port)")
-        if rest:
-            port = _hostport("x" + rest, default_port)[1]
-    elif v.count(":") == 1:
-        host, port = _hostport(v, default_port)
-    ipaddress.ip_address(host)      # raises ValueError naming the text
-    return host, port
-
-
 class DnsConfig(_Strict, kw_only=True):
     """The overlay's DNS responder (docs/naming.md): answers <node>.<overlay>.<suffix> and
     <guest>.<node>.<overlay>.<suffix> with overlay addresses. Off unless enabled."""
@@ -284,10 +252,10 @@ class DnsConfig(_Strict, kw_only=True):
         if v is not None and not (_ip(v) and _ip(v).version == 4 and _ip(v).is_loopback):  # type: ignore[union-attr]
             raise _bad("loopback", f"{v!r} is not a 127/8 address")
         for x in self.forward:
-            _checked("forward", split_hostport, x, 53)
+            _checked("forward", hostport.split, x, 53, ip=True)
 
     def forward_addrs(self) -> list[tuple[str, int]]:
-        return [split_hostport(x, 53) for x in self.forward]
+        return [hostport.split(x, 53, ip=True) for x in self.forward]
 
 
 def _ip(v: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -387,12 +355,12 @@ class WebConfig(_Strict, kw_only=True):
 
     def __post_init__(self) -> None:
         v = self.listen
-        _checked("listen", split_hostport, v, 0)
+        _checked("listen", hostport.split, v, 9466, ip=True)
         if not ((v.startswith("[") and "]:" in v) or (not v.startswith("[") and v.count(":") == 1)):
             raise _bad("listen", f"{v!r}: give address:port (e.g. 127.0.0.1:9466)")
 
     def addr(self) -> tuple[str, int]:
-        return split_hostport(self.listen, 9466)
+        return hostport.split(self.listen, 9466, ip=True)
 
 
 class NodeConfig(_Strict, kw_only=True):

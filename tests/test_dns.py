@@ -14,7 +14,8 @@ from dnslib import QTYPE, RCODE, DNSRecord
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ipop_switch.config import Config, ConfigError, DnsConfig, dns_loopback, split_hostport
+from ipop_switch.config import Config, ConfigError, DnsConfig, dns_loopback
+from ipop_switch import hostport
 from ipop_switch.errors import IpopError
 from ipop_switch.naming.dns import FORWARD, DnsResponder, query
 from ipop_switch.naming.names import Member, NameTable, caps_of, dns_label, member_from_caps
@@ -247,7 +248,7 @@ def test_config():
             Config.parse(_cfg(**bad))
     assert dns_loopback("demo") != dns_loopback("other")
     assert dns_loopback("demo").startswith("127.53.")
-    assert split_hostport("[fd00::53]:5353", 53) == ("fd00::53", 5353)
+    assert hostport.split("[fd00::53]:5353", 53, ip=True) == ("fd00::53", 5353)
     assert DnsConfig(forward=["198.18.0.53"]).forward_addrs() == [("198.18.0.53", 53)]
 
 

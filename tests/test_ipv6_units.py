@@ -11,7 +11,8 @@ from types import SimpleNamespace
 import pytest
 from rich.console import Console
 
-from ipop_switch.config import IceConfig, _hostport
+from ipop_switch.config import IceConfig
+from ipop_switch import hostport
 from ipop_switch.lab import LabSpec, SiteSpec, ipv6
 from ipop_switch.lab.spec import LabSpecError
 from ipop_switch.render import render_status
@@ -61,12 +62,12 @@ def test_firewall_rules_filter_like_easy_and_keep_neighbour_discovery():
 
 
 def test_server_addresses_in_brackets_and_prosody_on_both_families(tmp_path):
-    assert _hostport("[fd00:198:18::2]:3479", 3478) == ("fd00:198:18::2", 3479)
-    assert _hostport("[fd00::2]", 3478) == ("fd00::2", 3478)
-    assert _hostport("fd00::2", 3478) == ("fd00::2", 3478)
-    assert _hostport("turn.example:3479", 3478) == ("turn.example", 3479)
+    assert hostport.split("[fd00:198:18::2]:3479", 3478) == ("fd00:198:18::2", 3479)
+    assert hostport.split("[fd00::2]", 3478) == ("fd00::2", 3478)
+    assert hostport.split("fd00::2", 3478) == ("fd00::2", 3478)
+    assert hostport.split("turn.example:3479", 3478) == ("turn.example", 3479)
     with pytest.raises(ValueError, match="use \\[v6\\]:port"):
-        _hostport("[fd00::2]x", 3478)
+        hostport.split("[fd00::2]x", 3478)
     c = IceConfig(stun="[fd00:198:18::2]:3478")
     assert c.stun_addr() == ("fd00:198:18::2", 3478) and c.ipv6
     assert not IceConfig(ipv6=False).ipv6

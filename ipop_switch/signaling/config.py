@@ -9,6 +9,8 @@ from typing import Any
 import msgspec
 from msgspec import field
 
+from .. import hostport
+
 _RESOURCE = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 
 _POSITIVE = ("connect_timeout", "backoff_min", "backoff_max", "keepalive", "queue_timeout", "replay_window",
@@ -60,7 +62,7 @@ class SignalingConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         if not 0 < self.port < 65536:
             raise ValueError(f"port {self.port}: 1-65535")
         for s in self.servers:
-            split_hostport(s, 5222)
+            hostport.split(s, 5222)
         if self.resource is not None and not re.match(_RESOURCE, self.resource):
             raise ValueError(f"resource {self.resource!r}: a DNS label (a-z, 0-9, '-')")
         for name in _POSITIVE:
@@ -74,7 +76,7 @@ class SignalingConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     def endpoints(self) -> list[tuple[str, int]]:
         """The servers to try, in order: ``servers``, else ``server`` (or the JID's domain)."""
-        return [split_hostport(s, self.port) for s in self.servers] or [(self.server or self.domain, self.port)]
+        return [hostport.split(s, self.port) for s in self.servers] or [(self.server or self.domain, self.port)]
 
     @property
     def domain(self) -> str:
@@ -82,19 +84,3 @@ class SignalingConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     def room_jid(self, overlay: str) -> str:
         return f"{(self.room or f'ipsw-{overlay}').lower()}@{self.muc_domain or 'conference.' + self.domain}"
-
-
-def split_hostport(v: str, default_port: int) -> tuple[str, int]:
-    """'host', 'host:port', '[v6]:port' or a bare IPv6 literal -> (host, port); ValueError if bad."""
-    if v.startswith("["):
-        host, sep, rest = v[1:].partition("]")
-        if not sep or (rest and not rest.startswith(":")):
-            raise ValueError(f"server {v!r}: use [v6]:port")
-        port = rest[1:] if rest else str(default_port)
-    elif v.count(":") > 1:
-        host, port = v, str(default_port)
-    else:
-        host, sep, port = v.rpartition(":") if ":" in v else (v, "", str(default_port))
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"server {v!r}: use host, host:port or [v6]:port")
-    return host, int(port)
