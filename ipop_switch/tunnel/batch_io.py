@@ -143,7 +143,8 @@ class GroTransport(asyncio.DatagramTransport):
         self._on_datagram = on_datagram
         self._on_done = on_done
         self._read_many = read_many     # reads a wake-up's datagrams itself (the C recv_many)
-        self._buf = bytearray(65536)
+        # the Python reader's buffer; with read_many none (64 KiB less per socket of a link)
+        self._buf = bytearray(65536) if read_many is None else bytearray()
         self._queue: collections.deque[tuple[bytes, tuple]] = collections.deque()
         self._closing = False
         sock.setblocking(False)
