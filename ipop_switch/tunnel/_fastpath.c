@@ -63,6 +63,7 @@
 #define JOIN_FLAGS_MASK ((uint8_t)(KEY_FLAGS_MASK | TCP_CWR))
 
 #include "_recvmany.h"          /* recv_many: a socket's datagrams, single data packets glued */
+
 #define VNET_NEEDS_CSUM 1
 #define GSO_TCPV4 1
 #define GSO_TCPV6 4

@@ -257,8 +257,8 @@ static void fuzz_window(const uint8_t *d, size_t size) {
  * then records [len u16 BE][len bytes] (len taken modulo 1600), each one datagram; a record
  * whose first length byte has bit 7 set (and len > 0) goes out as a UDP GSO send of four
  * copies. Invariants: only (kind 0..2, bytes, seg, addr) tuples, 0 < seg <= len for a run,
- * at most max datagrams' worth per call, and no more bytes out than went in (ChannelData
- * headers are removed, never added); the socket is drained before the next input. */
+ * no more bytes out than went in (ChannelData headers are removed, never added), and the
+ * socket drained in a bounded number of calls before the next input. */
 static int rx_sock = -1, tx_sock[2] = {-1, -1};
 static struct sockaddr_in rx_addr;
 
